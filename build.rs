@@ -1,0 +1,18 @@
+//! Compiles `proto/quorum_quest_api.proto` with protox (a pure-Rust protobuf
+//! compiler), so building this crate never needs a system `protoc` and ignores
+//! whatever `PROTOC` points at.
+
+use std::io;
+
+fn main() -> io::Result<()> {
+    let proto = "proto/quorum_quest_api.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    println!("cargo:rerun-if-changed=proto");
+
+    let fds = protox::compile([proto], ["proto"]).map_err(|e| io::Error::other(e.to_string()))?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+}

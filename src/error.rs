@@ -1,0 +1,57 @@
+//! The crate's error type.
+//!
+//! Four variants come from the documented API (`Connection`, `Rpc`,
+//! `KeepAliveAlreadyRunning`, `InvalidParameter`); the enum is
+//! `#[non_exhaustive]` so that more can be added without a breaking change.
+
+/// Everything that can go wrong in this crate.
+///
+/// ```
+/// use quorum_quest_client::Error;
+///
+/// let err = Error::InvalidParameter("service: must not be empty".into());
+/// assert!(err.to_string().contains("service"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The connection to the server could not be established (unreachable host,
+    /// refused connection, connect timeout, TLS failure).
+    #[error("could not connect to the Quorum Quest server: {0} (check the address and that the server is running)")]
+    Connection(#[source] tonic::transport::Error),
+
+    /// The server (or the transport under a call) answered with a gRPC error,
+    /// or the call timed out.
+    #[error("Quorum Quest call failed: {code:?}: {message}", code = .0.code(), message = .0.message())]
+    Rpc(#[source] tonic::Status),
+
+    /// `start_keep_alive` was called while the keep-alive task is already running.
+    #[error("keep-alive is already running (call stop_keep_alive first)")]
+    KeepAliveAlreadyRunning,
+
+    /// A parameter was rejected before any network I/O. The message names the
+    /// parameter and what is wrong with it.
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
+}
+
+impl Error {
+    pub(crate) fn invalid(param: &str, problem: impl std::fmt::Display) -> Self {
+        Error::InvalidParameter(format!("{param}: {problem}"))
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Error::Rpc(status)
+    }
+}
+
+impl From<tonic::transport::Error> for Error {
+    fn from(err: tonic::transport::Error) -> Self {
+        Error::Connection(err)
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
