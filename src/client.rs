@@ -1,0 +1,469 @@
+//! [`QuorumQuestClient`]: the documented API, as thin methods over one
+//! election [`Session`](crate::election).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Channel;
+
+use crate::callbacks::{drive_callbacks, Callbacks};
+use crate::config::{Scope, Timing, TimingOverrides, DEFAULT_CONNECT_TIMEOUT};
+use crate::election::{Leadership, Session};
+use crate::error::{Error, Result};
+use crate::rpc::Rpc;
+use crate::transport::{parse_address, Transport};
+
+/// The default server address.
+pub const DEFAULT_ADDRESS: &str = "http://localhost:5050";
+/// The default lock TTL.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(15);
+
+/// A Quorum Quest client: one contender for one (service, domain) lock.
+///
+/// Cheap to clone; every clone is the same contender (same identity, same
+/// election state, same connection). All methods take `&self`, so the client
+/// can be shared between tasks without a `Mutex`.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use quorum_quest_client::QuorumQuestClient;
+///
+/// # async fn demo() -> quorum_quest_client::Result<()> {
+/// let client = QuorumQuestClient::new(
+///     "my-service",
+///     "production",
+///     Duration::from_secs(15),
+///     "http://localhost:5050",
+///     None,
+///     None,
+/// )
+/// .await?;
+/// if client.try_acquire_lock().await? {
+///     client.start_keep_alive().await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct QuorumQuestClient {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    session: Arc<Session>,
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        // The last handle is gone: stop the keep-alive task; if no leadership
+        // stream still campaigns, release the lock in the background.
+        if let Some(shutdown) = self.session.client_dropped() {
+            shutdown.run_in_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for QuorumQuestClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scope = self.inner.session.rpc.scope();
+        f.debug_struct("QuorumQuestClient")
+            .field("service", &scope.service)
+            .field("domain", &scope.domain)
+            .field("client_id", &scope.client_id)
+            .field("ttl", &scope.ttl())
+            .field("is_leader", &self.is_leader())
+            .finish()
+    }
+}
+
+impl QuorumQuestClient {
+    /// Creates a client and connects to `address` (within a 5 s connect
+    /// timeout). Every parameter is validated before any network I/O.
+    ///
+    /// - `ttl`: a whole number of seconds, 1 to `i32::MAX`.
+    /// - `address`: `http://host:port`, `https://host:port` or `host:port`.
+    /// - `client_id`: this contender's identity, unique per process; a random
+    ///   UUID if `None`.
+    /// - `callbacks`: called on leadership changes ([`NoOpCallbacks`](crate::NoOpCallbacks) if `None`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidParameter`] naming the bad parameter;
+    /// [`Error::Connection`] when the server cannot be reached.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use quorum_quest_client::{Error, QuorumQuestClient};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let err = QuorumQuestClient::new("svc", "dom", Duration::from_millis(1500), "localhost:5050", None, None)
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(matches!(err, Error::InvalidParameter(ref m) if m.starts_with("ttl:")));
+    /// # }
+    /// ```
+    pub async fn new(
+        service: impl Into<String>,
+        domain: impl Into<String>,
+        ttl: Duration,
+        address: impl AsRef<str>,
+        client_id: Option<String>,
+        callbacks: Option<Arc<dyn Callbacks>>,
+    ) -> Result<Self> {
+        let mut builder = Self::builder(service, domain)
+            .ttl(ttl)
+            .address(address.as_ref());
+        if let Some(id) = client_id {
+            builder = builder.client_id(id);
+        }
+        if let Some(cb) = callbacks {
+            builder = builder.callbacks(cb);
+        }
+        builder.build().await
+    }
+
+    /// A builder with every knob: timing, lazy connect, a shared connection.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use quorum_quest_client::QuorumQuestClient;
+    ///
+    /// # async fn demo() -> quorum_quest_client::Result<()> {
+    /// let client = QuorumQuestClient::builder("billing", "eu-west")
+    ///     .address("localhost:5050")
+    ///     .ttl(Duration::from_secs(10))
+    ///     .renew_interval(Duration::from_secs(2))
+    ///     .lazy_connect()
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder(service: impl Into<String>, domain: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(service.into(), domain.into())
+    }
+
+    /// Asks the server for the lock once. `Ok(true)` if this client is now
+    /// leader (a fresh term, or a renewal if it already was); `Ok(false)` if
+    /// another node holds the lock, or the answer came back too late to lead
+    /// safely. Does not start renewing: call [`start_keep_alive`](Self::start_keep_alive).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] when the call fails or times out (leadership, if held,
+    /// lasts until its deadline).
+    pub async fn try_acquire_lock(&self) -> Result<bool> {
+        let session = &self.inner.session;
+        let answer = session.rpc.try_acquire(session.timing.rpc_timeout).await;
+        session.observe(answer.observation(session.rpc.scope().ttl()));
+        answer.result.map_err(Error::Rpc)?;
+        Ok(session.is_leader())
+    }
+
+    /// Gives leadership up: stops the keep-alive task (so it cannot win the
+    /// lock back), ends the term locally (`on_leader_lost` is queued and
+    /// `is_leader()` turns false before the request leaves), then asks the
+    /// server to delete the lock. Idempotent and harmless when not leader.
+    /// Leadership streams of this client keep campaigning; resign them to
+    /// stop them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] if the release call fails; this client is not leader
+    /// either way, and the lock expires after its TTL.
+    pub async fn release_lock(&self) -> Result<()> {
+        let session = &self.inner.session;
+        session.stop_keep_alive().await;
+        session.release().await
+    }
+
+    /// Starts the background task that keeps the lock: renews it every renew
+    /// interval while leader, and re-campaigns after a loss (trying to acquire
+    /// every retry period). Started on a non-leader it simply campaigns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::KeepAliveAlreadyRunning`] if it is already running.
+    pub async fn start_keep_alive(&self) -> Result<()> {
+        self.inner.session.start_keep_alive()
+    }
+
+    /// Stops the background task promptly (it never waits for a hanging call).
+    /// Does not release the lock: a leader stays leader until its lease runs
+    /// out, and `on_leader_lost` fires then.
+    pub async fn stop_keep_alive(&self) {
+        self.inner.session.stop_keep_alive().await;
+    }
+
+    /// `true` if the keep-alive task is running.
+    #[must_use]
+    pub fn is_keep_alive_running(&self) -> bool {
+        self.inner.session.keep_alive_running()
+    }
+
+    /// Time left before this client stops considering itself leader, counting
+    /// down on a monotonic clock; `None` when not leader.
+    #[must_use]
+    pub fn get_remaining_lease(&self) -> Option<Duration> {
+        self.inner.session.remaining()
+    }
+
+    /// `true` while this client holds a lease that is certainly still valid on
+    /// the server. Turns `false` at the safe deadline even if no call returns.
+    #[must_use]
+    pub fn is_leader(&self) -> bool {
+        self.inner.session.is_leader()
+    }
+
+    /// This contender's identity as sent to the server.
+    #[must_use]
+    pub fn client_id(&self) -> &str {
+        &self.inner.session.rpc.scope().client_id
+    }
+
+    /// The service this client campaigns in.
+    #[must_use]
+    pub fn service(&self) -> &str {
+        &self.inner.session.rpc.scope().service
+    }
+
+    /// The domain this client campaigns in.
+    #[must_use]
+    pub fn domain(&self) -> &str {
+        &self.inner.session.rpc.scope().domain
+    }
+
+    /// The lock TTL.
+    #[must_use]
+    pub fn ttl(&self) -> Duration {
+        self.inner.session.rpc.scope().ttl()
+    }
+
+    /// The timing in force.
+    #[must_use]
+    pub fn timing(&self) -> Timing {
+        self.inner.session.timing
+    }
+
+    /// Leadership as a stream of events; see [`Leadership`]. The first poll
+    /// starts campaigning; dropping the stream stops it and releases.
+    pub fn leadership(&self) -> Leadership {
+        Leadership::new(self.inner.session.clone())
+    }
+
+    /// A client for another (service, domain) with the same identity, TTL and
+    /// timing, sharing this client's connection (one HTTP/2 channel for any
+    /// number of shards). It has no callbacks; use its [`leadership`](Self::leadership)
+    /// stream or [`ClientBuilder::share_connection`] for more control.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidParameter`] for an empty service or domain.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: quorum_quest_client::QuorumQuestClient) -> quorum_quest_client::Result<()> {
+    /// let shards: Vec<_> = (0..16)
+    ///     .map(|i| client.for_scope("indexer", format!("shard-{i}")))
+    ///     .collect::<Result<_, _>>()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn for_scope(
+        &self,
+        service: impl Into<String>,
+        domain: impl Into<String>,
+    ) -> Result<QuorumQuestClient> {
+        let mine = self.inner.session.rpc.scope();
+        let scope = Scope::new(
+            service.into(),
+            domain.into(),
+            Some(mine.client_id.clone()),
+            mine.ttl(),
+        )?;
+        let rpc = Rpc::new(self.inner.session.rpc.transport().clone(), Arc::new(scope));
+        Ok(QuorumQuestClient {
+            inner: Arc::new(ClientInner {
+                session: Session::new(rpc, self.inner.session.timing, None),
+            }),
+        })
+    }
+}
+
+/// How a [`ClientBuilder`] gets its connection.
+enum Connection {
+    Address { address: String, lazy: bool },
+    Channel(Channel),
+    Shared(Arc<Transport>),
+}
+
+/// Builds a [`QuorumQuestClient`] with every knob. Defaults: ttl 15 s, address
+/// `http://localhost:5050`, a random client id, no callbacks, eager connect
+/// within 5 s, and timing derived from the TTL (see [`Timing::for_ttl`]).
+#[must_use]
+pub struct ClientBuilder {
+    service: String,
+    domain: String,
+    ttl: Duration,
+    client_id: Option<String>,
+    callbacks: Option<Arc<dyn Callbacks>>,
+    timing: TimingOverrides,
+    connection: Connection,
+    connect_timeout: Duration,
+    seed: Option<u64>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("service", &self.service)
+            .field("domain", &self.domain)
+            .field("ttl", &self.ttl)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    fn new(service: String, domain: String) -> Self {
+        ClientBuilder {
+            service,
+            domain,
+            ttl: DEFAULT_TTL,
+            client_id: None,
+            callbacks: None,
+            timing: TimingOverrides::default(),
+            connection: Connection::Address {
+                address: DEFAULT_ADDRESS.to_string(),
+                lazy: false,
+            },
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            seed: None,
+        }
+    }
+
+    /// The lock TTL (whole seconds, default 15 s).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The server address (default `http://localhost:5050`).
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        let lazy = matches!(self.connection, Connection::Address { lazy: true, .. });
+        self.connection = Connection::Address {
+            address: address.into(),
+            lazy,
+        };
+        self
+    }
+
+    /// Connect on first use instead of in `build()`; an unreachable server
+    /// then shows as failed calls (`RpcFailed` events) rather than an error.
+    pub fn lazy_connect(mut self) -> Self {
+        if let Connection::Address { lazy, .. } = &mut self.connection {
+            *lazy = true;
+        }
+        self
+    }
+
+    /// How long an eager connect may take (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Use a channel you built (TLS, interceptors' transport, a proxy...).
+    /// Overrides [`address`](Self::address).
+    pub fn channel(mut self, channel: Channel) -> Self {
+        self.connection = Connection::Channel(channel);
+        self
+    }
+
+    /// Share `other`'s connection (one HTTP/2 channel for many clients).
+    pub fn share_connection(mut self, other: &QuorumQuestClient) -> Self {
+        self.connection = Connection::Shared(other.inner.session.rpc.transport().clone());
+        self
+    }
+
+    /// This contender's identity (default: a random UUID). Must be unique
+    /// among contenders: two processes with one id are one owner to the server.
+    pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
+        self.client_id = Some(client_id.into());
+        self
+    }
+
+    /// Callbacks for leadership changes.
+    pub fn callbacks(mut self, callbacks: Arc<dyn Callbacks>) -> Self {
+        self.callbacks = Some(callbacks);
+        self
+    }
+
+    /// How often a leader renews (default ttl / 3).
+    pub fn renew_interval(mut self, d: Duration) -> Self {
+        self.timing.renew_interval = Some(d);
+        self
+    }
+
+    /// How often a follower retries (default ttl / 3, at most 2 s; jittered).
+    pub fn retry_period(mut self, d: Duration) -> Self {
+        self.timing.retry_period = Some(d);
+        self
+    }
+
+    /// The longest one call may take (default ttl / 3, at most 5 s).
+    pub fn rpc_timeout(mut self, d: Duration) -> Self {
+        self.timing.rpc_timeout = Some(d);
+        self
+    }
+
+    /// How long before the server-side expiry a leader steps down (default
+    /// max(ttl / 10, 100 ms)).
+    pub fn safety_margin(mut self, d: Duration) -> Self {
+        self.timing.safety_margin = Some(d);
+        self
+    }
+
+    /// Seeds the retry jitter, for reproducible tests.
+    pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Validates everything, then connects (unless lazy or given a channel).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidParameter`] naming the first bad parameter, before any
+    /// network I/O; [`Error::Connection`] if an eager connect fails.
+    pub async fn build(self) -> Result<QuorumQuestClient> {
+        let scope = Scope::new(self.service, self.domain, self.client_id, self.ttl)?;
+        let timing = self.timing.resolve(scope.ttl())?;
+        if self.connect_timeout.is_zero() {
+            return Err(Error::invalid(
+                "connect_timeout",
+                "must be greater than zero",
+            ));
+        }
+        let transport = match self.connection {
+            Connection::Address { address, lazy } => {
+                let endpoint = parse_address(&address)?.connect_timeout(self.connect_timeout);
+                let redial_after = timing.rpc_timeout;
+                if lazy {
+                    Arc::new(Transport::lazy(endpoint, redial_after))
+                } else {
+                    Arc::new(Transport::connect(endpoint, redial_after).await?)
+                }
+            }
+            Connection::Channel(channel) => Arc::new(Transport::from_channel(channel)),
+            Connection::Shared(transport) => transport,
+        };
+        let session = Session::new(Rpc::new(transport, Arc::new(scope)), timing, self.seed);
+        if let Some(callbacks) = self.callbacks {
+            let events = UnboundedReceiverStream::new(session.subscribe());
+            tokio::spawn(drive_callbacks(events, callbacks));
+            session.spawn_watchdog();
+        }
+        Ok(QuorumQuestClient {
+            inner: Arc::new(ClientInner { session }),
+        })
+    }
+}

@@ -1,0 +1,274 @@
+//! Everything a user sets, validated in one place.
+//!
+//! Validation happens before any network I/O, so a typo fails fast with an
+//! [`Error::InvalidParameter`](crate::Error::InvalidParameter) that names the
+//! parameter, instead of surfacing later as a confusing RPC failure.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Upper bound for the default follower retry period.
+const MAX_DEFAULT_RETRY: Duration = Duration::from_secs(2);
+/// Lower bound for the default safety margin.
+const MIN_DEFAULT_MARGIN: Duration = Duration::from_millis(100);
+/// Upper bound for the default per-RPC timeout.
+const MAX_DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default connect timeout for eager connects.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The lock a client campaigns for and the identity it campaigns with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scope {
+    pub(crate) service: String,
+    pub(crate) domain: String,
+    pub(crate) client_id: String,
+    /// The TTL in whole seconds, as sent on the wire.
+    pub(crate) ttl_secs: i32,
+}
+
+impl Scope {
+    pub(crate) fn new(
+        service: String,
+        domain: String,
+        client_id: Option<String>,
+        ttl: Duration,
+    ) -> Result<Self> {
+        validate_name("service", &service)?;
+        validate_name("domain", &domain)?;
+        let client_id = match client_id {
+            Some(id) => {
+                validate_name("client_id", &id)?;
+                id
+            }
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        let ttl_secs = validate_ttl(ttl)?;
+        Ok(Scope {
+            service,
+            domain,
+            client_id,
+            ttl_secs,
+        })
+    }
+
+    /// The TTL as a `Duration`.
+    pub(crate) fn ttl(&self) -> Duration {
+        Duration::from_secs(u64::from(self.ttl_secs.unsigned_abs()))
+    }
+}
+
+fn validate_name(param: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(Error::invalid(param, "must not be empty"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            param,
+            format!("must not contain control characters (got {value:?})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `ttl` is a whole, positive number of seconds that fits the
+/// wire's `int32`, and returns it in seconds.
+pub(crate) fn validate_ttl(ttl: Duration) -> Result<i32> {
+    if ttl.is_zero() {
+        return Err(Error::invalid("ttl", "must be at least 1 second (got 0)"));
+    }
+    if ttl.subsec_nanos() != 0 {
+        return Err(Error::invalid(
+            "ttl",
+            format!("must be a whole number of seconds (got {ttl:?}); the server counts the lease in seconds"),
+        ));
+    }
+    i32::try_from(ttl.as_secs()).map_err(|_| {
+        Error::invalid(
+            "ttl",
+            format!(
+                "must be at most {} seconds (got {} s)",
+                i32::MAX,
+                ttl.as_secs()
+            ),
+        )
+    })
+}
+
+/// The timing knobs of an election.
+///
+/// Every field has a default derived from the TTL (see
+/// [`ClientBuilder`](crate::ClientBuilder)); [`Timing::for_ttl`] computes them.
+///
+/// ```
+/// use std::time::Duration;
+/// use quorum_quest_client::Timing;
+///
+/// let t = Timing::for_ttl(Duration::from_secs(15));
+/// assert_eq!(t.renew_interval, Duration::from_secs(5));
+/// assert_eq!(t.retry_period, Duration::from_secs(2));
+/// assert_eq!(t.safety_margin, Duration::from_millis(1500));
+/// assert_eq!(t.rpc_timeout, Duration::from_secs(5));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Timing {
+    /// How often a leader renews its lease (default: ttl / 3).
+    pub renew_interval: Duration,
+    /// How often a follower tries to acquire the lock (default: ttl / 3,
+    /// capped at 2 s); each wait is jittered by ±20 %.
+    pub retry_period: Duration,
+    /// How long one RPC may take before it counts as failed (default:
+    /// ttl / 3, capped at 5 s). A leader's renewals are further capped by the
+    /// time left on its lease.
+    pub rpc_timeout: Duration,
+    /// How long before the server-side expiry a leader steps down (default:
+    /// max(ttl / 10, 100 ms)). Covers clock-rate differences and the delay
+    /// between sending a request and the server acting on it.
+    pub safety_margin: Duration,
+}
+
+impl Timing {
+    /// The default timing for a TTL.
+    #[must_use]
+    pub fn for_ttl(ttl: Duration) -> Self {
+        let third = ttl / 3;
+        Timing {
+            renew_interval: third,
+            retry_period: third.min(MAX_DEFAULT_RETRY),
+            rpc_timeout: third.min(MAX_DEFAULT_RPC_TIMEOUT),
+            safety_margin: (ttl / 10).max(MIN_DEFAULT_MARGIN),
+        }
+    }
+
+    /// Rejects combinations that cannot keep a lease safely.
+    pub(crate) fn validate(&self, ttl: Duration) -> Result<()> {
+        let nonzero = [
+            ("renew_interval", self.renew_interval),
+            ("retry_period", self.retry_period),
+            ("rpc_timeout", self.rpc_timeout),
+            ("safety_margin", self.safety_margin),
+        ];
+        for (param, value) in nonzero {
+            if value.is_zero() {
+                return Err(Error::invalid(param, "must be greater than zero"));
+            }
+        }
+        if self.safety_margin >= ttl {
+            return Err(Error::invalid(
+                "safety_margin",
+                format!(
+                    "must be smaller than the ttl (got {:?} with ttl {ttl:?})",
+                    self.safety_margin
+                ),
+            ));
+        }
+        let usable = ttl - self.safety_margin;
+        if self.renew_interval >= usable {
+            return Err(Error::invalid(
+                "renew_interval",
+                format!(
+                    "must be smaller than ttl - safety_margin = {usable:?} (got {:?}), or the lease runs out before the first renewal",
+                    self.renew_interval
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Timing overrides collected by the builder; `None` means "derive from the TTL".
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TimingOverrides {
+    pub(crate) renew_interval: Option<Duration>,
+    pub(crate) retry_period: Option<Duration>,
+    pub(crate) rpc_timeout: Option<Duration>,
+    pub(crate) safety_margin: Option<Duration>,
+}
+
+impl TimingOverrides {
+    pub(crate) fn resolve(&self, ttl: Duration) -> Result<Timing> {
+        let d = Timing::for_ttl(ttl);
+        let t = Timing {
+            renew_interval: self.renew_interval.unwrap_or(d.renew_interval),
+            retry_period: self.retry_period.unwrap_or(d.retry_period),
+            rpc_timeout: self.rpc_timeout.unwrap_or(d.rpc_timeout),
+            safety_margin: self.safety_margin.unwrap_or(d.safety_margin),
+        };
+        t.validate(ttl)?;
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(r: Result<impl std::fmt::Debug>) -> String {
+        match r {
+            Err(Error::InvalidParameter(m)) => m,
+            other => panic!("expected InvalidParameter, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ttl_must_be_whole_positive_seconds_within_i32() {
+        assert_eq!(validate_ttl(Duration::from_secs(15)).ok(), Some(15));
+        assert!(msg(validate_ttl(Duration::ZERO)).starts_with("ttl:"));
+        assert!(msg(validate_ttl(Duration::from_millis(500))).contains("whole number"));
+        assert!(msg(validate_ttl(Duration::from_millis(1500))).contains("whole number"));
+        assert_eq!(
+            validate_ttl(Duration::from_secs(i32::MAX as u64)).ok(),
+            Some(i32::MAX)
+        );
+        assert!(msg(validate_ttl(Duration::from_secs(i32::MAX as u64 + 1))).contains("at most"));
+    }
+
+    #[test]
+    fn default_timing_is_valid_for_every_small_ttl() {
+        for s in 1..=120 {
+            let ttl = Duration::from_secs(s);
+            Timing::for_ttl(ttl).validate(ttl).unwrap();
+        }
+    }
+
+    #[test]
+    fn impossible_timing_is_rejected_naming_the_knob() {
+        let ttl = Duration::from_secs(3);
+        let o = TimingOverrides {
+            safety_margin: Some(Duration::from_secs(3)),
+            ..Default::default()
+        };
+        assert!(msg(o.resolve(ttl)).starts_with("safety_margin:"));
+        let o = TimingOverrides {
+            renew_interval: Some(Duration::from_millis(2700)),
+            ..Default::default()
+        };
+        assert!(msg(o.resolve(ttl)).starts_with("renew_interval:"));
+        let o = TimingOverrides {
+            retry_period: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        assert!(msg(o.resolve(ttl)).starts_with("retry_period:"));
+        let o = TimingOverrides {
+            rpc_timeout: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        assert!(msg(o.resolve(ttl)).starts_with("rpc_timeout:"));
+    }
+
+    #[test]
+    fn scope_rejects_empty_names_and_generates_ids() {
+        let ttl = Duration::from_secs(5);
+        assert!(msg(Scope::new("".into(), "d".into(), None, ttl)).starts_with("service:"));
+        assert!(msg(Scope::new("s".into(), "  ".into(), None, ttl)).starts_with("domain:"));
+        assert!(
+            msg(Scope::new("s".into(), "d".into(), Some(String::new()), ttl))
+                .starts_with("client_id:")
+        );
+        let a = Scope::new("s".into(), "d".into(), None, ttl).unwrap();
+        let b = Scope::new("s".into(), "d".into(), None, ttl).unwrap();
+        assert_ne!(a.client_id, b.client_id);
+        assert_eq!(a.ttl(), ttl);
+    }
+}
