@@ -159,6 +159,12 @@ impl Rpc {
         .map(|_| ())
     }
 
+    /// One call within `timeout`. A failure that the transport reports at
+    /// once (the request was refused or its connection closed, as happens
+    /// when a server ages connections out with GOAWAY) is retried once right
+    /// away on a fresh stream within the same budget: every call of this
+    /// service is idempotent, and the send instant is that of the attempt
+    /// that answered, so the lease stays conservative.
     async fn call<Req, Resp, F, Fut>(
         &self,
         rpc: RpcKind,
@@ -167,30 +173,59 @@ impl Rpc {
         f: F,
     ) -> Answer<Resp>
     where
-        F: FnOnce(LeaderElectionServiceClient<Channel>, Request<Req>) -> Fut,
+        Req: Clone,
+        F: Fn(LeaderElectionServiceClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let client = LeaderElectionServiceClient::new(self.transport.channel());
-        let mut request = Request::new(req);
-        request.set_timeout(timeout);
-        let sent_at = Instant::now();
-        let result = match tokio::time::timeout(timeout, f(client, request)).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.transport.call_timed_out();
-                Err(Status::deadline_exceeded(format!(
-                    "{rpc:?}: no answer within {timeout:?}"
-                )))
+        let budget_end = Instant::now() + timeout;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let client = LeaderElectionServiceClient::new(self.transport.channel());
+            let sent_at = Instant::now();
+            let left = budget_end.saturating_duration_since(sent_at);
+            let mut request = Request::new(req.clone());
+            request.set_timeout(left);
+            let result = match tokio::time::timeout(left, f(client, request)).await {
+                Ok(result) => result.map(Response::into_inner),
+                Err(_) => {
+                    self.transport.call_timed_out();
+                    Err(Status::deadline_exceeded(format!(
+                        "{rpc:?}: no answer within {timeout:?}"
+                    )))
+                }
+            };
+            match result {
+                Err(status) if attempt == 1 && is_transport_failure(&status) => {
+                    tracing::debug!(?rpc, code = ?status.code(), message = status.message(), "call failed in transport; retrying once");
+                }
+                Err(status) => {
+                    tracing::debug!(?rpc, code = ?status.code(), message = status.message(), "call failed");
+                    return Answer {
+                        sent_at,
+                        result: Err(status),
+                    };
+                }
+                Ok(resp) => {
+                    return Answer {
+                        sent_at,
+                        result: Ok(resp),
+                    }
+                }
             }
-        };
-        if let Err(status) = &result {
-            tracing::debug!(?rpc, code = ?status.code(), message = status.message(), "call failed");
-        }
-        Answer {
-            sent_at,
-            result: result.map(Response::into_inner),
         }
     }
+}
+
+/// Failures raised by the connection rather than by the service.
+fn is_transport_failure(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Internal
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
 }
 
 #[cfg(test)]
