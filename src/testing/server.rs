@@ -1,0 +1,1215 @@
+//! [`TestServer`]: an in-process Quorum Quest server over real loopback TCP
+//! (and, for tests under paused time, over in-memory duplex pipes), with
+//! controls to inject the faults a client must survive.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::StreamExt;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Code, Request, Response, Status};
+
+use super::store::{LockInfo, Store, Tenure};
+use crate::proto::leader_election_service_server::{
+    LeaderElectionService, LeaderElectionServiceServer,
+};
+use crate::proto::{
+    KeepAliveRequest, KeepAliveResponse, ReleaseLockRequest, ReleaseLockResponse,
+    TryAcquireLockRequest, TryAcquireLockResponse,
+};
+
+/// The server's default lease when a request carries `ttl <= 0` (the value in
+/// the real server's sample configuration); change it with
+/// [`TestServerBuilder::default_ttl`].
+///
+/// ```
+/// use std::time::Duration;
+/// use quorum_quest_client::testing::DEFAULT_TTL;
+///
+/// assert_eq!(DEFAULT_TTL, Duration::from_secs(15));
+/// ```
+pub const DEFAULT_TTL: Duration = Duration::from_secs(15);
+
+/// How long an in-memory connection's pipe buffers, each way.
+const DUPLEX_BUFFER: usize = 64 * 1024;
+
+/// How long `shutdown` waits for the serving tasks before aborting them.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// One of the three RPCs, to filter [`TestServer::fail_next`] and to read
+/// [`TestServer::calls`].
+///
+/// ```
+/// use quorum_quest_client::testing::Rpc;
+///
+/// assert_eq!(Rpc::KeepAlive.name(), "KeepAlive");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rpc {
+    /// `TryAcquireLock`.
+    TryAcquireLock,
+    /// `KeepAlive`.
+    KeepAlive,
+    /// `ReleaseLock`.
+    ReleaseLock,
+}
+
+impl Rpc {
+    /// The RPC's method name on the wire.
+    ///
+    /// ```
+    /// use quorum_quest_client::testing::Rpc;
+    ///
+    /// assert_eq!(Rpc::TryAcquireLock.name(), "TryAcquireLock");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Rpc::TryAcquireLock => "TryAcquireLock",
+            Rpc::KeepAlive => "KeepAlive",
+            Rpc::ReleaseLock => "ReleaseLock",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Rpc::TryAcquireLock => 0,
+            Rpc::KeepAlive => 1,
+            Rpc::ReleaseLock => 2,
+        }
+    }
+}
+
+impl fmt::Display for Rpc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A pending [`TestServer::fail_next`] rule.
+#[derive(Debug)]
+struct FailRule {
+    remaining: usize,
+    rpc: Option<Rpc>,
+    code: Code,
+    message: String,
+}
+
+/// Everything the serving tasks, the in-memory connector and the handles share.
+struct Shared {
+    store: Mutex<Store>,
+    default_ttl: Duration,
+    paused: watch::Sender<bool>,
+    latency: Mutex<Duration>,
+    faults: Mutex<VecDeque<FailRule>>,
+    calls: [AtomicU64; 3],
+    connections: AtomicU64,
+    /// Where the in-memory connector hands new connections; `None` while the
+    /// server is down.
+    memory: Mutex<Option<mpsc::UnboundedSender<DuplexStream>>>,
+}
+
+/// Locks a std mutex, ignoring poisoning (the data stays consistent: every
+/// critical section here is a few non-panicking statements).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Connection settings, fixed for the server's life.
+#[derive(Clone, Copy, Debug)]
+struct ServeConfig {
+    max_connection_age: Option<Duration>,
+    max_connection_age_grace: Duration,
+}
+
+/// One period of serving, between a start and a shutdown.
+struct Generation {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    config: ServeConfig,
+    generation: tokio::sync::Mutex<Option<Generation>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: stop serving so no task outlives the server.
+        *lock(&self.shared.memory) = None;
+        if let Some(generation) = self.generation.get_mut().take() {
+            generation.stop.cancel();
+        }
+    }
+}
+
+/// An in-process Quorum Quest server that behaves like the real one (SPEC §2)
+/// and lets a test inject faults: expired or stolen locks, hanging calls,
+/// error answers, latency, connection ageing, shutdown and restart.
+///
+/// It serves plaintext HTTP/2 gRPC on `127.0.0.1`, and also over in-memory
+/// pipes ([`TestServer::in_memory_channel`]) so that tests can run under
+/// [`tokio::time::pause()`]. All lock times use [`tokio::time::Instant`].
+///
+/// `TestServer` is a cheap handle: clone it freely; all controls take `&self`.
+/// When the last handle is dropped the server stops serving (calling
+/// [`TestServer::shutdown`] first is tidier: it waits for the tasks to end).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
+/// use quorum_quest_client::proto::TryAcquireLockRequest;
+/// use quorum_quest_client::testing::TestServer;
+///
+/// let server = TestServer::start().await?;
+/// let mut client = LeaderElectionServiceClient::connect(server.url()).await?;
+/// let answer = client
+///     .try_acquire_lock(TryAcquireLockRequest {
+///         service: "billing".into(),
+///         domain: "eu".into(),
+///         client_id: "node-1".into(),
+///         ttl: 10,
+///     })
+///     .await?
+///     .into_inner();
+/// assert!(answer.is_leader);
+/// assert_eq!(server.lock("billing", "eu").map(|l| l.owner), Some("node-1".to_string()));
+/// server.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct TestServer {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TestServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestServer")
+            .field("addr", &self.inner.addr)
+            .field("default_ttl", &self.inner.shared.default_ttl)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`TestServer`] before it starts; see [`TestServer::builder`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// use std::time::Duration;
+/// use quorum_quest_client::testing::TestServer;
+///
+/// let server = TestServer::builder()
+///     .default_ttl(Duration::from_secs(5))
+///     .max_connection_age(Duration::from_secs(30))
+///     .start()
+///     .await?;
+/// assert!(server.url().starts_with("http://127.0.0.1:"));
+/// server.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until `.start().await`"]
+pub struct TestServerBuilder {
+    port: u16,
+    default_ttl: Duration,
+    max_connection_age: Option<Duration>,
+    max_connection_age_grace: Option<Duration>,
+    latency: Duration,
+}
+
+impl Default for TestServerBuilder {
+    fn default() -> Self {
+        TestServerBuilder {
+            port: 0,
+            default_ttl: DEFAULT_TTL,
+            max_connection_age: None,
+            max_connection_age_grace: None,
+            latency: Duration::ZERO,
+        }
+    }
+}
+
+impl TestServerBuilder {
+    /// The TCP port to listen on, on `127.0.0.1` (default 0: any free port).
+    ///
+    /// ```
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let builder = TestServer::builder().port(5050);
+    /// # let _ = builder;
+    /// ```
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// The lease granted when a request carries `ttl <= 0` (default 15 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let builder = TestServer::builder().default_ttl(Duration::from_secs(3));
+    /// # let _ = builder;
+    /// ```
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// Close every connection after this age, like the real server's
+    /// `MaxConnectionAge`: the connection gets an HTTP/2 GOAWAY at `age`
+    /// (calls in flight finish, new calls must go to a new connection) and is
+    /// cut outright `max_connection_age_grace` later (default 1 s) if still open.
+    /// Default: connections live forever.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let builder = TestServer::builder().max_connection_age(Duration::from_secs(30));
+    /// # let _ = builder;
+    /// ```
+    pub fn max_connection_age(mut self, age: Duration) -> Self {
+        self.max_connection_age = Some(age);
+        self
+    }
+
+    /// How long a connection may stay open after its GOAWAY (see
+    /// [`max_connection_age`](Self::max_connection_age)); default 1 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let builder = TestServer::builder()
+    ///     .max_connection_age(Duration::from_secs(30))
+    ///     .max_connection_age_grace(Duration::from_secs(10));
+    /// # let _ = builder;
+    /// ```
+    pub fn max_connection_age_grace(mut self, grace: Duration) -> Self {
+        self.max_connection_age_grace = Some(grace);
+        self
+    }
+
+    /// Initial added latency, as [`TestServer::set_latency`] (default none).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let builder = TestServer::builder().latency(Duration::from_millis(20));
+    /// # let _ = builder;
+    /// ```
+    pub fn latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Binds `127.0.0.1:port` and starts serving.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::builder().start().await?;
+    /// assert_ne!(server.addr().port(), 0);
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn start(self) -> io::Result<TestServer> {
+        let (paused, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::default()),
+            default_ttl: self.default_ttl,
+            paused,
+            latency: Mutex::new(self.latency),
+            faults: Mutex::new(VecDeque::new()),
+            calls: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            connections: AtomicU64::new(0),
+            memory: Mutex::new(None),
+        });
+        let config = ServeConfig {
+            max_connection_age: self.max_connection_age,
+            max_connection_age_grace: self
+                .max_connection_age_grace
+                .unwrap_or(Duration::from_secs(1)),
+        };
+        let requested = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let listener = bind(requested)?;
+        let addr = listener.local_addr()?;
+        let generation = serve(&shared, config, listener);
+        tracing::info!(%addr, "test server listening");
+        Ok(TestServer {
+            inner: Arc::new(Inner {
+                shared,
+                addr,
+                config,
+                generation: tokio::sync::Mutex::new(Some(generation)),
+            }),
+        })
+    }
+}
+
+/// A listening socket with `SO_REUSEADDR`, so a restart can rebind at once.
+fn bind(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Starts the TCP and in-memory servers of one generation.
+fn serve(
+    shared: &Arc<Shared>,
+    config: ServeConfig,
+    listener: tokio::net::TcpListener,
+) -> Generation {
+    let stop = CancellationToken::new();
+    let (tx, rx) = mpsc::unbounded_channel::<DuplexStream>();
+    *lock(&shared.memory) = Some(tx);
+
+    let tcp_incoming = {
+        let shared = Arc::clone(shared);
+        let stop = stop.clone();
+        TcpListenerStream::new(listener).map(move |conn: io::Result<TcpStream>| {
+            conn.map(|stream| {
+                // Best effort: a failure only costs a little latency.
+                let _ = stream.set_nodelay(true);
+                ServerIo::new(stream, &shared, &stop, config)
+            })
+        })
+    };
+    let memory_incoming = {
+        let shared = Arc::clone(shared);
+        let stop = stop.clone();
+        UnboundedReceiverStream::new(rx)
+            .map(move |pipe| Ok::<_, io::Error>(ServerIo::new(pipe, &shared, &stop, config)))
+    };
+
+    let tcp = tokio::spawn(run_server(
+        "tcp",
+        Arc::clone(shared),
+        config,
+        stop.clone(),
+        tcp_incoming,
+    ));
+    let memory = tokio::spawn(run_server(
+        "in-memory",
+        Arc::clone(shared),
+        config,
+        stop.clone(),
+        memory_incoming,
+    ));
+    Generation {
+        stop,
+        tasks: vec![tcp, memory],
+    }
+}
+
+async fn run_server<I, IO>(
+    what: &'static str,
+    shared: Arc<Shared>,
+    config: ServeConfig,
+    stop: CancellationToken,
+    incoming: I,
+) where
+    I: tokio_stream::Stream<Item = io::Result<IO>>,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+{
+    let service = LeaderElectionServiceServer::new(Handler {
+        shared,
+        stop: stop.clone(),
+    });
+    let mut builder = Server::builder();
+    if let Some(age) = config.max_connection_age {
+        // Only the age: tonic 0.14 skips the GOAWAY entirely when a grace is
+        // also set, so the grace is enforced by `ServerIo` instead.
+        builder = builder.max_connection_age(age);
+    }
+    let result = builder
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await;
+    match result {
+        Ok(()) => tracing::debug!(what, "test server stopped"),
+        Err(err) => tracing::warn!(what, %err, "test server failed"),
+    }
+}
+
+/// A server-side connection: counts itself, and cuts itself when the server
+/// shuts down or when the connection outlives `max_connection_age + grace`.
+struct ServerIo<T> {
+    inner: T,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    dead: bool,
+}
+
+impl<T> ServerIo<T> {
+    fn new(inner: T, shared: &Shared, stop: &CancellationToken, config: ServeConfig) -> Self {
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        let deadline = config.max_connection_age.map(|age| {
+            Box::pin(tokio::time::sleep(
+                age.saturating_add(config.max_connection_age_grace),
+            ))
+        });
+        ServerIo {
+            inner,
+            stop: Box::pin(stop.clone().cancelled_owned()),
+            deadline,
+            dead: false,
+        }
+    }
+
+    /// True once the connection must be cut; registers for the wake-up
+    /// otherwise.
+    fn is_dead(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.dead {
+            let stopped = self.stop.as_mut().poll(cx).is_ready();
+            let aged = self
+                .deadline
+                .as_mut()
+                .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+            self.dead = stopped || aged;
+        }
+        self.dead
+    }
+}
+
+fn cut() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "test server closed the connection",
+    )
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ServerIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.is_dead(cx) {
+            return Poll::Ready(Err(cut()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ServerIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.is_dead(cx) {
+            return Poll::Ready(Err(cut()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.is_dead(cx) {
+            return Poll::Ready(Err(cut()));
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.is_dead(cx) {
+            return Poll::Ready(Err(cut()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.dead {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: Connected> Connected for ServerIo<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// The gRPC service of one generation.
+struct Handler {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+fn unavailable() -> Status {
+    Status::unavailable("test server is shutting down")
+}
+
+impl Handler {
+    /// Everything that happens before a call touches the store: count it,
+    /// hang while paused, answer an injected failure.
+    async fn admit(&self, rpc: Rpc) -> Result<(), Status> {
+        self.shared.calls[rpc.index()].fetch_add(1, Ordering::Relaxed);
+        let mut paused = self.shared.paused.subscribe();
+        tokio::select! {
+            r = paused.wait_for(|p| !*p) => {
+                if r.is_err() {
+                    return Err(unavailable());
+                }
+            }
+            _ = self.stop.cancelled() => return Err(unavailable()),
+        }
+        let injected = {
+            let mut faults = lock(&self.shared.faults);
+            let hit = faults
+                .iter_mut()
+                .find(|f| f.remaining > 0 && f.rpc.is_none_or(|r| r == rpc))
+                .map(|f| {
+                    f.remaining -= 1;
+                    Status::new(f.code, f.message.clone())
+                });
+            faults.retain(|f| f.remaining > 0);
+            hit
+        };
+        if let Some(status) = injected {
+            tracing::info!(rpc = rpc.name(), code = ?status.code(), "injected failure");
+            self.delay().await?;
+            return Err(status);
+        }
+        Ok(())
+    }
+
+    /// The added latency, before the answer goes out.
+    async fn delay(&self) -> Result<(), Status> {
+        let latency = *lock(&self.shared.latency);
+        if latency.is_zero() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(latency) => Ok(()),
+            _ = self.stop.cancelled() => Err(unavailable()),
+        }
+    }
+
+    fn ttl(&self, ttl: i32) -> Duration {
+        if ttl <= 0 {
+            self.shared.default_ttl
+        } else {
+            Duration::from_secs(u64::from(ttl.unsigned_abs()))
+        }
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        lock(&self.shared.store)
+    }
+}
+
+#[tonic::async_trait]
+impl LeaderElectionService for Handler {
+    async fn try_acquire_lock(
+        &self,
+        request: Request<TryAcquireLockRequest>,
+    ) -> Result<Response<TryAcquireLockResponse>, Status> {
+        self.admit(Rpc::TryAcquireLock).await?;
+        let req = request.into_inner();
+        let ttl = self.ttl(req.ttl);
+        let is_leader = self.store().try_acquire(
+            &req.service,
+            &req.domain,
+            &req.client_id,
+            ttl,
+            Instant::now(),
+        );
+        tracing::info!(
+            rpc = "TryAcquireLock",
+            service = %req.service,
+            domain = %req.domain,
+            client_id = %req.client_id,
+            ttl = req.ttl,
+            is_leader,
+            "call"
+        );
+        self.delay().await?;
+        Ok(Response::new(TryAcquireLockResponse { is_leader }))
+    }
+
+    async fn release_lock(
+        &self,
+        request: Request<ReleaseLockRequest>,
+    ) -> Result<Response<ReleaseLockResponse>, Status> {
+        self.admit(Rpc::ReleaseLock).await?;
+        let req = request.into_inner();
+        let released =
+            self.store()
+                .release(&req.service, &req.domain, &req.client_id, Instant::now());
+        tracing::info!(
+            rpc = "ReleaseLock",
+            service = %req.service,
+            domain = %req.domain,
+            client_id = %req.client_id,
+            released,
+            "call"
+        );
+        self.delay().await?;
+        Ok(Response::new(ReleaseLockResponse {}))
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<KeepAliveRequest>,
+    ) -> Result<Response<KeepAliveResponse>, Status> {
+        self.admit(Rpc::KeepAlive).await?;
+        let req = request.into_inner();
+        let ttl = self.ttl(req.ttl);
+        let granted = self.store().keep_alive(
+            &req.service,
+            &req.domain,
+            &req.client_id,
+            ttl,
+            Instant::now(),
+        );
+        let lease_length = match granted {
+            Some(ttl) => prost_types::Duration {
+                seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
+            },
+            None => prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            },
+        };
+        tracing::info!(
+            rpc = "KeepAlive",
+            service = %req.service,
+            domain = %req.domain,
+            client_id = %req.client_id,
+            ttl = req.ttl,
+            lease_seconds = lease_length.seconds,
+            "call"
+        );
+        self.delay().await?;
+        Ok(Response::new(KeepAliveResponse {
+            lease_length: Some(lease_length),
+        }))
+    }
+}
+
+impl TestServer {
+    /// Starts a server on `127.0.0.1` on a free port, with the default 15 s
+    /// lease for `ttl <= 0`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert!(server.addr().ip().is_loopback());
+    /// server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn start() -> io::Result<TestServer> {
+        TestServerBuilder::default().start().await
+    }
+
+    /// A builder to set the port, default ttl, connection age or latency.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::builder()
+    ///     .default_ttl(Duration::from_secs(2))
+    ///     .start()
+    ///     .await?;
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder() -> TestServerBuilder {
+        TestServerBuilder::default()
+    }
+
+    /// The address to give a client: `http://127.0.0.1:PORT`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert_eq!(server.url(), format!("http://{}", server.addr()));
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn url(&self) -> String {
+        format!("http://{}", self.inner.addr)
+    }
+
+    /// The socket address the server listens on (the same across restarts).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert!(server.addr().ip().is_loopback());
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// A channel to this server over in-memory pipes (no sockets), so that a
+    /// test can run under [`tokio::time::pause()`] with exact timing.
+    ///
+    /// The channel connects lazily and reconnects as needed; each new
+    /// connection is a fresh pipe. It keeps working across
+    /// [`restart`](Self::restart); while the server is down, connecting fails
+    /// and calls answer an error. Must be called inside a Tokio runtime.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
+    /// use quorum_quest_client::proto::KeepAliveRequest;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// tokio::time::pause();
+    /// let server = TestServer::start().await?;
+    /// let mut client = LeaderElectionServiceClient::new(server.in_memory_channel());
+    /// let lease = client
+    ///     .keep_alive(KeepAliveRequest {
+    ///         service: "s".into(),
+    ///         domain: "d".into(),
+    ///         client_id: "c".into(),
+    ///         ttl: 5,
+    ///     })
+    ///     .await?
+    ///     .into_inner()
+    ///     .lease_length;
+    /// assert_eq!(lease.map(|d| d.seconds), Some(-1)); // not the owner
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn in_memory_channel(&self) -> Channel {
+        let shared = Arc::downgrade(&self.inner.shared);
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let shared = shared.clone();
+            async move {
+                let refused = || {
+                    io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "in-memory test server is not serving",
+                    )
+                };
+                let shared = shared.upgrade().ok_or_else(refused)?;
+                let sender = lock(&shared.memory).clone().ok_or_else(refused)?;
+                let (client, server) = tokio::io::duplex(DUPLEX_BUFFER);
+                sender.send(server).map_err(|_| refused())?;
+                Ok::<_, io::Error>(TokioIo::new(client))
+            }
+        });
+        Endpoint::from_static("http://in-memory.invalid").connect_with_connector_lazy(connector)
+    }
+
+    /// Removes the lock now, whoever owns it (its tenure ends with
+    /// [`TenureEnd::ForceExpired`](super::TenureEnd::ForceExpired)). The owner
+    /// learns it only on its next call.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.set_owner("s", "d", "node-1", Duration::from_secs(30));
+    /// server.force_expire("s", "d");
+    /// assert!(server.lock("s", "d").is_none());
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn force_expire(&self, service: &str, domain: &str) {
+        let removed = lock(&self.inner.shared.store).force_expire(service, domain, Instant::now());
+        tracing::info!(service, domain, removed, "force_expire");
+    }
+
+    /// Makes `owner` the owner of the lock for `ttl` from now, as if another
+    /// node had won it (the previous owner's tenure ends with
+    /// [`TenureEnd::Stolen`](super::TenureEnd::Stolen)). If `owner` already
+    /// owns it, its lease is set to `ttl` from now.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.set_owner("s", "d", "intruder", Duration::from_secs(30));
+    /// assert_eq!(server.lock("s", "d").map(|l| l.owner), Some("intruder".to_string()));
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_owner(&self, service: &str, domain: &str, owner: &str, ttl: Duration) {
+        lock(&self.inner.shared.store).set_owner(service, domain, owner, ttl, Instant::now());
+        tracing::info!(service, domain, owner, ?ttl, "set_owner");
+    }
+
+    /// The live owner of a lock and its remaining time; `None` if the lock
+    /// is free or expired.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert!(server.lock("s", "d").is_none());
+    /// server.set_owner("s", "d", "node-1", Duration::from_secs(30));
+    /// let info = server.lock("s", "d").expect("held");
+    /// assert!(info.remaining <= Duration::from_secs(30));
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn lock(&self, service: &str, domain: &str) -> Option<LockInfo> {
+        lock(&self.inner.shared.store).lock(service, domain, Instant::now())
+    }
+
+    /// From now on, every incoming call hangs: it is counted by
+    /// [`calls`](Self::calls) but neither answered nor allowed to touch the
+    /// locks until [`resume`](Self::resume). Calls already past that point
+    /// are not affected.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.pause();
+    /// assert!(server.is_paused());
+    /// server.resume();
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn pause(&self) {
+        self.inner.shared.paused.send_replace(true);
+        tracing::info!("paused");
+    }
+
+    /// Ends a [`pause`](Self::pause): the hanging calls proceed.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.pause();
+    /// server.resume();
+    /// assert!(!server.is_paused());
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn resume(&self) {
+        self.inner.shared.paused.send_replace(false);
+        tracing::info!("resumed");
+    }
+
+    /// Whether the server is [paused](Self::pause).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert!(!server.is_paused());
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn is_paused(&self) -> bool {
+        *self.inner.shared.paused.borrow()
+    }
+
+    /// The next `n` calls (of `rpc` only, or of any RPC if `None`) answer
+    /// `status` (its code and message) without touching the locks. They are
+    /// still counted, still hang while paused and still get the added latency.
+    /// Rules from several `fail_next` calls queue up: a call takes the oldest
+    /// rule that matches it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
+    /// use quorum_quest_client::proto::ReleaseLockRequest;
+    /// use quorum_quest_client::testing::{Rpc, TestServer};
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.fail_next(1, Some(Rpc::ReleaseLock), tonic::Status::unavailable("injected"));
+    /// let mut client = LeaderElectionServiceClient::connect(server.url()).await?;
+    /// let err = client.release_lock(ReleaseLockRequest::default()).await.unwrap_err();
+    /// assert_eq!(err.code(), tonic::Code::Unavailable);
+    /// assert!(client.release_lock(ReleaseLockRequest::default()).await.is_ok());
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn fail_next(&self, n: usize, rpc: Option<Rpc>, status: Status) {
+        if n == 0 {
+            return;
+        }
+        lock(&self.inner.shared.faults).push_back(FailRule {
+            remaining: n,
+            rpc,
+            code: status.code(),
+            message: status.message().to_owned(),
+        });
+    }
+
+    /// Adds `latency` before each answer (`Duration::ZERO` turns it off).
+    /// The call acts on the locks first, then waits: a client that gives up
+    /// early may still have changed the server's state, as on a real network.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.set_latency(Duration::from_millis(200));
+    /// server.set_latency(Duration::ZERO);
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.inner.shared.latency) = latency;
+    }
+
+    /// How many calls of `rpc` the server has received, including failed,
+    /// hanging and interrupted ones (not reset by restart).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::{Rpc, TestServer};
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert_eq!(server.calls(Rpc::TryAcquireLock), 0);
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn calls(&self, rpc: Rpc) -> u64 {
+        self.inner.shared.calls[rpc.index()].load(Ordering::Relaxed)
+    }
+
+    /// How many connections (TCP and in-memory) the server has accepted since
+    /// it started (not reset by restart). With
+    /// [`max_connection_age`](TestServerBuilder::max_connection_age) it shows
+    /// clients reconnecting.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert_eq!(server.connections_accepted(), 0);
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn connections_accepted(&self) -> u64 {
+        self.inner.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// The full ownership history, oldest first (expired locks are observed
+    /// first, so a lease that ran out shows as
+    /// [`TenureEnd::Expired`](super::TenureEnd::Expired)).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::{TenureEnd, TestServer};
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.set_owner("s", "d", "node-1", Duration::from_secs(30));
+    /// server.force_expire("s", "d");
+    /// let history = server.tenures();
+    /// assert_eq!(history[0].ended_by, TenureEnd::ForceExpired);
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tenures(&self) -> Vec<Tenure> {
+        lock(&self.inner.shared.store).tenures(Instant::now())
+    }
+
+    /// Whether the server is serving (false after [`shutdown`](Self::shutdown)
+    /// until [`restart`](Self::restart)).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert!(server.is_serving().await);
+    /// server.shutdown().await;
+    /// assert!(!server.is_serving().await);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn is_serving(&self) -> bool {
+        self.inner.generation.lock().await.is_some()
+    }
+
+    /// Stops serving: closes the listener and cuts every connection at once
+    /// (calls in flight, hanging or not, fail on the client side). The lock
+    /// table and all controls are kept. Idempotent.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.shutdown().await;
+    /// server.shutdown().await;
+    /// assert!(tokio::net::TcpStream::connect(server.addr()).await.is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn shutdown(&self) {
+        let mut generation = self.inner.generation.lock().await;
+        if let Some(generation) = generation.take() {
+            self.stop(generation).await;
+        }
+    }
+
+    async fn stop(&self, generation: Generation) {
+        *lock(&self.inner.shared.memory) = None;
+        generation.stop.cancel();
+        for task in generation.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_WAIT, task).await.is_err() {
+                tracing::warn!("test server task did not stop in time; aborting it");
+                abort.abort();
+            }
+        }
+        tracing::info!(addr = %self.inner.addr, "test server shut down");
+    }
+
+    /// Shuts down (if serving), then serves again on the same address, as a
+    /// restarted server process would. With `keep_locks = false` the lock table
+    /// is cleared (running tenures end with
+    /// [`TenureEnd::Dropped`](super::TenureEnd::Dropped)), as with a store that
+    /// does not persist.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// let addr = server.addr();
+    /// server.set_owner("s", "d", "node-1", Duration::from_secs(30));
+    /// server.restart(true).await?;
+    /// assert_eq!(server.addr(), addr);
+    /// assert!(server.lock("s", "d").is_some());
+    /// server.restart(false).await?;
+    /// assert!(server.lock("s", "d").is_none());
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn restart(&self, keep_locks: bool) -> io::Result<()> {
+        let mut generation = self.inner.generation.lock().await;
+        if let Some(old) = generation.take() {
+            self.stop(old).await;
+        }
+        if !keep_locks {
+            lock(&self.inner.shared.store).drop_all(Instant::now());
+        }
+        // SO_REUSEADDR makes the rebind immediate; retry briefly in case the
+        // old listener's close has not fully landed.
+        let mut attempt = 0;
+        let listener = loop {
+            match bind(self.inner.addr) {
+                Ok(listener) => break listener,
+                Err(err) if attempt < 40 && err.kind() == io::ErrorKind::AddrInUse => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        *generation = Some(serve(&self.inner.shared, self.inner.config, listener));
+        tracing::info!(addr = %self.inner.addr, keep_locks, "test server restarted");
+        Ok(())
+    }
+}
