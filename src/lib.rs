@@ -1,4 +1,111 @@
-//! Placeholder crate docs.
+//! Client for the [Quorum Quest] leader election service.
+//!
+//! Services embed it to decide which one of their replicas is the leader. One
+//! rule beats all others: it never tells two processes they are both leader,
+//! and it never loses a leadership change silently.
+//!
+//! - **Leadership is a stream.** [`QuorumQuestClient::leadership`] returns a
+//!   [`Leadership`] stream of [`LeadershipEvent`]s: `Elected` (with a
+//!   [`LeaderTerm`] to bind leader-only work to), `Renewed`, `Follower`,
+//!   `Lost { reason }`, and `RpcFailed` warnings. `Elected` and `Lost` strictly
+//!   alternate on every stream. [`LeadershipStreamExt`] has the usual pipelines.
+//! - **The documented imperative API** (`try_acquire_lock`, `release_lock`,
+//!   `start_keep_alive`, `stop_keep_alive`, `get_remaining_lease`,
+//!   `is_leader`) and the [`Callbacks`] trait are thin adapters over the same
+//!   core: one pure state machine decides what every RPC result means.
+//! - **Safe lease accounting.** A lease is timed from the instant its request
+//!   was *sent*, on a monotonic clock, minus a safety margin. If renewals fail,
+//!   the client steps down at that deadline by a timer, even while a call still
+//!   hangs. Transient faults (GOAWAY, resets, `UNAVAILABLE`, slow answers) are
+//!   retried with backoff and jitter while the lease is valid.
+//!
+//! # Example
+//!
+//! Campaign, lead, hand over, using the in-process [`testing::TestServer`]
+//! (feature `testing`) in place of a real server:
+//!
+//! ```
+//! # #[cfg(feature = "testing")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use futures::StreamExt;
+//! use quorum_quest_client::{LeadershipEvent, QuorumQuestClient};
+//! use quorum_quest_client::testing::TestServer;
+//!
+//! let server = TestServer::start().await?;
+//! let first = QuorumQuestClient::builder("billing", "eu-west")
+//!     .address(server.url())
+//!     .ttl(Duration::from_secs(2))
+//!     .build()
+//!     .await?;
+//! let second = QuorumQuestClient::builder("billing", "eu-west")
+//!     .address(server.url())
+//!     .ttl(Duration::from_secs(2))
+//!     .build()
+//!     .await?;
+//!
+//! let mut leading = first.leadership();
+//! let Some(LeadershipEvent::Elected { term, .. }) = leading.next().await else {
+//!     panic!("the first contender wins a free lock");
+//! };
+//! let work = term.spawn(std::future::pending::<()>()); // stops when the term ends
+//!
+//! let mut waiting = second.leadership();
+//! assert!(matches!(waiting.next().await, Some(LeadershipEvent::Follower)));
+//!
+//! leading.resign().await?; // steps down, then releases the lock
+//! assert_eq!(work.await?, None);
+//! loop {
+//!     if let Some(LeadershipEvent::Elected { .. }) = waiting.next().await {
+//!         break; // the second contender took over
+//!     }
+//! }
+//! assert!(second.is_leader() && !first.is_leader());
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "testing"))]
+//! # fn main() {}
+//! ```
+//!
+//! The documented API, as in the user's README:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use quorum_quest_client::QuorumQuestClient;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = QuorumQuestClient::new(
+//!     "my-service",
+//!     "production",
+//!     Duration::from_secs(15),
+//!     "http://localhost:5050",
+//!     None, // client id: a random UUID
+//!     None, // callbacks: none
+//! )
+//! .await?;
+//! if client.try_acquire_lock().await? {
+//!     client.start_keep_alive().await?;
+//!     // ... leader work, checking client.is_leader() ...
+//!     client.release_lock().await?;
+//! }
+//! client.stop_keep_alive().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What the protocol cannot guarantee
+//!
+//! The service has no fencing token: a leader's writes elsewhere are not
+//! tagged with its term. The client keeps its side (it stops considering
+//! itself leader before the server could give the lock to anyone else), but
+//! a server that loses its lock table (a restart of an in-memory store, a
+//! store fail-over that loses writes) can hand the lock to a second node while
+//! the first still holds a valid-looking lease. The README's "Guarantees and how
+//! we test them" section measures that window.
+//!
+//! [Quorum Quest]: https://github.com/quorum-quest
+#![warn(missing_docs)]
 
 mod callbacks;
 mod client;
