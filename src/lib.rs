@@ -130,3 +130,8 @@ pub use election::Leadership;
 pub use error::{Error, Result};
 pub use event::{LeaderTerm, LeadershipEvent, LossReason, RpcKind};
 pub use ext::LeadershipStreamExt;
+
+/// The README's Rust examples, compiled as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
