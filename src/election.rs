@@ -248,6 +248,8 @@ impl Session {
     /// Safe and idempotent when not leader.
     pub(crate) async fn release(&self) -> Result<()> {
         self.observe(Observation::Released);
+        // Marks the release as over however this future ends (even dropped).
+        let _done = ReleaseDone(self);
         self.rpc
             .release(self.timing.rpc_timeout)
             .await
@@ -299,6 +301,16 @@ impl Session {
                 }
             }
         });
+    }
+}
+
+/// Tells the state machine that a release request is over.
+struct ReleaseDone<'a>(&'a Session);
+
+impl Drop for ReleaseDone<'_> {
+    fn drop(&mut self) {
+        self.0
+            .observe(Observation::ReleaseDone { at: Instant::now() });
     }
 }
 

@@ -30,8 +30,11 @@ pub(crate) enum Observation {
         code: tonic::Code,
         message: String,
     },
-    /// This client decided to give the lock up.
+    /// This client decided to give the lock up; a release request follows.
     Released,
+    /// The release request that followed [`Observation::Released`] is over
+    /// (answered, failed or abandoned) at `at`.
+    ReleaseDone { at: Instant },
     /// Time passed (a timer fired).
     Tick,
 }
@@ -52,6 +55,11 @@ pub(crate) struct ElectionState {
     phase: Phase,
     margin: Duration,
     last_term: u64,
+    /// Release requests in flight.
+    releasing: u32,
+    /// When the last release request was over. A grant for a request sent
+    /// before it may have been processed before the release and deleted by it.
+    fence: Option<Instant>,
 }
 
 impl ElectionState {
@@ -60,6 +68,8 @@ impl ElectionState {
             phase: Phase::Unknown,
             margin: safety_margin,
             last_term: 0,
+            releasing: 0,
+            fence: None,
         }
     }
 
@@ -105,6 +115,13 @@ impl ElectionState {
         }
         match obs {
             Observation::Tick => {}
+            Observation::Acquired { sent_at, .. } | Observation::Renewed { sent_at, .. }
+                if self.may_predate_a_release(sent_at) =>
+            {
+                // The server may have granted this before our release deleted
+                // the lock: not a grant we can count on. The next attempt,
+                // sent after the release, will tell.
+            }
             Observation::Acquired { sent_at, lease } => {
                 let deadline = self.deadline_for(sent_at, lease);
                 match &mut self.phase {
@@ -172,6 +189,11 @@ impl ElectionState {
             }
             Observation::Released => {
                 events.extend(self.lose(LossReason::Released, Phase::Unknown));
+                self.releasing += 1;
+            }
+            Observation::ReleaseDone { at } => {
+                self.releasing = self.releasing.saturating_sub(1);
+                self.fence = Some(self.fence.map_or(at, |f| f.max(at)));
             }
             Observation::RpcFailed { rpc, code, message } => {
                 events.push(LeadershipEvent::RpcFailed {
@@ -183,6 +205,12 @@ impl ElectionState {
             }
         }
         events
+    }
+
+    /// `true` if a request sent at `sent_at` may have been processed before a
+    /// release of ours (one in flight, or one that was over after it was sent).
+    fn may_predate_a_release(&self, sent_at: Instant) -> bool {
+        self.releasing > 0 || self.fence.is_some_and(|f| sent_at < f)
     }
 
     /// The safe deadline for a lease granted to a request sent at `sent_at`.
@@ -388,6 +416,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_grant_that_may_predate_our_release_is_not_counted() {
+        let t0 = Instant::now();
+        let mut s = ElectionState::new(MARGIN);
+        s.apply(acquired(t0), t0);
+        assert_eq!(
+            kinds(&s.apply(Observation::Released, t0 + secs(1))),
+            ["lost:released"]
+        );
+        // An acquire answered while the release is in flight: not a grant.
+        assert!(s.apply(acquired(t0 + secs(1)), t0 + secs(2)).is_empty());
+        s.apply(Observation::ReleaseDone { at: t0 + secs(3) }, t0 + secs(3));
+        // Sent before the release was over, answered after: not a grant either.
+        assert!(s.apply(acquired(t0 + secs(2)), t0 + secs(4)).is_empty());
+        assert!(s
+            .apply(
+                Observation::Renewed {
+                    sent_at: t0 + secs(2),
+                    lease: TTL
+                },
+                t0 + secs(4)
+            )
+            .is_empty());
+        assert_eq!(s.deadline(), None);
+        // Sent after: a real term.
+        assert_eq!(
+            kinds(&s.apply(acquired(t0 + secs(3)), t0 + secs(4))),
+            ["elected"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_answer_too_late_to_be_safe_does_not_elect() {
         let t0 = Instant::now();
         let mut s = ElectionState::new(MARGIN);
@@ -430,28 +489,38 @@ mod tests {
         let mut now = t0;
         let mut leader = false;
         let mut terms = 0;
+        let mut pending_releases = 0u32;
         for _ in 0..20_000 {
             now += Duration::from_millis(rng.u64(0..1500));
             let sent_at =
                 now - Duration::from_millis(rng.u64(0..3000).min((now - t0).as_millis() as u64));
-            let obs = match rng.u8(0..7) {
-                0 => Observation::Acquired {
-                    sent_at,
-                    lease: TTL,
-                },
-                1 => Observation::AcquireRefused,
-                2 => Observation::Renewed {
-                    sent_at,
-                    lease: TTL,
-                },
-                3 => Observation::RenewRefused,
-                4 => Observation::Released,
-                5 => Observation::RpcFailed {
-                    rpc: RpcKind::KeepAlive,
-                    code: tonic::Code::Unavailable,
-                    message: String::new(),
-                },
-                _ => Observation::Tick,
+            // A release request ends (soon) after it started, as in the client.
+            let obs = if pending_releases > 0 && rng.bool() {
+                pending_releases -= 1;
+                Observation::ReleaseDone { at: now }
+            } else {
+                match rng.u8(0..7) {
+                    0 => Observation::Acquired {
+                        sent_at,
+                        lease: TTL,
+                    },
+                    1 => Observation::AcquireRefused,
+                    2 => Observation::Renewed {
+                        sent_at,
+                        lease: TTL,
+                    },
+                    3 => Observation::RenewRefused,
+                    4 => {
+                        pending_releases += 1;
+                        Observation::Released
+                    }
+                    5 => Observation::RpcFailed {
+                        rpc: RpcKind::KeepAlive,
+                        code: tonic::Code::Unavailable,
+                        message: String::new(),
+                    },
+                    _ => Observation::Tick,
+                }
             };
             for ev in s.apply(obs, now) {
                 match ev {
