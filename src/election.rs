@@ -497,7 +497,7 @@ pub(crate) fn campaign(
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
-#[must_use = "a leadership stream campaigns only while it is polled"]
+#[must_use = "a leadership stream starts campaigning when it is first polled"]
 pub struct Leadership {
     session: Arc<Session>,
     rx: mpsc::UnboundedReceiver<LeadershipEvent>,
