@@ -258,11 +258,15 @@ impl FaultProxy {
     pub async fn shutdown(&self) {
         self.inner.stop.cancel();
         let task = self.inner.task.lock().await.take();
-        if let Some(task) = task {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(SHUTDOWN_WAIT, task).await.is_err() {
+        if let Some(mut task) = task {
+            if tokio::time::timeout(SHUTDOWN_WAIT, &mut task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("fault proxy did not stop in time; aborting it");
-                abort.abort();
+                task.abort();
+                // Resolves at once; after it the task's sockets are closed.
+                let _ = task.await;
             }
         }
     }

@@ -1153,11 +1153,15 @@ impl TestServer {
     async fn stop(&self, generation: Generation) {
         *lock(&self.inner.shared.memory) = None;
         generation.stop.cancel();
-        for task in generation.tasks {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(SHUTDOWN_WAIT, task).await.is_err() {
+        for mut task in generation.tasks {
+            if tokio::time::timeout(SHUTDOWN_WAIT, &mut task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("test server task did not stop in time; aborting it");
-                abort.abort();
+                task.abort();
+                // Resolves at once; after it the task's sockets are closed.
+                let _ = task.await;
             }
         }
         tracing::info!(addr = %self.inner.addr, "test server shut down");
