@@ -1,0 +1,294 @@
+//! The example programs, run as processes: they must end by themselves, exit
+//! with the right status, and print what they promise.
+//!
+//! The examples are built once (`cargo build --features testing --examples`)
+//! and their paths are taken from cargo's JSON messages, so a custom target
+//! directory works too. Every run has a generous time limit; a run that
+//! overstays it is killed and the test fails with its output.
+
+#![cfg(feature = "testing")]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// More than any example needs, even on a loaded machine.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Builds the examples once per test binary; returns name -> executable.
+fn executables() -> &'static HashMap<String, PathBuf> {
+    static EXECUTABLES: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
+    EXECUTABLES.get_or_init(|| {
+        let output = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--features",
+                "testing",
+                "--examples",
+                "--message-format=json",
+                "--quiet",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("cannot run cargo to build the examples");
+        assert!(
+            output.status.success(),
+            "building the examples failed: {}",
+            output.status
+        );
+        // One JSON object per line; the artifacts of binaries carry an
+        // "executable" field. Paths here contain no escaped characters.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let mut found = HashMap::new();
+        for line in stdout.lines() {
+            if !line.contains("\"reason\":\"compiler-artifact\"") {
+                continue;
+            }
+            let Some(start) = line.find("\"executable\":\"") else {
+                continue;
+            };
+            let rest = &line[start + "\"executable\":\"".len()..];
+            let Some(end) = rest.find('"') else { continue };
+            let path = PathBuf::from(&rest[..end]);
+            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                found.insert(stem.to_string(), path.clone());
+            }
+        }
+        found
+    })
+}
+
+fn executable(name: &str) -> &'static PathBuf {
+    executables().get(name).unwrap_or_else(|| {
+        panic!(
+            "example {name} was not built; built: {:?}",
+            executables().keys()
+        )
+    })
+}
+
+/// What one run of an example did.
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn transcript(&self) -> String {
+        format!(
+            "status: {}, after {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+
+    fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "expected success\n{}",
+            self.transcript()
+        );
+    }
+
+    fn assert_stdout_has(&self, needles: &[&str]) {
+        for needle in needles {
+            assert!(
+                self.stdout.contains(needle),
+                "stdout lacks {needle:?}\n{}",
+                self.transcript()
+            );
+        }
+    }
+
+    /// `needles` appear in stdout in this order.
+    fn assert_stdout_in_order(&self, needles: &[&str]) {
+        let mut from = 0;
+        for needle in needles {
+            match self.stdout[from..].find(needle) {
+                Some(at) => from += at + needle.len(),
+                None => panic!(
+                    "stdout lacks {needle:?} after the previous lines {needles:?}\n{}",
+                    self.transcript()
+                ),
+            }
+        }
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Waits for `child` up to `limit`, killing it if it overstays.
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("cannot poll the example") {
+            return Some(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_example(name: &str, args: &[&str], limit: Duration) -> Run {
+    let mut child = Command::new(executable(name))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start example {name}: {e}"));
+    let start = Instant::now();
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
+    let status = wait_bounded(&mut child, limit);
+    let elapsed = start.elapsed();
+    let run = Run {
+        status: status.unwrap_or_default(),
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+        elapsed,
+    };
+    assert!(
+        status.is_some(),
+        "example {name} {args:?} did not exit within {limit:?}; killed\n{}",
+        run.transcript()
+    );
+    run
+}
+
+#[test]
+fn main_example_embedded_is_elected_hands_over_and_exits_by_itself() {
+    let run = run_example(
+        "quorum-quest-example",
+        &["--embedded", "--duration", "3"],
+        LIMIT,
+    );
+    run.assert_success();
+    run.assert_stdout_has(&["Embedded mode", "(--server is ignored)"]);
+    run.assert_stdout_in_order(&[
+        "Client ",
+        "Became leader! Starting leader tasks...",
+        "doing leader work",
+        "[standby] another node is leader; standing by",
+        "Shutting down (duration elapsed)",
+        "Lost leadership! Stopping leader tasks...",
+        "Released the lock and stopped keep-alive.",
+        "[standby] became leader",
+        "[standby] resigned",
+        "Goodbye.",
+    ]);
+    // --duration is honoured: not before, and not much after.
+    assert!(
+        run.elapsed >= Duration::from_millis(2900),
+        "exited too early\n{}",
+        run.transcript()
+    );
+}
+
+#[test]
+fn main_example_rejects_a_zero_ttl_before_connecting() {
+    // Nothing listens on port 1: the ttl must be refused before any connect.
+    let run = run_example(
+        "quorum-quest-example",
+        &["--ttl", "0", "--server", "http://127.0.0.1:1"],
+        LIMIT,
+    );
+    assert!(
+        !run.status.success(),
+        "expected failure\n{}",
+        run.transcript()
+    );
+    assert!(
+        run.stderr.contains("invalid parameter: ttl"),
+        "the error must name the ttl\n{}",
+        run.transcript()
+    );
+    assert!(
+        !run.stderr.contains("connect"),
+        "validation must come before connecting\n{}",
+        run.transcript()
+    );
+}
+
+#[test]
+fn main_example_reports_an_unreachable_server_promptly() {
+    let run = run_example(
+        "quorum-quest-example",
+        &["--server", "http://127.0.0.1:1"],
+        LIMIT,
+    );
+    assert!(
+        !run.status.success(),
+        "expected failure\n{}",
+        run.transcript()
+    );
+    assert!(
+        run.stderr
+            .contains("could not connect to the Quorum Quest server"),
+        "expected the connection error\n{}",
+        run.transcript()
+    );
+    // A refused connection fails at once; the connect timeout is 5 s.
+    assert!(
+        run.elapsed < Duration::from_secs(20),
+        "took too long to give up\n{}",
+        run.transcript()
+    );
+}
+
+#[test]
+fn stream_example_shows_election_handover_and_release() {
+    let run = run_example("stream", &[], LIMIT);
+    run.assert_success();
+    run.assert_stdout_in_order(&[
+        "alpha  Elected   term 1",
+        "bravo  Follower",
+        "alpha  Renewed   term 1",
+        "alpha  steps down",
+        "alpha  Lost      term 1 (released)",
+        "alpha  resigned",
+        "bravo  Elected   term 1",
+        "bravo  Renewed   term 1",
+        "bravo  Lost      term 1 (released)",
+        "bravo  resigned",
+        "done",
+    ]);
+}
+
+#[test]
+fn pipeline_example_stops_leader_work_when_the_term_ends() {
+    let run = run_example("pipeline", &[], LIMIT);
+    run.assert_success();
+    run.assert_stdout_in_order(&[
+        "transition Elected term 1",
+        "work       tick 1 (term 1)",
+        "set_owner",
+        "transition Lost term 1 (server says another node owns the lock)",
+        "none after the term ended (term active: false)",
+        "transition Elected term 2",
+        "batch of 3 done within term 2",
+        "released; done",
+    ]);
+    run.assert_stdout_has(&[
+        "changes    leader = true",
+        "changes    leader = false",
+        "until_lost ended after the first Lost: Elected term 1",
+    ]);
+}
