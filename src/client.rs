@@ -154,7 +154,7 @@ impl QuorumQuestClient {
     /// lasts until its deadline).
     pub async fn try_acquire_lock(&self) -> Result<bool> {
         let session = &self.inner.session;
-        let answer = session.rpc.try_acquire(session.timing.rpc_timeout).await;
+        let answer = session.try_acquire(session.timing.rpc_timeout).await;
         session.observe(answer.observation(session.rpc.scope().ttl()));
         answer.result.map_err(Error::Rpc)?;
         Ok(session.is_leader())

@@ -10,6 +10,7 @@
 //! see the same sequence in the same order, whichever task caused it.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Timing;
 use crate::error::{Error, Result};
 use crate::event::LeadershipEvent;
-use crate::rpc::Rpc;
+use crate::rpc::{Answer, Rpc};
 use crate::state::{ElectionState, Observation};
 
 /// First retry delay after a failed call; doubles per consecutive failure.
@@ -42,6 +43,10 @@ pub(crate) struct Session {
     control: Mutex<Control>,
     /// Woken on every state change (for the expiry watchdog).
     changed: Arc<Notify>,
+    /// `TryAcquireLock` calls sent so far.
+    acquires_sent: AtomicU64,
+    /// The value of `acquires_sent` when the last successful release started.
+    released_after: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -91,6 +96,8 @@ impl Session {
             }),
             control: Mutex::new(Control::default()),
             changed: Arc::new(Notify::new()),
+            acquires_sent: AtomicU64::new(0),
+            released_after: AtomicU64::new(0),
         })
     }
 
@@ -250,10 +257,32 @@ impl Session {
         self.observe(Observation::Released);
         // Marks the release as over however this future ends (even dropped).
         let _done = ReleaseDone(self);
-        self.rpc
+        let acquires_before = self.acquires_sent.load(Ordering::SeqCst);
+        let result = self
+            .rpc
             .release(self.timing.rpc_timeout)
             .await
-            .map_err(Error::Rpc)
+            .map_err(Error::Rpc);
+        if result.is_ok() {
+            self.released_after
+                .fetch_max(acquires_before, Ordering::SeqCst);
+        }
+        result
+    }
+
+    /// One `TryAcquireLock` call, counted so that a shutdown knows whether
+    /// the server may hold a lock for us.
+    pub(crate) async fn try_acquire(&self, timeout: Duration) -> Answer<bool> {
+        self.acquires_sent.fetch_add(1, Ordering::SeqCst);
+        self.rpc.try_acquire(timeout).await
+    }
+
+    /// `false` when the server cannot hold a lock for us: not leader, and no
+    /// acquire was sent since the last successful release (or ever).
+    fn may_own_lock(&self) -> bool {
+        self.deadline().is_some()
+            || self.acquires_sent.load(Ordering::SeqCst)
+                > self.released_after.load(Ordering::SeqCst)
     }
 
     /// The last client handle is gone: the keep-alive task stops, and if no
@@ -328,6 +357,9 @@ impl Shutdown {
         if let Some(c) = self.campaign {
             c.stop().await;
         }
+        if !self.session.may_own_lock() {
+            return Ok(());
+        }
         self.session.release().await
     }
 
@@ -387,7 +419,7 @@ pub(crate) fn campaign(
                     let answer = tokio::select! {
                         biased;
                         _ = stop.cancelled() => break,
-                        answer = session.rpc.try_acquire(timing.rpc_timeout) => answer,
+                        answer = session.try_acquire(timing.rpc_timeout) => answer,
                     };
                     let failed = answer.result.is_err();
                     for ev in session.observe(answer.observation(ttl)) {

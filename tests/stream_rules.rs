@@ -249,6 +249,10 @@ async fn resign_returns_after_the_server_released_the_lock() {
         server.calls(Rpc::TryAcquireLock) + server.calls(Rpc::KeepAlive),
         calls
     );
+    // Already released: dropping the client sends no second release.
+    drop(client);
+    tokio::time::sleep(SEC).await;
+    assert_eq!(server.calls(Rpc::ReleaseLock), 1);
 }
 
 #[tokio::test(start_paused = true)]
