@@ -39,6 +39,7 @@
 //! # }
 //! ```
 
+pub mod chaos;
 mod proxy;
 mod server;
 mod store;

@@ -1,0 +1,2487 @@
+//! A randomized multi-node fault test ("chaos"): several contenders campaign
+//! for one lock through faulty networks, and the harness checks, against the
+//! [`TestServer`]'s own record of who owned the lock when, that there were
+//! never two leaders.
+//!
+//! # Set-up
+//!
+//! ```text
+//!  contender i ── FaultProxy i ── GOAWAY relay i ──┐
+//!  (its own client,   (blackhole,     (gRPC hop that  ├── TestServer (one lock)
+//!   one Leadership     reset)          can send HTTP/2 │   pause, latency,
+//!   stream)                            GOAWAY, or cut) ┘   UNAVAILABLE, restart
+//! ```
+//!
+//! Each contender is a [`QuorumQuestClient`] with its own identity, talking to
+//! the server through its own [`FaultProxy`] and a small relay. The relay is a
+//! gRPC server that forwards every call to the `TestServer`; it exists because
+//! the `TestServer` fixes its connection age when it is built, while the
+//! schedule needs to send GOAWAY on demand: the relay answers the client's
+//! connection exactly as the real server's `MaxConnectionAge` does (a graceful
+//! HTTP/2 GOAWAY, then a hard cut after a grace period if the connection is
+//! still open).
+//!
+//! # The schedule
+//!
+//! Faults start only during *storms* (9 TTLs by default), which alternate
+//! with *calm* periods (3 TTLs) in which no new fault starts, so that there
+//! is fault-free time to measure availability in. Two lanes run side by side
+//! during storms, each drawing from a seeded [`fastrand::Rng`]:
+//! a *server lane* (server pause, GOAWAY churn, latency spikes, `UNAVAILABLE`
+//! bursts, restarts keeping the lock table, and — only when asked for —
+//! restarts dropping it) and a *contender lane* (black-holing or resetting one
+//! contender's network, a contender resigning and rejoining, a leader's stream
+//! dropped mid-term). Each lane waits a random healthy gap, takes the next
+//! kind from a shuffled deck (so every kind comes up equally often), injects
+//! it for a random bounded time and heals it. The schedule (kinds, durations,
+//! gaps, random targets) is a function of the seed alone; which contender is
+//! leader at a given moment depends on real timing, so a replay with the same
+//! seed repeats the schedule, not every packet.
+//!
+//! # What is checked
+//!
+//! Every contender records its leader intervals on one monotonic clock
+//! ([`tokio::time::Instant`], the server's clock too): an interval starts when
+//! the consumer receives `Elected` and ends at the *later* of the instant the
+//! term's [`LeaderTerm::cancelled`] fired and the instant the consumer
+//! received `Lost` (a stream resigned or dropped mid-term ends at the
+//! cancellation). Then:
+//!
+//! 1. intervals of different contenders never overlap;
+//! 2. each interval lies inside one [`Tenure`] of that contender on the server
+//!    (it starts while the server says the contender owns the lock, and ends
+//!    no later than the server's expiry or release of it) — except after a
+//!    restart that drops the lock table, which no client can detect before
+//!    its next call: those overlaps are measured separately
+//!    ([`ChaosReport::drop_samples`]);
+//! 3. on every consumer, `Elected` and `Lost` alternate: on the stream while
+//!    it lives, and on a [`Callbacks`] observer for the whole run (which also
+//!    sees the `Lost` of resigned and dropped streams), and every term ends.
+//!
+//! Besides the violations (which must be none), the [`ChaosReport`] gives
+//! the figures a user wants: faults by kind, terms, the smallest gap between
+//! one leader's end and another's start, availability (the fraction of the
+//! fault-free time some contender led), and handover latency.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Request, Response, Status};
+
+use super::{FaultProxy, ProxyMode, Rpc, Tenure, TenureEnd, TestServer};
+use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
+use crate::proto::leader_election_service_server::{
+    LeaderElectionService, LeaderElectionServiceServer,
+};
+use crate::proto::{
+    KeepAliveRequest, KeepAliveResponse, ReleaseLockRequest, ReleaseLockResponse,
+    TryAcquireLockRequest, TryAcquireLockResponse,
+};
+use crate::{
+    Callbacks, LeaderTerm, Leadership, LeadershipEvent, LossReason, QuorumQuestClient, Timing,
+};
+
+/// The seed of the short form when none is given.
+pub const DEFAULT_SEED: u64 = 0x00C0_FFEE;
+
+/// The lock every contender campaigns for.
+const SERVICE: &str = "chaos";
+const DOMAIN: &str = "arena";
+
+/// How long a relay connection may stay open after its GOAWAY.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// Extra room, on top of the protocol's own times, for a busy machine.
+const SLACK: Duration = Duration::from_millis(500);
+/// How long the harness waits for its own bookkeeping to settle.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
+/// How far past its planned end a lane may run to inject every kind once.
+const OVERRUN: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------
+// Fault kinds and configuration
+// ---------------------------------------------------------------------------
+
+/// One kind of fault the schedule injects.
+///
+/// ```
+/// use quorum_quest_client::testing::chaos::FaultKind;
+///
+/// assert_eq!("blackhole".parse::<FaultKind>(), Ok(FaultKind::Blackhole));
+/// assert_eq!(FaultKind::Goaway.to_string(), "goaway");
+/// assert!(!FaultKind::STANDARD.contains(&FaultKind::RestartDroppingLocks));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum FaultKind {
+    /// One contender's network black-holes (nothing flows, sockets stay open)
+    /// for 0.2 to 1.6 TTL, then heals.
+    Blackhole,
+    /// One contender's connections are reset (TCP RST), and new ones too, for
+    /// up to half a second.
+    Reset,
+    /// The server hangs every call for 0.2 to 1.2 TTL.
+    ServerPause,
+    /// GOAWAY churn: for 0.5 to 1 TTL, connections get HTTP/2 GOAWAY every
+    /// 100-600 ms (one contender's or everyone's), as the real server's
+    /// `MaxConnectionAge` does.
+    Goaway,
+    /// Every answer is delayed (by 0.1 to 1.4 × the client's RPC timeout) for
+    /// 0.3 to 1 TTL.
+    Latency,
+    /// The next 1 to 4 calls (of any RPC, or only `KeepAlive`) answer
+    /// `UNAVAILABLE`.
+    Unavailable,
+    /// The server restarts keeping its lock table (every connection cut).
+    Restart,
+    /// A contender (the leader, more often than not) resigns, sits out 0.2 to
+    /// 1.2 TTL, and campaigns again.
+    Resign,
+    /// The leader's stream is dropped mid-term (no resign); the contender
+    /// rejoins later with a new stream.
+    StreamDrop,
+    /// The server restarts *dropping* its lock table while someone leads. Not
+    /// in [`FaultKind::STANDARD`]: without fencing tokens no client can avoid
+    /// an overlap then; it is measured ([`ChaosReport::drop_samples`]), not
+    /// counted as a violation.
+    RestartDroppingLocks,
+}
+
+impl FaultKind {
+    /// Every kind the protocol must survive without a violation.
+    pub const STANDARD: [FaultKind; 9] = [
+        FaultKind::Blackhole,
+        FaultKind::Reset,
+        FaultKind::ServerPause,
+        FaultKind::Goaway,
+        FaultKind::Latency,
+        FaultKind::Unavailable,
+        FaultKind::Restart,
+        FaultKind::Resign,
+        FaultKind::StreamDrop,
+    ];
+
+    /// Every kind, [`FaultKind::RestartDroppingLocks`] included.
+    pub const ALL: [FaultKind; 10] = [
+        FaultKind::Blackhole,
+        FaultKind::Reset,
+        FaultKind::ServerPause,
+        FaultKind::Goaway,
+        FaultKind::Latency,
+        FaultKind::Unavailable,
+        FaultKind::Restart,
+        FaultKind::Resign,
+        FaultKind::StreamDrop,
+        FaultKind::RestartDroppingLocks,
+    ];
+
+    /// The short name used in the summary line and on the command line.
+    ///
+    /// ```
+    /// use quorum_quest_client::testing::chaos::FaultKind;
+    ///
+    /// assert_eq!(FaultKind::RestartDroppingLocks.name(), "restart-drop");
+    /// ```
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Blackhole => "blackhole",
+            FaultKind::Reset => "reset",
+            FaultKind::ServerPause => "pause",
+            FaultKind::Goaway => "goaway",
+            FaultKind::Latency => "latency",
+            FaultKind::Unavailable => "unavailable",
+            FaultKind::Restart => "restart",
+            FaultKind::Resign => "resign",
+            FaultKind::StreamDrop => "drop",
+            FaultKind::RestartDroppingLocks => "restart-drop",
+        }
+    }
+
+    fn on_server_lane(self) -> bool {
+        matches!(
+            self,
+            FaultKind::ServerPause
+                | FaultKind::Goaway
+                | FaultKind::Latency
+                | FaultKind::Unavailable
+                | FaultKind::Restart
+                | FaultKind::RestartDroppingLocks
+        )
+    }
+
+    /// Whether the fault may keep everyone from leading for a while.
+    fn blocks(self) -> Blocking {
+        match self {
+            FaultKind::ServerPause | FaultKind::RestartDroppingLocks => Blocking::Always,
+            FaultKind::Latency => Blocking::IfSlowerThanTimeout,
+            FaultKind::Blackhole | FaultKind::Resign | FaultKind::StreamDrop => {
+                Blocking::IfTargetLed
+            }
+            // Transient by the rules (SPEC §3.3): a reset, a GOAWAY, a quick
+            // restart or a few UNAVAILABLE answers while the lease is valid
+            // must not cost leadership.
+            FaultKind::Reset | FaultKind::Goaway | FaultKind::Restart | FaultKind::Unavailable => {
+                Blocking::Never
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Blocking {
+    Always,
+    /// When the target contender led during the fault.
+    IfTargetLed,
+    /// When answers came slower than (most of) the client's RPC timeout.
+    IfSlowerThanTimeout,
+    Never,
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The error of parsing an unknown [`FaultKind`] name.
+///
+/// ```
+/// use quorum_quest_client::testing::chaos::FaultKind;
+///
+/// let err = "earthquake".parse::<FaultKind>().unwrap_err();
+/// assert!(err.to_string().contains("earthquake"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownFaultKind(String);
+
+impl fmt::Display for UnknownFaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+        write!(
+            f,
+            "unknown fault kind {:?} (known: {})",
+            self.0,
+            names.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownFaultKind {}
+
+impl FromStr for FaultKind {
+    type Err = UnknownFaultKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        FaultKind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| UnknownFaultKind(s.to_string()))
+    }
+}
+
+/// What a chaos run does. [`Default`] is the short form: 5 contenders,
+/// 25 s, a 3 s TTL, every [standard](FaultKind::STANDARD) fault, seed
+/// [`DEFAULT_SEED`].
+///
+/// ```
+/// use std::time::Duration;
+/// use quorum_quest_client::testing::chaos::{ChaosConfig, FaultKind};
+///
+/// let config = ChaosConfig {
+///     seed: 42,
+///     duration: Duration::from_secs(600),
+///     ..ChaosConfig::default()
+/// };
+/// assert_eq!(config.contenders, 5);
+/// assert_eq!(config.faults.len(), FaultKind::STANDARD.len());
+/// ```
+#[derive(Clone, Debug)]
+pub struct ChaosConfig {
+    /// Seeds the fault schedule and the clients' retry jitter.
+    pub seed: u64,
+    /// How many contenders campaign (at least 1; 2 or more to test anything).
+    pub contenders: usize,
+    /// How long faults are injected. The run lasts a little longer: each lane
+    /// finishes its last fault (and injects every kind at least once, for up
+    /// to a minute more), then everything heals and settles for about two
+    /// TTLs before the contenders resign.
+    pub duration: Duration,
+    /// The lock TTL every contender asks for (whole seconds). The clients use
+    /// the default [`Timing`] for it.
+    pub ttl: Duration,
+    /// Which faults to inject (each lane cycles through its kinds in
+    /// shuffled order).
+    pub faults: Vec<FaultKind>,
+    /// The longest healthy gap a lane waits between two faults (each gap is
+    /// drawn between a fifth of it and all of it); `None` means one TTL.
+    pub fault_gap: Option<Duration>,
+    /// Faults start only during storms, which alternate with calm periods
+    /// (so that there is fault-free time to measure availability in): how
+    /// long a storm lasts; `None` means 9 TTLs.
+    pub storm: Option<Duration>,
+    /// How long a calm period lasts; `None` means 3 TTLs, zero means no calm
+    /// periods (faults all the time).
+    pub calm: Option<Duration>,
+    /// Log progress (at `info` level) this often; `None` for no progress log.
+    pub progress_every: Option<Duration>,
+}
+
+impl Default for ChaosConfig {
+    fn default() -> Self {
+        ChaosConfig {
+            seed: DEFAULT_SEED,
+            contenders: 5,
+            duration: Duration::from_secs(25),
+            ttl: Duration::from_secs(3),
+            faults: FaultKind::STANDARD.to_vec(),
+            fault_gap: None,
+            storm: None,
+            calm: None,
+            progress_every: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The report
+// ---------------------------------------------------------------------------
+
+/// A broken safety rule, found by the run.
+///
+/// Instants are offsets from the start of the run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Violation {
+    /// Two contenders both considered themselves leader.
+    TwoLeaders {
+        /// The contender whose interval started first.
+        first: String,
+        /// Its term id.
+        first_term: u64,
+        /// The other contender.
+        second: String,
+        /// Its term id.
+        second_term: u64,
+        /// When the overlap began.
+        at: Duration,
+        /// How long it lasted.
+        overlap: Duration,
+    },
+    /// A contender considered itself leader after the server had stopped
+    /// counting it as the owner (expired, released or handed on).
+    PastExpiry {
+        /// The contender.
+        contender: String,
+        /// Its term id.
+        term: u64,
+        /// When the server's tenure ended.
+        at: Duration,
+        /// How long the contender went on believing it led.
+        excess: Duration,
+        /// How the server's tenure ended.
+        ended_by: TenureEnd,
+    },
+    /// A contender considered itself leader while the server had no tenure of
+    /// it at all.
+    NoTenure {
+        /// The contender.
+        contender: String,
+        /// Its term id.
+        term: u64,
+        /// When its interval started.
+        at: Duration,
+    },
+    /// A consumer saw `Elected` and `Lost` out of alternation, or a term that
+    /// never ended.
+    Unpaired {
+        /// The contender.
+        contender: String,
+        /// `"stream"` or `"callbacks"`.
+        consumer: &'static str,
+        /// What went wrong.
+        detail: String,
+        /// When it was seen.
+        at: Duration,
+    },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::TwoLeaders {
+                first,
+                first_term,
+                second,
+                second_term,
+                at,
+                overlap,
+            } => write!(
+                f,
+                "two leaders at {:.3}s for {:.3}s: {first} (term {first_term}) and {second} (term {second_term})",
+                at.as_secs_f64(),
+                overlap.as_secs_f64()
+            ),
+            Violation::PastExpiry {
+                contender,
+                term,
+                at,
+                excess,
+                ended_by,
+            } => write!(
+                f,
+                "{contender} (term {term}) still leader {:.3}s after the server's tenure ended ({ended_by:?}) at {:.3}s",
+                excess.as_secs_f64(),
+                at.as_secs_f64()
+            ),
+            Violation::NoTenure {
+                contender,
+                term,
+                at,
+            } => write!(
+                f,
+                "{contender} (term {term}) leader at {:.3}s without owning the lock on the server",
+                at.as_secs_f64()
+            ),
+            Violation::Unpaired {
+                contender,
+                consumer,
+                detail,
+                at,
+            } => write!(
+                f,
+                "{contender} ({consumer}) at {:.3}s: {detail}",
+                at.as_secs_f64()
+            ),
+        }
+    }
+}
+
+/// One restart that dropped the lock table while a contender led: how long
+/// the old leader went on believing it led, and how long that overlapped with
+/// a new leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DropSample {
+    /// When the table was dropped (offset from the start of the run).
+    pub at: Duration,
+    /// The contender that owned the dropped lock.
+    pub owner: String,
+    /// How long after the drop the owner still considered itself leader
+    /// (zero if it no longer did).
+    pub stale: Duration,
+    /// How long that overlapped with another contender's leadership.
+    pub overlap: Duration,
+}
+
+/// Everything a chaos run measured. [`Display`](fmt::Display) gives the
+/// one-line summary.
+///
+/// ```no_run
+/// use quorum_quest_client::testing::chaos::{self, ChaosConfig};
+///
+/// # async fn demo() {
+/// let report = chaos::run(ChaosConfig::default()).await;
+/// println!("{report}");
+/// assert!(report.violations().is_empty(), "{:#?}", report.violations());
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ChaosReport {
+    /// The seed (replay a run with it).
+    pub seed: u64,
+    /// How many contenders campaigned.
+    pub contenders: usize,
+    /// The lock TTL.
+    pub ttl: Duration,
+    /// The clients' timing.
+    pub timing: Timing,
+    /// From the start of the campaigns to the end of the fault schedule.
+    pub duration: Duration,
+    /// The whole run, set-up and wind-down included.
+    pub wall_time: Duration,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<FaultKind, u32>,
+    /// Faults planned but not injected (a mid-term drop with no leader to
+    /// drop within two TTLs), by kind.
+    pub skipped: BTreeMap<FaultKind, u32>,
+    /// HTTP/2 GOAWAY frames sent on client connections (by the GOAWAY churn).
+    pub goaway_frames: u64,
+    /// Leader terms (intervals) observed.
+    pub terms: usize,
+    /// Terms whose stream received their `Lost`.
+    pub closed_by_lost: usize,
+    /// Terms ended because their stream was resigned or dropped.
+    pub closed_by_exit: usize,
+    /// `Lost { Expired }` received by streams.
+    pub expired: usize,
+    /// `Lost { Rejected }` received by streams.
+    pub rejected: usize,
+    /// Expired or rejected terms that no blocking fault explains (the leader
+    /// lost its lease while only transient faults, or none, were active).
+    pub unexplained_losses: usize,
+    /// `RpcFailed` events received by streams.
+    pub rpc_failures: u64,
+    /// `on_leader_elected(true)` calls on the callbacks observers.
+    pub callback_elected: u64,
+    /// `on_leader_lost` calls on the callbacks observers.
+    pub callback_lost: u64,
+    /// The smallest gap between one contender's leadership ending and another
+    /// contender's starting.
+    pub min_gap: Option<Duration>,
+    /// The smallest margin between a leader interval's end and the end of
+    /// that contender's tenure on the server, over tenures that were not
+    /// released (so: how close a leader came to outliving its lease).
+    pub min_lease_slack: Option<Duration>,
+    /// Fraction of the fault-free time in which some contender led.
+    pub availability: Option<f64>,
+    /// How much of the run no fault blocked (the base of `availability`).
+    pub fault_free: Duration,
+    /// Fraction of the whole run in which some contender led.
+    pub leader_fraction: f64,
+    /// Leaderless gaps between one term's end and the next term's start.
+    pub handovers: usize,
+    /// Median leaderless gap.
+    pub handover_p50: Option<Duration>,
+    /// 99th percentile leaderless gap.
+    pub handover_p99: Option<Duration>,
+    /// Restarts that dropped the lock table while someone led.
+    pub drop_samples: Vec<DropSample>,
+    /// Broken rules; must be empty.
+    pub violations: Vec<Violation>,
+    /// Trouble in the harness itself (a server that would not restart, a
+    /// resign that never finished...); should be empty.
+    pub problems: Vec<String>,
+}
+
+impl ChaosReport {
+    /// The broken rules (none in a good run).
+    #[must_use]
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+
+    /// No violation and no harness problem.
+    #[must_use]
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty() && self.problems.is_empty()
+    }
+
+    /// How many times `kind` was injected.
+    #[must_use]
+    pub fn count(&self, kind: FaultKind) -> u32 {
+        self.faults.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// The total number of faults injected.
+    #[must_use]
+    pub fn total_faults(&self) -> u32 {
+        self.faults.values().sum()
+    }
+
+    fn empty(config: &ChaosConfig) -> Self {
+        ChaosReport {
+            seed: config.seed,
+            contenders: config.contenders,
+            ttl: config.ttl,
+            timing: Timing::for_ttl(config.ttl),
+            duration: Duration::ZERO,
+            wall_time: Duration::ZERO,
+            faults: BTreeMap::new(),
+            skipped: BTreeMap::new(),
+            goaway_frames: 0,
+            terms: 0,
+            closed_by_lost: 0,
+            closed_by_exit: 0,
+            expired: 0,
+            rejected: 0,
+            unexplained_losses: 0,
+            rpc_failures: 0,
+            callback_elected: 0,
+            callback_lost: 0,
+            min_gap: None,
+            min_lease_slack: None,
+            availability: None,
+            fault_free: Duration::ZERO,
+            leader_fraction: 0.0,
+            handovers: 0,
+            handover_p50: None,
+            handover_p99: None,
+            drop_samples: Vec::new(),
+            violations: Vec::new(),
+            problems: Vec::new(),
+        }
+    }
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or_else(|| "-".to_string(), |d| format!("{:.3}s", d.as_secs_f64()))
+}
+
+impl fmt::Display for ChaosReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "chaos seed={} contenders={} ttl={}s duration={:.1}s | faults={}",
+            self.seed,
+            self.contenders,
+            self.ttl.as_secs(),
+            self.duration.as_secs_f64(),
+            self.total_faults()
+        )?;
+        let kinds: Vec<String> = self
+            .faults
+            .iter()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        if !kinds.is_empty() {
+            write!(f, " ({})", kinds.join(" "))?;
+        }
+        write!(
+            f,
+            " | terms={} (lost {}: expired {} rejected {}, unexplained {}; exits {})",
+            self.terms,
+            self.closed_by_lost,
+            self.expired,
+            self.rejected,
+            self.unexplained_losses,
+            self.closed_by_exit
+        )?;
+        write!(
+            f,
+            " | min gap {} | min slack to expiry {} | violations={}",
+            secs(self.min_gap),
+            secs(self.min_lease_slack),
+            self.violations.len()
+        )?;
+        match self.availability {
+            Some(a) => write!(
+                f,
+                " | availability {:.1}% of {:.1}s fault-free (led {:.1}% of the run)",
+                a * 100.0,
+                self.fault_free.as_secs_f64(),
+                self.leader_fraction * 100.0
+            )?,
+            None => write!(
+                f,
+                " | availability - (no fault-free time; led {:.1}% of the run)",
+                self.leader_fraction * 100.0
+            )?,
+        }
+        write!(
+            f,
+            " | handover p50 {} p99 {} (n={})",
+            secs(self.handover_p50),
+            secs(self.handover_p99),
+            self.handovers
+        )?;
+        if !self.drop_samples.is_empty() {
+            let mut stale: Vec<Duration> = self.drop_samples.iter().map(|s| s.stale).collect();
+            stale.sort();
+            let overlapped = self
+                .drop_samples
+                .iter()
+                .filter(|s| !s.overlap.is_zero())
+                .count();
+            let max_overlap = self.drop_samples.iter().map(|s| s.overlap).max();
+            write!(
+                f,
+                " | table-dropping restarts={}: old leader stale p50 {} max {}, overlapped {} max {}",
+                self.drop_samples.len(),
+                secs(percentile(&stale, 0.5)),
+                secs(stale.last().copied()),
+                overlapped,
+                secs(max_overlap)
+            )?;
+        }
+        if !self.problems.is_empty() {
+            write!(f, " | harness problems={}", self.problems.len())?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------
+
+/// Runs the chaos test described by `config` and reports what it saw.
+///
+/// Never panics on a failure of the system under test: everything that goes
+/// wrong is in the report ([`ChaosReport::violations`] for broken rules,
+/// [`ChaosReport::problems`] for a harness that could not do its job). Every
+/// wait is bounded, so the run ends by itself, about
+/// `duration + 2 × ttl + a few seconds` after it starts. Needs a multi-thread
+/// Tokio runtime (or a current-thread one that is not otherwise busy).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use quorum_quest_client::testing::chaos::{self, ChaosConfig};
+///
+/// # async fn demo() {
+/// let report = chaos::run(ChaosConfig {
+///     seed: 7,
+///     duration: Duration::from_secs(60),
+///     ..ChaosConfig::default()
+/// })
+/// .await;
+/// println!("{report}");
+/// # }
+/// ```
+pub async fn run(config: ChaosConfig) -> ChaosReport {
+    let started = Instant::now();
+    let mut report = ChaosReport::empty(&config);
+    if config.contenders == 0 {
+        report
+            .problems
+            .push("contenders: must be at least 1".into());
+        return report;
+    }
+    tracing::info!(seed = config.seed, contenders = config.contenders, ttl = ?config.ttl, duration = ?config.duration, "chaos run starting");
+    let harness = match Harness::start(&config).await {
+        Ok(h) => h,
+        Err(problem) => {
+            tracing::error!(%problem, "chaos set-up failed");
+            report.problems.push(problem);
+            return report;
+        }
+    };
+    let report = harness.run().await;
+    let mut report = report;
+    report.wall_time = started.elapsed();
+    tracing::info!(summary = %report, "chaos run finished");
+    report
+}
+
+/// One contender's plumbing.
+struct Contender {
+    id: String,
+    client: QuorumQuestClient,
+    proxy: FaultProxy,
+    relay: Relay,
+    observer: Arc<PairingObserver>,
+    commands: mpsc::UnboundedSender<Command>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// What the schedule tells a contender task.
+enum Command {
+    /// Resign the stream, sit out, rejoin; `done` when back in.
+    Resign {
+        out: Duration,
+        done: oneshot::Sender<()>,
+    },
+    /// Drop the stream (no resign), sit out, rejoin; `done` when back in.
+    Drop {
+        out: Duration,
+        done: oneshot::Sender<()>,
+    },
+    /// Resign and end.
+    Stop,
+}
+
+/// How a term ended other than by `Lost`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    Resigned,
+    Dropped,
+}
+
+/// One leader term as one contender's stream saw it.
+#[derive(Debug)]
+struct TermRec {
+    contender: usize,
+    term: u64,
+    /// The consumer received `Elected`.
+    start: Instant,
+    /// The term's `cancelled()` fired.
+    cancelled: Option<Instant>,
+    /// The consumer received `Lost`.
+    lost: Option<(Instant, LossReason)>,
+    /// The stream went away mid-term.
+    exit: Option<Exit>,
+}
+
+/// One injected fault.
+#[derive(Debug, Clone)]
+struct FaultRec {
+    kind: FaultKind,
+    target: Option<usize>,
+    start: Instant,
+    heal: Instant,
+    /// The added latency, for [`FaultKind::Latency`].
+    latency: Duration,
+}
+
+/// Everything the contenders and the schedule record while the run goes on.
+#[derive(Debug, Default)]
+struct Record {
+    terms: Vec<TermRec>,
+    faults: Vec<FaultRec>,
+    skipped: BTreeMap<FaultKind, u32>,
+    /// The currently open term of each contender (for the online check).
+    open: Vec<Option<LeaderTerm>>,
+    stream_violations: Vec<(usize, Instant, String)>,
+    online_overlaps: u64,
+    rpc_failures: u64,
+    problems: Vec<String>,
+}
+
+type Shared = Arc<Mutex<Record>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Harness {
+    config: ChaosConfig,
+    timing: Timing,
+    server: TestServer,
+    contenders: Vec<Contender>,
+    record: Shared,
+    /// Ends the term watchers.
+    quit: CancellationToken,
+    t0: Instant,
+}
+
+impl Harness {
+    async fn start(config: &ChaosConfig) -> Result<Harness, String> {
+        let timing = Timing::for_ttl(config.ttl);
+        let server = TestServer::builder()
+            .start()
+            .await
+            .map_err(|e| format!("start the test server: {e}"))?;
+        let record: Shared = Arc::new(Mutex::new(Record {
+            open: vec![None; config.contenders],
+            ..Record::default()
+        }));
+        let quit = CancellationToken::new();
+        let mut contenders = Vec::with_capacity(config.contenders);
+        for i in 0..config.contenders {
+            let id = format!("contender-{i}");
+            let relay = Relay::start(server.url())
+                .await
+                .map_err(|e| format!("{id}: start the relay: {e}"))?;
+            let proxy = FaultProxy::start(relay.addr)
+                .await
+                .map_err(|e| format!("{id}: start the proxy: {e}"))?;
+            let observer = Arc::new(PairingObserver::default());
+            let client = QuorumQuestClient::builder(SERVICE, DOMAIN)
+                .address(proxy.url())
+                .ttl(config.ttl)
+                .client_id(id.clone())
+                .jitter_seed(config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64)
+                .callbacks(observer.clone())
+                .build()
+                .await
+                .map_err(|e| format!("{id}: build the client: {e}"))?;
+            let (commands, _) = mpsc::unbounded_channel();
+            contenders.push(Contender {
+                id,
+                client,
+                proxy,
+                relay,
+                observer,
+                commands,
+                task: None,
+            });
+        }
+        Ok(Harness {
+            config: config.clone(),
+            timing,
+            server,
+            contenders,
+            record,
+            quit,
+            t0: Instant::now(),
+        })
+    }
+
+    async fn run(mut self) -> ChaosReport {
+        self.t0 = Instant::now();
+        for (i, c) in self.contenders.iter_mut().enumerate() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            c.commands = tx;
+            c.task = Some(tokio::spawn(contender_task(
+                i,
+                c.client.clone(),
+                self.record.clone(),
+                rx,
+                self.quit.clone(),
+                self.config.ttl,
+            )));
+        }
+
+        let end = self.t0 + self.config.duration;
+        let hard_end = end + OVERRUN;
+        let server_kinds: Vec<FaultKind> = dedup(&self.config.faults)
+            .into_iter()
+            .filter(|k| k.on_server_lane())
+            .collect();
+        let contender_kinds: Vec<FaultKind> = dedup(&self.config.faults)
+            .into_iter()
+            .filter(|k| !k.on_server_lane())
+            .collect();
+        let progress = self.progress(end);
+        tokio::join!(
+            self.lane(
+                server_kinds,
+                fastrand::Rng::with_seed(self.config.seed ^ 0x5E4E_5E4E),
+                end,
+                hard_end
+            ),
+            self.lane(
+                contender_kinds,
+                fastrand::Rng::with_seed(self.config.seed ^ 0xC047_E4D5),
+                end,
+                hard_end
+            ),
+            progress,
+        );
+        let schedule_end = Instant::now();
+        tracing::info!(
+            elapsed = ?schedule_end - self.t0,
+            "fault schedule done; healing and settling"
+        );
+        self.heal_everything();
+        // Let the system settle so the end of the run is fault-free.
+        sleep(self.config.ttl + self.timing.retry_period * 2).await;
+        let stop = Instant::now();
+        self.stop_contenders().await;
+        self.finish(schedule_end, stop).await
+    }
+
+    /// Logs progress every `progress_every` until the schedule ends.
+    async fn progress(&self, end: Instant) {
+        let Some(every) = self.config.progress_every else {
+            return;
+        };
+        let mut next = self.t0 + every;
+        while next < end {
+            sleep_until(next).await;
+            let (terms, faults) = {
+                let r = lock(&self.record);
+                (r.terms.len(), r.faults.len())
+            };
+            tracing::info!(
+                elapsed = format!("{:.0}s", (next - self.t0).as_secs_f64()),
+                terms,
+                faults,
+                "chaos progress"
+            );
+            next += every;
+        }
+    }
+
+    fn heal_everything(&self) {
+        self.server.resume();
+        self.server.set_latency(Duration::ZERO);
+        for c in &self.contenders {
+            c.proxy.set_mode(ProxyMode::Pass);
+        }
+    }
+
+    /// One lane of the schedule: gap, fault, heal, until `end` has passed and
+    /// every kind was injected once (or `hard_end`).
+    async fn lane(
+        &self,
+        kinds: Vec<FaultKind>,
+        mut rng: fastrand::Rng,
+        end: Instant,
+        hard_end: Instant,
+    ) {
+        if kinds.is_empty() {
+            return;
+        }
+        let max_gap = self.config.fault_gap.unwrap_or(self.config.ttl);
+        let mut deck: Vec<FaultKind> = Vec::new();
+        let mut done: BTreeMap<FaultKind, u32> = BTreeMap::new();
+        loop {
+            let now = Instant::now();
+            let all_once = kinds.iter().all(|k| done.get(k).copied().unwrap_or(0) > 0);
+            if now >= hard_end || (now >= end && all_once) {
+                break;
+            }
+            let gap = max_gap.mul_f64(0.2 + 0.8 * rng.f64());
+            sleep(gap).await;
+            if let Some(storm) = self.next_storm(Instant::now()) {
+                sleep_until(storm).await;
+            }
+            if deck.is_empty() {
+                deck.clone_from(&kinds);
+                rng.shuffle(&mut deck);
+            }
+            let Some(kind) = deck.pop() else { break };
+            // Draw every parameter up front, whatever the kind needs, so the
+            // schedule depends on the seed alone.
+            let draw = Draw {
+                a: rng.f64(),
+                b: rng.f64(),
+                target: rng.usize(..self.contenders.len()),
+                prefer_leader: rng.f64() < 0.75,
+                sub: rng.u64(..),
+            };
+            if self.inject(kind, draw).await {
+                *done.entry(kind).or_default() += 1;
+            } else {
+                *lock(&self.record).skipped.entry(kind).or_default() += 1;
+            }
+        }
+    }
+
+    /// During a calm period: when the next storm begins.
+    fn next_storm(&self, now: Instant) -> Option<Instant> {
+        let ttl = self.config.ttl;
+        let storm = self.config.storm.unwrap_or(ttl * 9);
+        let calm = self.config.calm.unwrap_or(ttl * 3);
+        let period = (storm + calm).as_nanos();
+        if calm.is_zero() || period == 0 {
+            return None;
+        }
+        let phase = (now - self.t0).as_nanos() % period;
+        let storm_nanos = storm.as_nanos();
+        (phase >= storm_nanos)
+            .then(|| now + Duration::from_nanos(u64::try_from(period - phase).unwrap_or(u64::MAX)))
+    }
+
+    /// The current leader (by the client's own view), if any.
+    fn leader(&self) -> Option<usize> {
+        self.contenders.iter().position(|c| c.client.is_leader())
+    }
+
+    /// Waits (bounded) for some contender to lead.
+    async fn wait_for_leader(&self, within: Duration) -> Option<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(i) = self.leader() {
+                return Some(i);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn target(&self, draw: &Draw) -> usize {
+        if draw.prefer_leader {
+            self.leader().unwrap_or(draw.target)
+        } else {
+            draw.target
+        }
+    }
+
+    fn problem(&self, what: String) {
+        tracing::warn!(problem = %what, "chaos harness problem");
+        lock(&self.record).problems.push(what);
+    }
+
+    fn recorded(&self, kind: FaultKind, target: Option<usize>, start: Instant, heal: Instant) {
+        self.recorded_with(kind, target, start, heal, Duration::ZERO);
+    }
+
+    fn recorded_with(
+        &self,
+        kind: FaultKind,
+        target: Option<usize>,
+        start: Instant,
+        heal: Instant,
+        latency: Duration,
+    ) {
+        tracing::debug!(%kind, ?target, start = ?start - self.t0, heal = ?heal - self.t0, "fault");
+        lock(&self.record).faults.push(FaultRec {
+            kind,
+            target,
+            start,
+            heal,
+            latency,
+        });
+    }
+
+    fn cut_all_relays(&self) {
+        for c in &self.contenders {
+            c.relay.cut();
+        }
+    }
+
+    /// Injects one fault and heals it; false if it could not be injected.
+    async fn inject(&self, kind: FaultKind, d: Draw) -> bool {
+        let ttl = self.config.ttl;
+        let start = Instant::now();
+        match kind {
+            FaultKind::Blackhole => {
+                let t = self.target(&d);
+                let proxy = &self.contenders[t].proxy;
+                proxy.set_mode(ProxyMode::Blackhole);
+                sleep(ttl.mul_f64(0.2 + 1.4 * d.a)).await;
+                proxy.set_mode(ProxyMode::Pass);
+                self.recorded(kind, Some(t), start, Instant::now());
+            }
+            FaultKind::Reset => {
+                let t = self.target(&d);
+                let proxy = &self.contenders[t].proxy;
+                proxy.set_mode(ProxyMode::Reset);
+                sleep(Duration::from_millis(50) + Duration::from_millis(450).mul_f64(d.a)).await;
+                proxy.set_mode(ProxyMode::Pass);
+                self.recorded(kind, Some(t), start, Instant::now());
+            }
+            FaultKind::ServerPause => {
+                self.server.pause();
+                sleep(ttl.mul_f64(0.2 + d.a)).await;
+                self.server.resume();
+                self.recorded(kind, None, start, Instant::now());
+            }
+            FaultKind::Goaway => {
+                // A churn window: GOAWAY to one contender or to all, every
+                // 100-600 ms. The ticks come from a sub-generator so their
+                // number does not shift the main schedule.
+                let window = ttl.mul_f64(0.5 + 0.5 * d.a);
+                let mut sub = fastrand::Rng::with_seed(d.sub);
+                let mut at = Duration::ZERO;
+                loop {
+                    at += Duration::from_millis(sub.u64(100..=600));
+                    if at >= window {
+                        break;
+                    }
+                    let everyone = sub.f64() < 0.3;
+                    let one = sub.usize(..self.contenders.len());
+                    sleep_until(start + at).await;
+                    for (i, c) in self.contenders.iter().enumerate() {
+                        if everyone || i == one {
+                            c.relay.goaway();
+                        }
+                    }
+                }
+                sleep_until(start + window).await;
+                self.recorded(kind, None, start, Instant::now());
+            }
+            FaultKind::Latency => {
+                let latency = self.timing.rpc_timeout.mul_f64(0.1 + 1.4 * d.a);
+                self.server.set_latency(latency);
+                sleep(ttl.mul_f64(0.3 + 0.7 * d.b)).await;
+                self.server.set_latency(Duration::ZERO);
+                self.recorded_with(kind, None, start, Instant::now(), latency);
+            }
+            FaultKind::Unavailable => {
+                let n = 1 + (d.a * 4.0) as usize;
+                let rpc = (d.b >= 0.5).then_some(Rpc::KeepAlive);
+                self.server
+                    .fail_next(n, rpc, Status::unavailable("chaos: injected UNAVAILABLE"));
+                // The burst is used up by the next calls; count a TTL for it.
+                self.recorded(kind, None, start, start + ttl);
+            }
+            FaultKind::Restart | FaultKind::RestartDroppingLocks => {
+                let keep = kind == FaultKind::Restart;
+                if !keep && self.wait_for_leader(ttl * 2).await.is_none() {
+                    return false;
+                }
+                let start = Instant::now();
+                let restarted = self.server.restart(keep).await;
+                self.cut_all_relays();
+                if let Err(e) = restarted {
+                    self.problem(format!("server restart (keep_locks={keep}) failed: {e}"));
+                    return false;
+                }
+                self.recorded(kind, None, start, Instant::now());
+            }
+            FaultKind::Resign | FaultKind::StreamDrop => {
+                let t = if kind == FaultKind::StreamDrop {
+                    match self.wait_for_leader(ttl * 2).await {
+                        Some(t) => t,
+                        None => return false,
+                    }
+                } else {
+                    self.target(&d)
+                };
+                let start = Instant::now();
+                let out = ttl.mul_f64(0.2 + d.a);
+                let (done, back) = oneshot::channel();
+                let command = if kind == FaultKind::Resign {
+                    Command::Resign { out, done }
+                } else {
+                    Command::Drop { out, done }
+                };
+                let c = &self.contenders[t];
+                if c.commands.send(command).is_err() {
+                    self.problem(format!("{}: contender task is gone", c.id));
+                    return false;
+                }
+                let bound = out + ttl * 3 + SETTLE_WAIT;
+                if !matches!(timeout(bound, back).await, Ok(Ok(()))) {
+                    self.problem(format!(
+                        "{}: did not rejoin within {bound:?} after {kind}",
+                        c.id
+                    ));
+                }
+                self.recorded(kind, Some(t), start, Instant::now());
+            }
+        }
+        true
+    }
+
+    /// Every contender resigns and its task ends (bounded).
+    async fn stop_contenders(&mut self) {
+        for c in &self.contenders {
+            let _ = c.commands.send(Command::Stop);
+        }
+        let bound = self.config.ttl * 3 + SETTLE_WAIT;
+        for c in &mut self.contenders {
+            if let Some(task) = c.task.take() {
+                let abort = task.abort_handle();
+                match timeout(bound, task).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        let what = format!("{}: contender task failed: {e}", c.id);
+                        lock(&self.record).problems.push(what);
+                    }
+                    Err(_) => {
+                        abort.abort();
+                        let what =
+                            format!("{}: contender task did not stop within {bound:?}", c.id);
+                        lock(&self.record).problems.push(what);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the bookkeeping to settle, collects the server's truth,
+    /// checks everything, and tears the set-up down.
+    async fn finish(self, schedule_end: Instant, stop: Instant) -> ChaosReport {
+        // Every term must end (its watcher records when); every callbacks
+        // observer must see its last `Lost`. Bounded waits on conditions.
+        let deadline = Instant::now() + self.config.ttl + SETTLE_WAIT;
+        loop {
+            let terms_open = lock(&self.record)
+                .terms
+                .iter()
+                .any(|t| t.cancelled.is_none());
+            let callbacks_open = self
+                .contenders
+                .iter()
+                .any(|c| lock(&c.observer.state).leader);
+            if (!terms_open && !callbacks_open) || Instant::now() >= deadline {
+                break;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+        self.quit.cancel();
+
+        let tenures: Vec<Tenure> = self
+            .server
+            .tenures()
+            .into_iter()
+            .filter(|t| t.service == SERVICE && t.domain == DOMAIN)
+            .collect();
+        let ids: Vec<String> = self.contenders.iter().map(|c| c.id.clone()).collect();
+        let goaway_frames = self
+            .contenders
+            .iter()
+            .map(|c| c.relay.goaways.load(Ordering::Relaxed))
+            .sum();
+        let mut callback_elected = 0;
+        let mut callback_lost = 0;
+        let mut callback_violations = Vec::new();
+        for (i, c) in self.contenders.iter().enumerate() {
+            let s = lock(&c.observer.state);
+            callback_elected += s.elected;
+            callback_lost += s.lost;
+            for (at, what) in &s.problems {
+                callback_violations.push((i, *at, what.clone()));
+            }
+            if s.leader {
+                callback_violations.push((
+                    i,
+                    stop,
+                    "on_leader_elected(true) never followed by on_leader_lost".to_string(),
+                ));
+            }
+        }
+        let record = std::mem::take(&mut *lock(&self.record));
+        if record.online_overlaps > 0 {
+            tracing::error!(
+                count = record.online_overlaps,
+                "the online check saw two live terms at once"
+            );
+        }
+        let input = Analysis {
+            seed: self.config.seed,
+            contenders: self.config.contenders,
+            ttl: self.config.ttl,
+            timing: self.timing,
+            t0: self.t0,
+            schedule_end,
+            stop,
+            ids,
+            record,
+            tenures,
+            callback_violations,
+            callback_elected,
+            callback_lost,
+            goaway_frames,
+        };
+        let report = input.analyze();
+
+        // Tear down: the clients first (a dropped client releases in the
+        // background: wait, bounded, until those calls reached the server),
+        // then the network, then the server.
+        let releases = self.server.calls(Rpc::ReleaseLock) + self.contenders.len() as u64;
+        let mut network = Vec::with_capacity(self.contenders.len());
+        for c in self.contenders {
+            drop(c.client);
+            network.push((c.proxy, c.relay));
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.server.calls(Rpc::ReleaseLock) < releases && Instant::now() < deadline {
+            sleep(Duration::from_millis(10)).await;
+        }
+        for (proxy, relay) in &network {
+            proxy.shutdown().await;
+            relay.shutdown().await;
+        }
+        self.server.shutdown().await;
+        report
+    }
+}
+
+fn dedup(kinds: &[FaultKind]) -> Vec<FaultKind> {
+    let mut out: Vec<FaultKind> = Vec::new();
+    for k in kinds {
+        if !out.contains(k) {
+            out.push(*k);
+        }
+    }
+    out
+}
+
+/// Random numbers drawn for one fault, whatever its kind uses.
+struct Draw {
+    a: f64,
+    b: f64,
+    target: usize,
+    prefer_leader: bool,
+    sub: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Contenders
+// ---------------------------------------------------------------------------
+
+enum Step {
+    Command(Option<Command>),
+    Event(Option<LeadershipEvent>),
+}
+
+/// One contender: follows its leadership stream, records its terms, and obeys
+/// the schedule's commands.
+async fn contender_task(
+    idx: usize,
+    client: QuorumQuestClient,
+    record: Shared,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    quit: CancellationToken,
+    ttl: Duration,
+) {
+    let mut stream: Option<Leadership> = Some(client.leadership());
+    // The open term: (term, index in `record.terms`).
+    let mut open: Option<(LeaderTerm, usize)> = None;
+    loop {
+        let step = match stream.as_mut() {
+            Some(s) => tokio::select! {
+                biased;
+                c = commands.recv() => Step::Command(c),
+                e = s.next() => Step::Event(e),
+            },
+            None => Step::Command(commands.recv().await),
+        };
+        match step {
+            Step::Event(Some(event)) => on_event(idx, event, &record, &mut open, &quit),
+            Step::Event(None) => {
+                let what = format!("contender-{idx}: leadership stream ended by itself");
+                tracing::warn!(%what);
+                lock(&record).problems.push(what);
+                close_exit(idx, &record, &mut open, Exit::Dropped);
+                drop(stream.take());
+                sleep(Duration::from_millis(100)).await;
+                stream = Some(client.leadership());
+            }
+            Step::Command(command) => {
+                let command = command.unwrap_or(Command::Stop);
+                let leaving = stream.take();
+                let (exit, out, done) = match command {
+                    Command::Stop => (Exit::Resigned, None, None),
+                    Command::Resign { out, done } => (Exit::Resigned, Some(out), Some(done)),
+                    Command::Drop { out, done } => (Exit::Dropped, Some(out), Some(done)),
+                };
+                close_exit(idx, &record, &mut open, exit);
+                if let Some(s) = leaving {
+                    match exit {
+                        Exit::Dropped => drop(s),
+                        Exit::Resigned => {
+                            let bound = ttl * 2 + SETTLE_WAIT;
+                            match timeout(bound, s.resign()).await {
+                                Ok(Ok(())) => {}
+                                // A release that fails (server paused, network
+                                // cut) is allowed: the lease then expires.
+                                Ok(Err(e)) => {
+                                    tracing::debug!(contender = idx, error = %e, "resign: release failed")
+                                }
+                                Err(_) => {
+                                    let what = format!(
+                                        "contender-{idx}: resign did not finish within {bound:?}"
+                                    );
+                                    lock(&record).problems.push(what);
+                                }
+                            }
+                        }
+                    }
+                }
+                let Some(out) = out else { break };
+                // Sit out; a Stop meanwhile ends the task.
+                let stopped = tokio::select! {
+                    _ = sleep(out) => false,
+                    c = commands.recv() => !matches!(c, Some(Command::Resign { .. } | Command::Drop { .. })),
+                };
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                if stopped {
+                    break;
+                }
+                stream = Some(client.leadership());
+            }
+        }
+    }
+}
+
+/// The stream went away mid-term: the term ends at its cancellation.
+fn close_exit(idx: usize, record: &Shared, open: &mut Option<(LeaderTerm, usize)>, exit: Exit) {
+    if let Some((_, i)) = open.take() {
+        let mut r = lock(record);
+        if let Some(t) = r.terms.get_mut(i) {
+            t.exit = Some(exit);
+        }
+        r.open[idx] = None;
+    }
+}
+
+fn on_event(
+    idx: usize,
+    event: LeadershipEvent,
+    record: &Shared,
+    open: &mut Option<(LeaderTerm, usize)>,
+    quit: &CancellationToken,
+) {
+    let now = Instant::now();
+    match event {
+        LeadershipEvent::Elected { term, .. } => {
+            let mut r = lock(record);
+            if let Some((prev, _)) = open.as_ref() {
+                r.stream_violations.push((
+                    idx,
+                    now,
+                    format!(
+                        "Elected (term {}) while term {} was open",
+                        term.id(),
+                        prev.id()
+                    ),
+                ));
+            }
+            // Online check: another contender's term that has not ended.
+            if !term.is_ended() {
+                let mut live = 0;
+                for (j, other) in r.open.iter().enumerate() {
+                    if let Some(other) = other {
+                        if j != idx && !other.is_ended() {
+                            tracing::error!(
+                                elected = idx,
+                                term = term.id(),
+                                other = j,
+                                other_term = other.id(),
+                                "two live leader terms at once"
+                            );
+                            live += 1;
+                        }
+                    }
+                }
+                r.online_overlaps += live;
+            }
+            let index = r.terms.len();
+            r.terms.push(TermRec {
+                contender: idx,
+                term: term.id(),
+                start: now,
+                cancelled: None,
+                lost: None,
+                exit: None,
+            });
+            r.open[idx] = Some(term.clone());
+            drop(r);
+            *open = Some((term.clone(), index));
+            let record = record.clone();
+            let quit = quit.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.cancelled() => {
+                        let at = Instant::now();
+                        if let Some(t) = lock(&record).terms.get_mut(index) {
+                            t.cancelled = Some(at);
+                        }
+                    }
+                    _ = quit.cancelled() => {}
+                }
+            });
+        }
+        LeadershipEvent::Lost { term, reason } => {
+            let mut r = lock(record);
+            match open.take() {
+                Some((t, i)) if t.id() == term.id() => {
+                    if let Some(rec) = r.terms.get_mut(i) {
+                        rec.lost = Some((now, reason));
+                    }
+                }
+                Some((t, i)) => {
+                    r.stream_violations.push((
+                        idx,
+                        now,
+                        format!("Lost for term {} while term {} was open", term.id(), t.id()),
+                    ));
+                    if let Some(rec) = r.terms.get_mut(i) {
+                        rec.lost = Some((now, reason));
+                    }
+                }
+                None => r.stream_violations.push((
+                    idx,
+                    now,
+                    format!("Lost (term {}) without an open term", term.id()),
+                )),
+            }
+            r.open[idx] = None;
+        }
+        LeadershipEvent::RpcFailed { .. } => lock(record).rpc_failures += 1,
+        _ => {}
+    }
+}
+
+/// A callbacks consumer that checks `on_leader_elected(true)` and
+/// `on_leader_lost` alternate, for the whole life of a client.
+#[derive(Debug, Default)]
+struct PairingObserver {
+    state: Mutex<ObserverState>,
+}
+
+#[derive(Debug, Default)]
+struct ObserverState {
+    leader: bool,
+    elected: u64,
+    lost: u64,
+    problems: Vec<(Instant, String)>,
+}
+
+#[async_trait]
+impl Callbacks for PairingObserver {
+    async fn on_leader_elected(&self, is_leader: bool) {
+        let mut s = lock(&self.state);
+        if !is_leader {
+            return;
+        }
+        if s.leader {
+            s.problems.push((
+                Instant::now(),
+                "on_leader_elected(true) twice without on_leader_lost".into(),
+            ));
+        }
+        s.leader = true;
+        s.elected += 1;
+    }
+
+    async fn on_leader_lost(&self) {
+        let mut s = lock(&self.state);
+        if !s.leader {
+            s.problems.push((
+                Instant::now(),
+                "on_leader_lost without on_leader_elected(true)".into(),
+            ));
+        }
+        s.leader = false;
+        s.lost += 1;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The GOAWAY relay
+// ---------------------------------------------------------------------------
+
+/// A gRPC hop in front of the server that can send GOAWAY on its client
+/// connections, or cut them, on demand.
+struct Relay {
+    addr: SocketAddr,
+    goaway: watch::Sender<u64>,
+    cut: watch::Sender<u64>,
+    goaways: Arc<AtomicU64>,
+    stop: CancellationToken,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Relay {
+    async fn start(upstream: String) -> Result<Relay, String> {
+        let endpoint = Endpoint::from_shared(upstream).map_err(|e| e.to_string())?;
+        let upstream = LeaderElectionServiceClient::new(endpoint.tcp_nodelay(true).connect_lazy());
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (goaway, _) = watch::channel(0);
+        let (cut, _) = watch::channel(0);
+        let goaways = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(relay_accept(
+            listener,
+            Forward { upstream },
+            goaway.subscribe(),
+            cut.subscribe(),
+            goaways.clone(),
+            stop.clone(),
+        ));
+        Ok(Relay {
+            addr,
+            goaway,
+            cut,
+            goaways,
+            stop,
+            task: tokio::sync::Mutex::new(Some(task)),
+        })
+    }
+
+    /// GOAWAY on every live connection.
+    fn goaway(&self) {
+        self.goaway.send_modify(|g| *g += 1);
+    }
+
+    /// Cut every live connection at once.
+    fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+
+    async fn shutdown(&self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.lock().await.take() {
+            let abort = task.abort_handle();
+            if timeout(SETTLE_WAIT, task).await.is_err() {
+                tracing::warn!("chaos relay did not stop in time; aborting it");
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn relay_accept(
+    listener: TcpListener,
+    forward: Forward,
+    goaway: watch::Receiver<u64>,
+    cut: watch::Receiver<u64>,
+    goaways: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(relay_connection(
+                        stream,
+                        forward.clone(),
+                        goaway.clone(),
+                        cut.clone(),
+                        goaways.clone(),
+                        stop.clone(),
+                    ));
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "chaos relay: accept failed");
+                    sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// Serves one client connection with its own tonic server, whose shutdown
+/// signal is this connection's GOAWAY: tonic then sends GOAWAY, lets calls in
+/// flight finish and closes; the grace timer cuts it if it lingers.
+async fn relay_connection(
+    stream: TcpStream,
+    forward: Forward,
+    mut goaway: watch::Receiver<u64>,
+    mut cut: watch::Receiver<u64>,
+    goaways: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    goaway.borrow_and_update();
+    cut.borrow_and_update();
+    let kill = CancellationToken::new();
+    let go = CancellationToken::new();
+    let io = CutIo {
+        inner: stream,
+        cut: Box::pin(kill.clone().cancelled_owned()),
+        dead: false,
+    };
+    let incoming =
+        futures::stream::iter([Ok::<_, io::Error>(io)]).chain(futures::stream::pending());
+    let server = Server::builder()
+        .add_service(LeaderElectionServiceServer::new(forward))
+        .serve_with_incoming_shutdown(incoming, go.clone().cancelled_owned());
+    tokio::pin!(server);
+    let mut grace: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            result = &mut server => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "chaos relay connection ended");
+                }
+                break;
+            }
+            _ = goaway.changed(), if grace.is_none() => {
+                go.cancel();
+                goaways.fetch_add(1, Ordering::Relaxed);
+                grace = Some(Instant::now() + GOAWAY_GRACE);
+            }
+            _ = cut.changed(), if !kill.is_cancelled() => {
+                kill.cancel();
+                go.cancel();
+            }
+            _ = stop.cancelled(), if !kill.is_cancelled() => {
+                kill.cancel();
+                go.cancel();
+            }
+            _ = async {
+                match grace {
+                    Some(at) => sleep_until(at).await,
+                    None => futures::future::pending().await,
+                }
+            }, if !kill.is_cancelled() => {
+                kill.cancel();
+            }
+        }
+    }
+}
+
+/// Forwards every call to the server.
+#[derive(Clone)]
+struct Forward {
+    upstream: LeaderElectionServiceClient<Channel>,
+}
+
+#[tonic::async_trait]
+impl LeaderElectionService for Forward {
+    async fn try_acquire_lock(
+        &self,
+        request: Request<TryAcquireLockRequest>,
+    ) -> Result<Response<TryAcquireLockResponse>, Status> {
+        let mut upstream = self.upstream.clone();
+        let answer = upstream.try_acquire_lock(request.into_inner()).await?;
+        Ok(Response::new(answer.into_inner()))
+    }
+
+    async fn release_lock(
+        &self,
+        request: Request<ReleaseLockRequest>,
+    ) -> Result<Response<ReleaseLockResponse>, Status> {
+        let mut upstream = self.upstream.clone();
+        let answer = upstream.release_lock(request.into_inner()).await?;
+        Ok(Response::new(answer.into_inner()))
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<KeepAliveRequest>,
+    ) -> Result<Response<KeepAliveResponse>, Status> {
+        let mut upstream = self.upstream.clone();
+        let answer = upstream.keep_alive(request.into_inner()).await?;
+        Ok(Response::new(answer.into_inner()))
+    }
+}
+
+/// A relay-side connection that fails every operation once cut.
+struct CutIo {
+    inner: TcpStream,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    dead: bool,
+}
+
+impl CutIo {
+    fn is_dead(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.dead && self.cut.as_mut().poll(cx).is_ready() {
+            self.dead = true;
+        }
+        self.dead
+    }
+}
+
+fn cut_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "chaos relay cut the connection",
+    )
+}
+
+impl AsyncRead for CutIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.is_dead(cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CutIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.is_dead(cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.is_dead(cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.dead {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl Connected for CutIo {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+// ---------------------------------------------------------------------------
+// Analysis
+// ---------------------------------------------------------------------------
+
+/// A span of time as offsets from the start of the run.
+type Span = (Duration, Duration);
+
+/// Sorts and merges overlapping spans (empty ones dropped).
+fn merge(mut spans: Vec<Span>) -> Vec<Span> {
+    spans.retain(|s| s.1 > s.0);
+    spans.sort();
+    let mut out: Vec<Span> = Vec::with_capacity(spans.len());
+    for s in spans {
+        match out.last_mut() {
+            Some(last) if s.0 <= last.1 => last.1 = last.1.max(s.1),
+            _ => out.push(s),
+        }
+    }
+    out
+}
+
+fn total(spans: &[Span]) -> Duration {
+    spans.iter().map(|s| s.1 - s.0).sum()
+}
+
+/// The intersection of two merged span lists.
+fn intersect(a: &[Span], b: &[Span]) -> Vec<Span> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let lo = a[i].0.max(b[j].0);
+        let hi = a[i].1.min(b[j].1);
+        if lo < hi {
+            out.push((lo, hi));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// `within` minus the merged spans `blocked`.
+fn complement(within: Span, blocked: &[Span]) -> Vec<Span> {
+    let mut out = Vec::new();
+    let mut from = within.0;
+    for b in blocked {
+        if b.1 <= from {
+            continue;
+        }
+        if b.0 >= within.1 {
+            break;
+        }
+        if b.0 > from {
+            out.push((from, b.0));
+        }
+        from = from.max(b.1);
+    }
+    if from < within.1 {
+        out.push((from, within.1));
+    }
+    out
+}
+
+/// The `q` quantile of sorted values (nearest rank).
+fn percentile(sorted: &[Duration], q: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
+}
+
+/// A leader interval, ready for checking.
+#[derive(Debug, Clone)]
+struct Interval {
+    contender: usize,
+    term: u64,
+    start: Duration,
+    end: Duration,
+    /// Set when the interval outlived a tenure that a restart dropped: the
+    /// drop instant.
+    dropped_at: Option<Duration>,
+}
+
+struct Analysis {
+    seed: u64,
+    contenders: usize,
+    ttl: Duration,
+    timing: Timing,
+    t0: Instant,
+    schedule_end: Instant,
+    stop: Instant,
+    ids: Vec<String>,
+    record: Record,
+    tenures: Vec<Tenure>,
+    callback_violations: Vec<(usize, Instant, String)>,
+    callback_elected: u64,
+    callback_lost: u64,
+    goaway_frames: u64,
+}
+
+impl Analysis {
+    fn off(&self, t: Instant) -> Duration {
+        t.saturating_duration_since(self.t0)
+    }
+
+    fn id(&self, i: usize) -> String {
+        self.ids.get(i).cloned().unwrap_or_else(|| format!("#{i}"))
+    }
+
+    /// When a fault may keep everyone from leading: from its start until the
+    /// protocol can have elected someone again. The old lock expires at most
+    /// a TTL after the fault began (its last renewal was before), and a
+    /// follower's next attempt comes at most 1.2 retry periods after the
+    /// heal or the expiry; answers delayed by a latency fault arrive up to
+    /// one RPC timeout later.
+    fn blocked_span(&self, f: &FaultRec) -> Span {
+        let mut until =
+            f.heal.max(f.start + self.ttl) + self.timing.retry_period.mul_f64(1.2) + SLACK;
+        if f.kind == FaultKind::Latency {
+            until += self.timing.rpc_timeout;
+        }
+        (self.off(f.start), self.off(until))
+    }
+
+    fn analyze(self) -> ChaosReport {
+        let mut report = ChaosReport {
+            seed: self.seed,
+            contenders: self.contenders,
+            ttl: self.ttl,
+            timing: self.timing,
+            duration: self.off(self.schedule_end),
+            goaway_frames: self.goaway_frames,
+            rpc_failures: self.record.rpc_failures,
+            callback_elected: self.callback_elected,
+            callback_lost: self.callback_lost,
+            problems: self.record.problems.clone(),
+            skipped: self.record.skipped.clone(),
+            ..ChaosReport::empty(&ChaosConfig {
+                seed: self.seed,
+                contenders: self.contenders,
+                ttl: self.ttl,
+                ..ChaosConfig::default()
+            })
+        };
+        for f in &self.record.faults {
+            *report.faults.entry(f.kind).or_default() += 1;
+        }
+        for (i, at, detail) in &self.record.stream_violations {
+            report.violations.push(Violation::Unpaired {
+                contender: self.id(*i),
+                consumer: "stream",
+                detail: detail.clone(),
+                at: self.off(*at),
+            });
+        }
+        for (i, at, detail) in &self.callback_violations {
+            report.violations.push(Violation::Unpaired {
+                contender: self.id(*i),
+                consumer: "callbacks",
+                detail: detail.clone(),
+                at: self.off(*at),
+            });
+        }
+
+        // Intervals: from Elected received to the later of cancelled() and
+        // Lost received.
+        let mut intervals = Vec::with_capacity(self.record.terms.len());
+        for t in &self.record.terms {
+            report.terms += 1;
+            match (t.lost, t.exit) {
+                (Some((_, reason)), _) => {
+                    report.closed_by_lost += 1;
+                    match reason {
+                        LossReason::Expired => report.expired += 1,
+                        LossReason::Rejected => report.rejected += 1,
+                        _ => {}
+                    }
+                }
+                (None, Some(_)) => report.closed_by_exit += 1,
+                (None, None) => {}
+            }
+            let end = match (t.cancelled, t.lost) {
+                (Some(c), Some((l, _))) => c.max(l),
+                (Some(c), None) if t.exit.is_some() => c,
+                (Some(c), None) => {
+                    report.violations.push(Violation::Unpaired {
+                        contender: self.id(t.contender),
+                        consumer: "stream",
+                        detail: format!("term {} ended but its Lost never arrived", t.term),
+                        at: self.off(c),
+                    });
+                    c
+                }
+                (None, lost) => {
+                    report.violations.push(Violation::Unpaired {
+                        contender: self.id(t.contender),
+                        consumer: "stream",
+                        detail: format!(
+                            "term {} never ended (its cancelled() never fired)",
+                            t.term
+                        ),
+                        at: self.off(t.start),
+                    });
+                    lost.map_or(self.stop, |(l, _)| l)
+                }
+            };
+            intervals.push(Interval {
+                contender: t.contender,
+                term: t.term,
+                start: self.off(t.start),
+                end: self.off(end.max(t.start)),
+                dropped_at: None,
+            });
+        }
+
+        // Invariant 2: inside one tenure of the same contender.
+        let mut min_slack: Option<Duration> = None;
+        for iv in &mut intervals {
+            let owner = self.ids.get(iv.contender);
+            let tenure = self.tenures.iter().find(|t| {
+                Some(&t.owner) == owner
+                    && self.off(t.start) <= iv.start
+                    && iv.start < self.off(t.end)
+            });
+            let Some(tenure) = tenure else {
+                report.violations.push(Violation::NoTenure {
+                    contender: self.id(iv.contender),
+                    term: iv.term,
+                    at: iv.start,
+                });
+                continue;
+            };
+            let tenure_end = self.off(tenure.end);
+            if iv.end <= tenure_end {
+                // A release ends the tenure right after the client stepped
+                // down; the interesting margin is the one to an expiry.
+                if tenure.ended_by != TenureEnd::Released {
+                    let slack = tenure_end - iv.end;
+                    min_slack = Some(min_slack.map_or(slack, |m| m.min(slack)));
+                }
+            } else if tenure.ended_by == TenureEnd::Dropped {
+                iv.dropped_at = Some(tenure_end);
+            } else {
+                report.violations.push(Violation::PastExpiry {
+                    contender: self.id(iv.contender),
+                    term: iv.term,
+                    at: tenure_end,
+                    excess: iv.end - tenure_end,
+                    ended_by: tenure.ended_by,
+                });
+            }
+        }
+        report.min_lease_slack = min_slack;
+
+        // Invariant 1: no two contenders' intervals overlap (except after a
+        // dropped lock table, measured separately).
+        intervals.sort_by_key(|iv| (iv.start, iv.end));
+        let mut drop_overlap: BTreeMap<Duration, Duration> = BTreeMap::new();
+        for i in 0..intervals.len() {
+            for j in i + 1..intervals.len() {
+                let (a, b) = (&intervals[i], &intervals[j]);
+                if b.start >= a.end {
+                    break;
+                }
+                if a.contender == b.contender {
+                    continue;
+                }
+                let from = b.start;
+                let to = a.end.min(b.end);
+                if to <= from {
+                    continue;
+                }
+                let explained = [a, b]
+                    .iter()
+                    .find_map(|iv| iv.dropped_at.filter(|d| from >= *d));
+                match explained {
+                    Some(d) => {
+                        let o = drop_overlap.entry(d).or_default();
+                        *o = (*o).max(to - from);
+                    }
+                    None => report.violations.push(Violation::TwoLeaders {
+                        first: self.id(a.contender),
+                        first_term: a.term,
+                        second: self.id(b.contender),
+                        second_term: b.term,
+                        at: from,
+                        overlap: to - from,
+                    }),
+                }
+            }
+        }
+
+        // Dropped tables: how long the old owner went on, and the overlap.
+        for t in self
+            .tenures
+            .iter()
+            .filter(|t| t.ended_by == TenureEnd::Dropped)
+        {
+            let at = self.off(t.end);
+            let owner = self
+                .ids
+                .iter()
+                .position(|id| *id == t.owner)
+                .unwrap_or(usize::MAX);
+            let stale = intervals
+                .iter()
+                .filter(|iv| iv.contender == owner && iv.start <= at && at < iv.end)
+                .map(|iv| iv.end - at)
+                .max()
+                .unwrap_or_default();
+            report.drop_samples.push(DropSample {
+                at,
+                owner: t.owner.clone(),
+                stale,
+                overlap: drop_overlap.get(&at).copied().unwrap_or_default(),
+            });
+        }
+
+        // Gaps between consecutive terms (intervals are sorted by start).
+        let mut gaps = Vec::new();
+        let mut min_gap: Option<Duration> = None;
+        let mut prev: Option<(Duration, usize)> = None; // (latest end, its contender)
+        for iv in &intervals {
+            if let Some((end, who)) = prev {
+                let gap = iv.start.saturating_sub(end);
+                if iv.start >= end {
+                    gaps.push(gap);
+                }
+                if who != iv.contender {
+                    min_gap = Some(min_gap.map_or(gap, |m| m.min(gap)));
+                }
+            }
+            prev = match prev {
+                Some((end, who)) if end >= iv.end => Some((end, who)),
+                _ => Some((iv.end, iv.contender)),
+            };
+        }
+        gaps.sort();
+        report.min_gap = min_gap;
+        report.handovers = gaps.len();
+        report.handover_p50 = percentile(&gaps, 0.5);
+        report.handover_p99 = percentile(&gaps, 0.99);
+
+        // Availability: leadership within the time no fault blocked.
+        let led = merge(intervals.iter().map(|iv| (iv.start, iv.end)).collect());
+        let window: Span = (Duration::ZERO, self.off(self.stop));
+        let mut blocked: Vec<Span> = vec![(
+            Duration::ZERO,
+            self.timing.retry_period.mul_f64(1.2) + self.timing.rpc_timeout + SLACK,
+        )];
+        for f in &self.record.faults {
+            let counts = match f.kind.blocks() {
+                Blocking::Always => true,
+                Blocking::Never => false,
+                Blocking::IfSlowerThanTimeout => f.latency >= self.timing.rpc_timeout.mul_f64(0.8),
+                Blocking::IfTargetLed => f.target.is_some_and(|t| {
+                    let (s, h) = (self.off(f.start), self.off(f.heal));
+                    intervals
+                        .iter()
+                        .any(|iv| iv.contender == t && iv.start <= h && s <= iv.end)
+                }),
+            };
+            if counts {
+                blocked.push(self.blocked_span(f));
+            }
+        }
+        let blocked = merge(blocked);
+        let healthy = complement(window, &blocked);
+        let healthy_total = total(&healthy);
+        report.fault_free = healthy_total;
+        if !healthy_total.is_zero() {
+            let led_healthy = total(&intersect(&led, &healthy));
+            report.availability = Some(led_healthy.as_secs_f64() / healthy_total.as_secs_f64());
+        }
+        let window_led = total(&intersect(&led, &[window]));
+        if !window.1.is_zero() {
+            report.leader_fraction = window_led.as_secs_f64() / window.1.as_secs_f64();
+        }
+
+        // Losses no blocking fault explains.
+        for t in &self.record.terms {
+            if let Some((at, LossReason::Expired | LossReason::Rejected)) = t.lost {
+                let at = self.off(at);
+                if !blocked.iter().any(|b| b.0 <= at && at <= b.1) {
+                    report.unexplained_losses += 1;
+                    tracing::info!(
+                        contender = %self.id(t.contender),
+                        term = t.term,
+                        at = format!("{:.3}s", at.as_secs_f64()),
+                        "lease lost while no blocking fault was active"
+                    );
+                }
+            }
+        }
+        for v in &report.violations {
+            tracing::error!(seed = self.seed, violation = %v, "chaos violation");
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn tenure(owner: &str, t0: Instant, start: u64, end: u64, how: TenureEnd) -> Tenure {
+        Tenure {
+            service: SERVICE.into(),
+            domain: DOMAIN.into(),
+            owner: owner.into(),
+            start: t0 + ms(start),
+            end: t0 + ms(end),
+            expiry: t0 + ms(end),
+            renewals: 0,
+            ended_by: how,
+        }
+    }
+
+    fn term(contender: usize, id: u64, t0: Instant, start: u64, end: u64) -> TermRec {
+        TermRec {
+            contender,
+            term: id,
+            start: t0 + ms(start),
+            cancelled: Some(t0 + ms(end)),
+            lost: Some((t0 + ms(end), LossReason::Expired)),
+            exit: None,
+        }
+    }
+
+    fn analysis(t0: Instant, terms: Vec<TermRec>, tenures: Vec<Tenure>) -> Analysis {
+        Analysis {
+            seed: 1,
+            contenders: 2,
+            ttl: Duration::from_secs(3),
+            timing: Timing::for_ttl(Duration::from_secs(3)),
+            t0,
+            schedule_end: t0 + ms(20_000),
+            stop: t0 + ms(20_000),
+            ids: vec!["a".into(), "b".into()],
+            record: Record {
+                terms,
+                ..Record::default()
+            },
+            tenures,
+            callback_violations: Vec::new(),
+            callback_elected: 0,
+            callback_lost: 0,
+            goaway_frames: 0,
+        }
+    }
+
+    #[test]
+    fn clean_handover_has_no_violation_and_measures_the_gap() {
+        let t0 = Instant::now();
+        let r = analysis(
+            t0,
+            vec![term(0, 1, t0, 100, 2_000), term(1, 1, t0, 2_500, 6_000)],
+            vec![
+                tenure("a", t0, 90, 2_300, TenureEnd::Expired),
+                tenure("b", t0, 2_490, 6_500, TenureEnd::Expired),
+            ],
+        )
+        .analyze();
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(r.terms, 2);
+        assert_eq!(r.min_gap, Some(ms(500)));
+        assert_eq!(r.min_lease_slack, Some(ms(300)));
+        assert_eq!(r.handover_p50, Some(ms(500)));
+    }
+
+    #[test]
+    fn overlapping_leaders_are_a_violation() {
+        let t0 = Instant::now();
+        let r = analysis(
+            t0,
+            vec![term(0, 1, t0, 100, 2_000), term(1, 1, t0, 1_900, 6_000)],
+            vec![
+                tenure("a", t0, 90, 2_300, TenureEnd::Expired),
+                tenure("b", t0, 1_800, 6_500, TenureEnd::Expired),
+            ],
+        )
+        .analyze();
+        assert!(
+            r.violations.iter().any(|v| matches!(
+                v,
+                Violation::TwoLeaders { overlap, .. } if *overlap == ms(100)
+            )),
+            "{:?}",
+            r.violations
+        );
+    }
+
+    #[test]
+    fn leading_past_the_servers_expiry_is_a_violation() {
+        let t0 = Instant::now();
+        let r = analysis(
+            t0,
+            vec![term(0, 1, t0, 100, 2_400)],
+            vec![tenure("a", t0, 90, 2_300, TenureEnd::Expired)],
+        )
+        .analyze();
+        assert!(matches!(
+            r.violations.as_slice(),
+            [Violation::PastExpiry { excess, .. }] if *excess == ms(100)
+        ));
+        let r = analysis(t0, vec![term(0, 1, t0, 100, 400)], vec![]).analyze();
+        assert!(matches!(
+            r.violations.as_slice(),
+            [Violation::NoTenure { .. }]
+        ));
+    }
+
+    #[test]
+    fn a_dropped_table_is_measured_not_counted() {
+        let t0 = Instant::now();
+        let r = analysis(
+            t0,
+            vec![term(0, 1, t0, 100, 1_800), term(1, 1, t0, 1_200, 6_000)],
+            vec![
+                tenure("a", t0, 90, 1_000, TenureEnd::Dropped),
+                tenure("b", t0, 1_100, 6_500, TenureEnd::Expired),
+            ],
+        )
+        .analyze();
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(
+            r.drop_samples,
+            vec![DropSample {
+                at: ms(1_000),
+                owner: "a".into(),
+                stale: ms(800),
+                overlap: ms(600),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_term_that_never_ends_is_unpaired() {
+        let t0 = Instant::now();
+        let mut t = term(0, 1, t0, 100, 1_000);
+        t.cancelled = None;
+        t.lost = None;
+        let r = analysis(
+            t0,
+            vec![t],
+            vec![tenure("a", t0, 90, 30_000, TenureEnd::Running)],
+        )
+        .analyze();
+        assert!(matches!(
+            r.violations.as_slice(),
+            [Violation::Unpaired { .. }]
+        ));
+    }
+
+    #[test]
+    fn span_arithmetic() {
+        let m = merge(vec![(ms(5), ms(7)), (ms(0), ms(2)), (ms(1), ms(3))]);
+        assert_eq!(m, vec![(ms(0), ms(3)), (ms(5), ms(7))]);
+        assert_eq!(total(&m), ms(5));
+        assert_eq!(
+            complement((ms(0), ms(10)), &m),
+            vec![(ms(3), ms(5)), (ms(7), ms(10))]
+        );
+        assert_eq!(
+            intersect(&m, &[(ms(2), ms(6))]),
+            vec![(ms(2), ms(3)), (ms(5), ms(6))]
+        );
+        let v = [ms(1), ms(2), ms(3), ms(4)];
+        assert_eq!(percentile(&v, 0.5), Some(ms(2)));
+        assert_eq!(percentile(&v, 0.99), Some(ms(4)));
+    }
+}
