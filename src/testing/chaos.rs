@@ -779,9 +779,10 @@ impl fmt::Display for ChaosReport {
 /// Never panics on a failure of the system under test: everything that goes
 /// wrong is in the report ([`ChaosReport::violations`] for broken rules,
 /// [`ChaosReport::problems`] for a harness that could not do its job). Every
-/// wait is bounded, so the run ends by itself, about
-/// `duration + 2 × ttl + a few seconds` after it starts. Needs a multi-thread
-/// Tokio runtime (or a current-thread one that is not otherwise busy).
+/// wait is bounded, so the run ends by itself: about `duration` plus 2 to 5
+/// TTLs (the last faults heal, the system settles, the contenders resign),
+/// and at most a minute more if a lane still has a kind it never injected.
+/// Best on a multi-thread Tokio runtime.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -815,8 +816,7 @@ pub async fn run(config: ChaosConfig) -> ChaosReport {
             return report;
         }
     };
-    let report = harness.run().await;
-    let mut report = report;
+    let mut report = harness.run().await;
     report.wall_time = started.elapsed();
     tracing::info!(summary = %report, "chaos run finished");
     report
