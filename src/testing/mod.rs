@@ -4,7 +4,7 @@
 //! - [`TestServer`] behaves like the real server (SPEC §2: one lock per
 //!   `(service, domain)`, lazy expiry, re-entrant acquire, `-1 s` keep-alive
 //!   for non-owners, owner-only release) over loopback TCP, and over in-memory
-//!   pipes for tests under [`tokio::time::pause()`]. Its controls inject the
+//!   pipes for tests under `tokio::time::pause()`. Its controls inject the
 //!   faults a client must survive: [`force_expire`](TestServer::force_expire),
 //!   [`set_owner`](TestServer::set_owner), [`pause`](TestServer::pause),
 //!   [`fail_next`](TestServer::fail_next), [`set_latency`](TestServer::set_latency),

@@ -167,7 +167,7 @@ impl Drop for Inner {
 ///
 /// It serves plaintext HTTP/2 gRPC on `127.0.0.1`, and also over in-memory
 /// pipes ([`TestServer::in_memory_channel`]) so that tests can run under
-/// [`tokio::time::pause()`]. All lock times use [`tokio::time::Instant`].
+/// `tokio::time::pause()`. All lock times use [`tokio::time::Instant`].
 ///
 /// `TestServer` is a cheap handle: clone it freely; all controls take `&self`.
 /// When the last handle is dropped the server stops serving (calling
@@ -810,7 +810,7 @@ impl TestServer {
     }
 
     /// A channel to this server over in-memory pipes (no sockets), so that a
-    /// test can run under [`tokio::time::pause()`] with exact timing.
+    /// test can run under `tokio::time::pause()` with exact timing.
     ///
     /// The channel connects lazily and reconnects as needed; each new
     /// connection is a fresh pipe. It keeps working across
