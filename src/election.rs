@@ -380,7 +380,11 @@ impl Shutdown {
                     c.stop.cancel();
                     c.task.abort();
                 }
-                if !self.session.observe(Observation::Released).is_empty() {
+                let stepped_down = !self.session.observe(Observation::Released).is_empty();
+                // No request is sent, so this "release" is over at once.
+                self.session
+                    .observe(Observation::ReleaseDone { at: Instant::now() });
+                if stepped_down {
                     tracing::warn!("dropped outside a Tokio runtime while leader: cannot release; the lock expires after its TTL");
                 }
             }
