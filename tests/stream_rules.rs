@@ -432,3 +432,20 @@ async fn a_server_paused_longer_than_the_lease_means_expired_on_time() {
     assert_eq!(lock.owner, client.client_id());
     server.resume();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_dropped_outside_the_runtime_steps_down_and_the_client_can_lead_again() {
+    let server = server().await;
+    let client = over_tcp(&server.url(), 10).build().await.unwrap();
+    let mut stream = client.leadership();
+    let LeadershipEvent::Elected { term, .. } = next(&mut stream, 10 * SEC, "Elected").await else {
+        panic!("expected Elected");
+    };
+    // A plain thread has no Tokio runtime: no release can be sent from there.
+    std::thread::spawn(move || drop(stream)).join().unwrap();
+    assert!(term.is_ended(), "stepped down locally");
+    assert!(!client.is_leader());
+    // The lock is still ours on the server (re-entrant), and the client can lead again.
+    assert!(client.try_acquire_lock().await.unwrap());
+    assert!(client.is_leader());
+}
