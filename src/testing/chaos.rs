@@ -115,28 +115,24 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tonic::transport::server::Connected;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
+use super::cut_io::CutIo;
 use super::{FaultProxy, ProxyMode, Rpc, Tenure, TenureEnd, TestServer};
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::leader_election_service_server::{
@@ -1801,11 +1797,11 @@ async fn relay_connection(
     cut.borrow_and_update();
     let kill = CancellationToken::new();
     let go = CancellationToken::new();
-    let io = CutIo {
-        inner: stream,
-        cut: Box::pin(kill.clone().cancelled_owned()),
-        dead: false,
-    };
+    let io = CutIo::new(
+        stream,
+        kill.clone().cancelled_owned(),
+        "chaos relay cut the connection",
+    );
     let incoming =
         futures::stream::iter([Ok::<_, io::Error>(io)]).chain(futures::stream::pending());
     let server = Server::builder()
@@ -1880,79 +1876,6 @@ impl LeaderElectionService for Forward {
         let answer = upstream.keep_alive(request.into_inner()).await?;
         Ok(Response::new(answer.into_inner()))
     }
-}
-
-/// A relay-side connection that fails every operation once cut.
-struct CutIo {
-    inner: TcpStream,
-    cut: Pin<Box<WaitForCancellationFutureOwned>>,
-    dead: bool,
-}
-
-impl CutIo {
-    fn is_dead(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.dead && self.cut.as_mut().poll(cx).is_ready() {
-            self.dead = true;
-        }
-        self.dead
-    }
-}
-
-fn cut_error() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "chaos relay cut the connection",
-    )
-}
-
-impl AsyncRead for CutIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.is_dead(cx) {
-            return Poll::Ready(Err(cut_error()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CutIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.is_dead(cx) {
-            return Poll::Ready(Err(cut_error()));
-        }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.is_dead(cx) {
-            return Poll::Ready(Err(cut_error()));
-        }
-        Pin::new(&mut this.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.dead {
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
-    }
-}
-
-impl Connected for CutIo {
-    type ConnectInfo = ();
-
-    fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
 // ---------------------------------------------------------------------------

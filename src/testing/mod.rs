@@ -40,6 +40,7 @@
 //! ```
 
 pub mod chaos;
+mod cut_io;
 mod proxy;
 mod server;
 mod store;

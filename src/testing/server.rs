@@ -4,28 +4,26 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::StreamExt;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status};
 
+use super::cut_io::CutIo;
 use super::store::{LockInfo, Store, Tenure};
 use crate::proto::leader_election_service_server::{
     LeaderElectionService, LeaderElectionServiceServer,
@@ -401,7 +399,7 @@ fn serve(
             conn.map(|stream| {
                 // Best effort: a failure only costs a little latency.
                 let _ = stream.set_nodelay(true);
-                ServerIo::new(stream, &shared, &stop, config)
+                server_io(stream, &shared, &stop, config)
             })
         })
     };
@@ -409,7 +407,7 @@ fn serve(
         let shared = Arc::clone(shared);
         let stop = stop.clone();
         UnboundedReceiverStream::new(rx)
-            .map(move |pipe| Ok::<_, io::Error>(ServerIo::new(pipe, &shared, &stop, config)))
+            .map(move |pipe| Ok::<_, io::Error>(server_io(pipe, &shared, &stop, config)))
     };
 
     let tcp = tokio::spawn(run_server(
@@ -449,7 +447,7 @@ async fn run_server<I, IO>(
     let mut builder = Server::builder();
     if let Some(age) = config.max_connection_age {
         // Only the age: tonic 0.14 skips the GOAWAY entirely when a grace is
-        // also set, so the grace is enforced by `ServerIo` instead.
+        // also set, so the grace is enforced by `server_io` instead.
         builder = builder.max_connection_age(age);
     }
     let result = builder
@@ -462,119 +460,31 @@ async fn run_server<I, IO>(
     }
 }
 
-/// A server-side connection: counts itself, and cuts itself when the server
-/// shuts down or when the connection outlives `max_connection_age + grace`.
-struct ServerIo<T> {
+/// Wraps an accepted connection (TCP or in-memory): counts it, and cuts it
+/// when the server shuts down or when it outlives `max_connection_age + grace`.
+fn server_io<T>(
     inner: T,
-    stop: Pin<Box<WaitForCancellationFutureOwned>>,
-    deadline: Option<Pin<Box<Sleep>>>,
-    dead: bool,
-}
-
-impl<T> ServerIo<T> {
-    fn new(inner: T, shared: &Shared, stop: &CancellationToken, config: ServeConfig) -> Self {
-        shared.connections.fetch_add(1, Ordering::Relaxed);
-        let deadline = config.max_connection_age.map(|age| {
-            Box::pin(tokio::time::sleep(
-                age.saturating_add(config.max_connection_age_grace),
-            ))
-        });
-        ServerIo {
-            inner,
-            stop: Box::pin(stop.clone().cancelled_owned()),
-            deadline,
-            dead: false,
+    shared: &Shared,
+    stop: &CancellationToken,
+    config: ServeConfig,
+) -> CutIo<T> {
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    // The deadline is fixed now, when the connection is accepted.
+    let deadline = config
+        .max_connection_age
+        .map(|age| tokio::time::sleep(age.saturating_add(config.max_connection_age_grace)));
+    let stopped = stop.clone().cancelled_owned();
+    let cut = async move {
+        match deadline {
+            Some(deadline) => tokio::select! {
+                biased;
+                () = stopped => {}
+                () = deadline => {}
+            },
+            None => stopped.await,
         }
-    }
-
-    /// True once the connection must be cut; registers for the wake-up
-    /// otherwise.
-    fn is_dead(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.dead {
-            let stopped = self.stop.as_mut().poll(cx).is_ready();
-            let aged = self
-                .deadline
-                .as_mut()
-                .is_some_and(|d| d.as_mut().poll(cx).is_ready());
-            self.dead = stopped || aged;
-        }
-        self.dead
-    }
-}
-
-fn cut() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "test server closed the connection",
-    )
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for ServerIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.is_dead(cx) {
-            return Poll::Ready(Err(cut()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for ServerIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.is_dead(cx) {
-            return Poll::Ready(Err(cut()));
-        }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.is_dead(cx) {
-            return Poll::Ready(Err(cut()));
-        }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.is_dead(cx) {
-            return Poll::Ready(Err(cut()));
-        }
-        Pin::new(&mut this.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.dead {
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
-    }
-}
-
-impl<T: Connected> Connected for ServerIo<T> {
-    type ConnectInfo = T::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
+    };
+    CutIo::new(inner, cut, "test server closed the connection")
 }
 
 /// The gRPC service of one generation.
