@@ -161,8 +161,8 @@ impl Rpc {
 
     /// One call within `timeout`. A failure that the transport reports at
     /// once (the request was refused or its connection closed, as happens
-    /// when a server ages connections out with GOAWAY) is retried once right
-    /// away on a fresh stream within the same budget: every call of this
+    /// when a server ages connections out with GOAWAY) is retried up to twice
+    /// after a few milliseconds, within the same budget: every call of this
     /// service is idempotent, and the send instant is that of the attempt
     /// that answered, so the lease stays conservative.
     async fn call<Req, Resp, F, Fut>(
@@ -195,9 +195,17 @@ impl Rpc {
                     )))
                 }
             };
+            let pause = TRANSPORT_RETRY_PAUSE * attempt;
             match result {
-                Err(status) if attempt == 1 && is_transport_failure(&status) => {
-                    tracing::debug!(?rpc, code = ?status.code(), message = status.message(), "call failed in transport; retrying once");
+                Err(status)
+                    if attempt < TRANSPORT_ATTEMPTS
+                        && is_transport_failure(&status)
+                        && Instant::now() + pause < budget_end =>
+                {
+                    tracing::debug!(?rpc, attempt, code = ?status.code(), message = status.message(), "call failed in transport; retrying");
+                    // Long enough for the connection to take in its GOAWAY,
+                    // so the retry goes out on a fresh one.
+                    tokio::time::sleep(pause).await;
                 }
                 Err(status) => {
                     tracing::debug!(?rpc, code = ?status.code(), message = status.message(), "call failed");
@@ -216,6 +224,11 @@ impl Rpc {
         }
     }
 }
+
+/// Attempts per call when the transport fails at once (a GOAWAY race).
+const TRANSPORT_ATTEMPTS: u32 = 3;
+/// Pause before the n-th retry: n times this.
+const TRANSPORT_RETRY_PAUSE: Duration = Duration::from_millis(10);
 
 /// Failures raised by the connection rather than by the service.
 fn is_transport_failure(status: &Status) -> bool {

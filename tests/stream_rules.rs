@@ -100,9 +100,9 @@ async fn a_burst_of_unavailable_while_the_lease_is_valid_costs_nothing() {
     let client = in_memory(&server, 3).build().await.unwrap();
     let mut stream = client.leadership();
     assert!(next(&mut stream, 5 * SEC, "Elected").await.is_elected());
-    // Six refusals: three calls, each retried once at once by the client.
+    // Nine refusals: three calls, each tried three times by the client.
     server.fail_next(
-        6,
+        9,
         Some(Rpc::KeepAlive),
         tonic::Status::unavailable("injected"),
     );
