@@ -190,6 +190,17 @@ impl Session {
         Ok(())
     }
 
+    /// If nobody wants the campaign any more: stopping it and releasing.
+    fn shutdown_if_idle(self: &Arc<Self>, control: &mut Control) -> Option<Shutdown> {
+        if control.streams > 0 || control.keep_alive {
+            return None;
+        }
+        Some(Shutdown {
+            session: self.clone(),
+            campaign: control.campaign.take(),
+        })
+    }
+
     /// The campaign, if nobody wants it any more.
     fn idle_campaign(control: &mut Control) -> Option<Campaign> {
         if control.streams == 0 && !control.keep_alive {
@@ -214,13 +225,7 @@ impl Session {
     pub(crate) fn remove_stream(self: &Arc<Self>) -> Option<Shutdown> {
         let mut control = self.control();
         control.streams = control.streams.saturating_sub(1);
-        if control.streams > 0 || control.keep_alive {
-            return None;
-        }
-        Some(Shutdown {
-            session: self.clone(),
-            campaign: control.campaign.take(),
-        })
+        self.shutdown_if_idle(&mut control)
     }
 
     pub(crate) fn start_keep_alive(self: &Arc<Self>) -> Result<()> {
@@ -291,13 +296,7 @@ impl Session {
     pub(crate) fn client_dropped(self: &Arc<Self>) -> Option<Shutdown> {
         let mut control = self.control();
         control.keep_alive = false;
-        if control.streams > 0 {
-            return None;
-        }
-        Some(Shutdown {
-            session: self.clone(),
-            campaign: control.campaign.take(),
-        })
+        self.shutdown_if_idle(&mut control)
     }
 
     /// Spawns a task that reports expiry at the deadline even when no campaign

@@ -386,3 +386,15 @@ async fn an_unreachable_server_is_a_connection_error_unless_lazy() {
         other => panic!("expected an RPC error, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_leader_without_keep_alive_also_releases() {
+    let server = server().await;
+    let client = over_tcp(&server.url(), 30).build().await.unwrap();
+    assert!(client.try_acquire_lock().await.unwrap());
+    drop(client);
+    eventually(5 * SEC, "released on drop", || {
+        server.lock(SERVICE, DOMAIN).is_none()
+    })
+    .await;
+}
