@@ -126,9 +126,11 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
+
+use super::accept::accept_until;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
@@ -1754,32 +1756,18 @@ async fn relay_accept(
     goaways: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            conn = listener.accept() => match conn {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    connections.spawn(relay_connection(
-                        stream,
-                        forward.clone(),
-                        goaway.clone(),
-                        cut.clone(),
-                        goaways.clone(),
-                        stop.clone(),
-                    ));
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "chaos relay: accept failed");
-                    sleep(Duration::from_millis(10)).await;
-                }
-            },
-        }
-    }
-    drop(listener);
-    while connections.join_next().await.is_some() {}
+    let serve_stop = stop.clone();
+    accept_until(listener, stop, "chaos relay", |stream, _| {
+        Some(relay_connection(
+            stream,
+            forward.clone(),
+            goaway.clone(),
+            cut.clone(),
+            goaways.clone(),
+            serve_stop.clone(),
+        ))
+    })
+    .await;
 }
 
 /// Serves one client connection with its own tonic server, whose shutdown

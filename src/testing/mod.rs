@@ -39,6 +39,7 @@
 //! # }
 //! ```
 
+mod accept;
 pub mod chaos;
 mod cut_io;
 mod proxy;

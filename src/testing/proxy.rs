@@ -12,8 +12,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use super::accept::accept_until;
 
 /// How long `shutdown` waits for the proxy's tasks before aborting them.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
@@ -288,33 +290,17 @@ async fn accept_loop(
     accepted: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            conn = listener.accept() => match conn {
-                Ok((client, peer)) => {
-                    accepted.fetch_add(1, Ordering::Relaxed);
-                    if *mode.borrow() == ProxyMode::Reset {
-                        tracing::debug!(%peer, "fault proxy: reset new connection");
-                        reset(client);
-                        continue;
-                    }
-                    let _ = client.set_nodelay(true);
-                    connections.spawn(connection(client, target, mode.clone(), stop.clone()));
-                }
-                Err(err) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    tracing::warn!(%err, "fault proxy: accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
+    let serve_stop = stop.clone();
+    accept_until(listener, stop, "fault proxy", |client, peer| {
+        accepted.fetch_add(1, Ordering::Relaxed);
+        if *mode.borrow() == ProxyMode::Reset {
+            tracing::debug!(%peer, "fault proxy: reset new connection");
+            reset(client);
+            return None;
         }
-    }
-    drop(listener);
-    // Every connection task watches `stop`, so this is quick.
-    while connections.join_next().await.is_some() {}
+        Some(connection(client, target, mode.clone(), serve_stop.clone()))
+    })
+    .await;
 }
 
 /// Why a connection's forwarding stopped abnormally.
