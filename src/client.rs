@@ -4,11 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
 use crate::callbacks::{drive_callbacks, Callbacks};
-use crate::config::{Scope, Timing, TimingOverrides, DEFAULT_CONNECT_TIMEOUT};
+use crate::config::{check_max, Scope, Timing, TimingOverrides, DEFAULT_CONNECT_TIMEOUT};
 use crate::election::{Leadership, Session};
 use crate::error::{Error, Result};
 use crate::rpc::Rpc;
@@ -148,15 +147,25 @@ impl QuorumQuestClient {
     /// another node holds the lock, or the answer came back too late to lead
     /// safely. Does not start renewing: call [`start_keep_alive`](Self::start_keep_alive).
     ///
+    /// A grant is confirmed with one `KeepAlive` before this returns `true`:
+    /// its answer tells how long the server really keeps the lock, and the
+    /// lease never counts for more than the TTL asked for.
+    ///
     /// # Errors
     ///
-    /// [`Error::Rpc`] when the call fails or times out (leadership, if held,
+    /// [`Error::Rpc`] when a call fails or times out (leadership, if held,
     /// lasts until its deadline).
     pub async fn try_acquire_lock(&self) -> Result<bool> {
         let session = &self.inner.session;
-        let answer = session.try_acquire(session.timing.rpc_timeout).await;
-        session.observe(answer.observation(session.rpc.scope().ttl()));
-        answer.result.map_err(Error::Rpc)?;
+        let (answer, _) = session.try_acquire().await;
+        if !answer.result.map_err(Error::Rpc)? {
+            return Ok(session.is_leader());
+        }
+        // `TryAcquireLock` does not say how long the server keeps the lock
+        // (it may grant less than asked): one `KeepAlive` tells, and only its
+        // answer makes this client leader.
+        let (confirm, _) = session.keep_alive(session.timing.rpc_timeout).await;
+        confirm.result.map_err(Error::Rpc)?;
         Ok(session.is_leader())
     }
 
@@ -443,6 +452,11 @@ impl ClientBuilder {
                 "must be greater than zero",
             ));
         }
+        check_max("connect_timeout", self.connect_timeout)?;
+        // Everything after this point (connecting, the step-down timer, the
+        // callbacks adapter) needs a Tokio runtime: say so instead of
+        // panicking inside tokio.
+        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let transport = match self.connection {
             Connection::Address { address, lazy } => {
                 let endpoint = parse_address(&address)?.connect_timeout(self.connect_timeout);
@@ -458,9 +472,9 @@ impl ClientBuilder {
         };
         let session = Session::new(Rpc::new(transport, Arc::new(scope)), timing, self.seed);
         if let Some(callbacks) = self.callbacks {
-            let events = UnboundedReceiverStream::new(session.subscribe());
+            let mut events = session.subscribe();
+            let events = futures::stream::poll_fn(move |cx| events.poll_recv(cx));
             tokio::spawn(drive_callbacks(events, callbacks));
-            session.spawn_watchdog();
         }
         Ok(QuorumQuestClient {
             inner: Arc::new(ClientInner { session }),

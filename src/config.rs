@@ -14,6 +14,10 @@ const MAX_DEFAULT_RETRY: Duration = Duration::from_secs(2);
 const MIN_DEFAULT_MARGIN: Duration = Duration::from_millis(100);
 /// Upper bound for the default per-RPC timeout.
 const MAX_DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest value any duration knob may take: the largest TTL the wire
+/// can carry (`i32::MAX` seconds, about 68 years). Larger values cannot be
+/// meant, and would overflow instant arithmetic.
+pub(crate) const MAX_KNOB: Duration = Duration::from_secs(i32::MAX as u64);
 /// Default connect timeout for eager connects.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -50,6 +54,18 @@ impl Scope {
             client_id,
             ttl_secs,
         })
+    }
+
+    /// The identity sent on the wire for `incarnation`: the client id itself
+    /// first, then `client_id#N` after a release whose outcome was unknown
+    /// (see the state machine's fences), so that no request of an earlier
+    /// incarnation can touch a lock taken by a later one.
+    pub(crate) fn wire_id(&self, incarnation: u32) -> String {
+        if incarnation == 0 {
+            self.client_id.clone()
+        } else {
+            format!("{}#{incarnation}", self.client_id)
+        }
     }
 
     /// The TTL as a `Duration`.
@@ -153,6 +169,7 @@ impl Timing {
             if value.is_zero() {
                 return Err(Error::invalid(param, "must be greater than zero"));
             }
+            check_max(param, value)?;
         }
         if self.safety_margin >= ttl {
             return Err(Error::invalid(
@@ -175,6 +192,20 @@ impl Timing {
         }
         Ok(())
     }
+}
+
+/// Rejects a duration knob over [`MAX_KNOB`].
+pub(crate) fn check_max(param: &str, value: Duration) -> Result<()> {
+    if value > MAX_KNOB {
+        return Err(Error::invalid(
+            param,
+            format!(
+                "must be at most {} seconds (got {value:?})",
+                MAX_KNOB.as_secs()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Timing overrides collected by the builder; `None` means "derive from the TTL".
@@ -255,6 +286,18 @@ mod tests {
             ..Default::default()
         };
         assert!(msg(o.resolve(ttl)).starts_with("rpc_timeout:"));
+        for o in [
+            TimingOverrides {
+                rpc_timeout: Some(Duration::MAX),
+                ..Default::default()
+            },
+            TimingOverrides {
+                retry_period: Some(Duration::MAX),
+                ..Default::default()
+            },
+        ] {
+            assert!(msg(o.resolve(ttl)).contains("at most"));
+        }
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub enum Error {
     #[error("keep-alive is already running (call stop_keep_alive first)")]
     KeepAliveAlreadyRunning,
 
+    /// The call needs a Tokio runtime and none is running on this thread
+    /// (build and use the client from inside `#[tokio::main]`, a
+    /// `#[tokio::test]`, or a runtime's `block_on`).
+    #[error("no Tokio runtime: the Quorum Quest client must be built and used inside a Tokio runtime")]
+    NoRuntime,
+
     /// A parameter was rejected before any network I/O. The message names the
     /// parameter and what is wrong with it.
     #[error("invalid parameter: {0}")]

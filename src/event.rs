@@ -2,11 +2,14 @@
 //! [`LeaderTerm`] handed to the leader's work.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
 /// One thing that happened to this client's leadership.
 ///
@@ -89,13 +92,18 @@ impl LeadershipEvent {
 #[non_exhaustive]
 pub enum LossReason {
     /// No renewal succeeded before the safe deadline (send instant + lease −
-    /// safety margin). Reported by a timer, even while an RPC still hangs.
+    /// safety margin), or the server granted a lease too short to outlast the
+    /// safety margin. Reported by a timer, even while an RPC still hangs.
     Expired,
     /// The server said this client is not the owner (a negative or missing
     /// lease, or a refused acquire while leader).
     Rejected,
     /// This client gave the lock up (release, resign, or shutdown).
     Released,
+    /// The client's campaign stopped unexpectedly (an internal failure,
+    /// logged at `error`): leadership is given up at once rather than
+    /// trusted without renewals. The campaign restarts by itself.
+    Failed,
 }
 
 impl std::fmt::Display for LossReason {
@@ -104,6 +112,7 @@ impl std::fmt::Display for LossReason {
             LossReason::Expired => "lease expired before it could be renewed",
             LossReason::Rejected => "server says another node owns the lock",
             LossReason::Released => "released",
+            LossReason::Failed => "the campaign stopped unexpectedly",
         })
     }
 }
@@ -123,8 +132,18 @@ pub enum RpcKind {
 /// One continuous period of leadership.
 ///
 /// Leader-only work should be bound to its term: [`LeaderTerm::cancelled`]
-/// fires when the term ends, no later than the moment `Lost` is emitted, and
-/// [`LeaderTerm::run`] runs a future only while the term lasts. Cheap to clone.
+/// completes when the term ends, and [`LeaderTerm::run`] runs a future only
+/// while the term lasts. A term ends when the client reports it lost **or**
+/// when its safe deadline passes, whichever comes first: the deadline is
+/// watched by a timer of the runtime that awaits `cancelled()` (or that called
+/// [`run`](LeaderTerm::run), [`spawn`](LeaderTerm::spawn) or
+/// [`token`](LeaderTerm::token)), so work bound to a term stops by the
+/// deadline even if the task or runtime that campaigns is blocked. Cheap to
+/// clone.
+///
+/// The term does not keep a copy of the deadline: it reads the one the
+/// client's election state publishes, so a renewal moves it and a shorter
+/// lease from the server shortens it.
 ///
 /// ```
 /// use quorum_quest_client::LeaderTerm;
@@ -137,39 +156,72 @@ pub enum RpcKind {
 ///     }
 /// }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LeaderTerm {
     inner: Arc<TermInner>,
 }
 
-#[derive(Debug)]
 struct TermInner {
     id: u64,
-    token: CancellationToken,
-    deadline: Mutex<Instant>,
+    /// Cancelled by the client when the term is reported lost.
+    ended: CancellationToken,
+    /// The client's published lease: the one deadline of the current term.
+    lease: watch::Receiver<LeaseView>,
 }
 
-impl LeaderTerm {
-    pub(crate) fn new(id: u64, deadline: Instant) -> Self {
-        LeaderTerm {
-            inner: Arc::new(TermInner {
-                id,
-                token: CancellationToken::new(),
-                deadline: Mutex::new(deadline),
-            }),
+/// What the election state publishes after every change: the current term
+/// and its safe deadline, if leader. Terms, `is_leader()` and
+/// `get_remaining_lease()` read it; nothing else holds a deadline.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LeaseView {
+    pub(crate) current: Option<CurrentTerm>,
+}
+
+/// The running term in a [`LeaseView`].
+#[derive(Debug, Clone)]
+pub(crate) struct CurrentTerm {
+    pub(crate) id: u64,
+    pub(crate) deadline: Instant,
+    /// The term's `ended` token, cancelled when the view moves past it.
+    pub(crate) ended: CancellationToken,
+}
+
+impl LeaseView {
+    /// Publishes `self` on `tx` if it differs from what is there (a new term
+    /// or a moved deadline), and ends the term that left the view.
+    pub(crate) fn publish(self, tx: &watch::Sender<LeaseView>) {
+        let key = |v: &LeaseView| v.current.as_ref().map(|c| (c.id, c.deadline));
+        if key(&self) == key(&tx.borrow()) {
+            return;
+        }
+        let new_id = self.current.as_ref().map(|c| c.id);
+        let old = tx.send_replace(self);
+        if let Some(old) = old.current {
+            if new_id != Some(old.id) {
+                old.ended.cancel();
+            }
         }
     }
 
-    pub(crate) fn set_deadline(&self, deadline: Instant) {
-        *self
-            .inner
-            .deadline
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = deadline;
+    /// The deadline of term `id` if it is the current one.
+    fn deadline_of(&self, id: u64) -> Option<Instant> {
+        self.current
+            .as_ref()
+            .filter(|c| c.id == id)
+            .map(|c| c.deadline)
+    }
+}
+
+impl LeaderTerm {
+    pub(crate) fn new(id: u64, ended: CancellationToken, lease: watch::Receiver<LeaseView>) -> Self {
+        LeaderTerm {
+            inner: Arc::new(TermInner { id, ended, lease }),
+        }
     }
 
-    pub(crate) fn end(&self) {
-        self.inner.token.cancel();
+    /// The token the client cancels when it reports this term lost.
+    pub(crate) fn ended_token(&self) -> CancellationToken {
+        self.inner.ended.clone()
     }
 
     /// A number that identifies this term among the terms of one client
@@ -179,48 +231,67 @@ impl LeaderTerm {
         self.inner.id
     }
 
-    /// The instant after which this client no longer considers the lease valid
-    /// (moves forward with every renewal).
+    /// The instant after which this client no longer considers the lease
+    /// valid (moved by every renewal), or `None` once the term has ended.
     #[must_use]
-    pub fn deadline(&self) -> Instant {
-        *self
-            .inner
-            .deadline
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    pub fn deadline(&self) -> Option<Instant> {
+        if self.inner.ended.is_cancelled() {
+            return None;
+        }
+        self.inner.lease.borrow().deadline_of(self.inner.id)
     }
 
-    /// Time left before the safe deadline, or zero.
+    /// Time left before the safe deadline, or zero once the term has ended.
     #[must_use]
     pub fn remaining(&self) -> Duration {
-        self.deadline().saturating_duration_since(Instant::now())
+        self.deadline()
+            .map_or(Duration::ZERO, |d| d.saturating_duration_since(Instant::now()))
     }
 
     /// `true` while the term has not ended and its deadline has not passed.
     /// Checks the clock, so it turns false at the deadline even if nobody
-    /// polls the leadership stream.
+    /// polls the leadership stream and the campaign cannot run.
     #[must_use]
     pub fn is_active(&self) -> bool {
-        !self.inner.token.is_cancelled() && Instant::now() < self.deadline()
+        self.deadline().is_some_and(|d| Instant::now() < d)
     }
 
-    /// `true` once the term has ended.
+    /// `true` once the term has ended: reported lost, or past its deadline.
     #[must_use]
     pub fn is_ended(&self) -> bool {
-        self.inner.token.is_cancelled()
+        !self.is_active()
     }
 
-    /// Completes when the term ends.
-    pub fn cancelled(&self) -> WaitForCancellationFutureOwned {
-        self.inner.token.clone().cancelled_owned()
+    /// Completes when the term ends: when it is reported lost, or at its
+    /// deadline by this future's own timer (whichever comes first), even if
+    /// the campaign is blocked.
+    pub fn cancelled(&self) -> TermEnded {
+        let inner = self.inner.clone();
+        TermEnded {
+            fut: Box::pin(async move { inner.ended().await }),
+        }
     }
 
     /// A token that is cancelled when the term ends, for APIs that take a
-    /// tokio-util `CancellationToken`. It is a child token: cancelling it does
-    /// not end the term.
+    /// tokio-util [`CancellationToken`]. Cancelling it does not end the term.
+    ///
+    /// The deadline is watched by a small task spawned on the runtime this
+    /// is called from; called outside a Tokio runtime, the token is cancelled
+    /// only when the client reports the term lost.
     #[must_use]
     pub fn token(&self) -> CancellationToken {
-        self.inner.token.child_token()
+        let token = self.inner.ended.child_token();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let inner = self.inner.clone();
+            let watched = token.clone();
+            runtime.spawn(async move {
+                tokio::select! {
+                    () = inner.ended() => watched.cancel(),
+                    () = watched.cancelled() => {}
+                }
+            });
+        }
+        token
     }
 
     /// Runs `work` while the term lasts: `Some(output)` if it finished first,
@@ -228,7 +299,7 @@ impl LeaderTerm {
     pub async fn run<F: Future>(&self, work: F) -> Option<F::Output> {
         tokio::select! {
             biased;
-            _ = self.inner.token.cancelled() => None,
+            () = self.inner.ended() => None,
             out = work => Some(out),
         }
     }
@@ -246,6 +317,66 @@ impl LeaderTerm {
     {
         let term = self.clone();
         tokio::spawn(async move { term.run(work).await })
+    }
+}
+
+impl TermInner {
+    /// Completes when the term is reported lost, leaves the published view,
+    /// or its deadline passes on this task's clock.
+    async fn ended(&self) {
+        let mut lease = self.lease.clone();
+        loop {
+            if self.ended.is_cancelled() {
+                return;
+            }
+            let Some(deadline) = lease.borrow_and_update().deadline_of(self.id) else {
+                return;
+            };
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::select! {
+                () = self.ended.cancelled() => return,
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        // The client is gone: nobody renews this term.
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+}
+
+/// The future returned by [`LeaderTerm::cancelled`]: completes when the term
+/// ends (reported lost, or its deadline passed).
+#[must_use = "futures do nothing unless awaited"]
+pub struct TermEnded {
+    fut: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl Future for TermEnded {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.fut.as_mut().poll(cx)
+    }
+}
+
+impl std::fmt::Debug for TermEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TermEnded").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for LeaderTerm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderTerm")
+            .field("id", &self.id())
+            .field("active", &self.is_active())
+            .field("remaining", &self.remaining())
+            .finish()
     }
 }
 

@@ -107,6 +107,7 @@
 //! [Quorum Quest]: https://github.com/quorum-quest
 #![warn(missing_docs)]
 
+mod backoff;
 mod callbacks;
 mod client;
 mod config;
@@ -114,9 +115,11 @@ mod election;
 pub mod error;
 mod event;
 mod ext;
+mod fanout;
 pub mod proto;
 mod rpc;
 mod state;
+mod time;
 mod transport;
 
 #[cfg(feature = "testing")]
@@ -128,7 +131,7 @@ pub use client::{ClientBuilder, QuorumQuestClient, DEFAULT_ADDRESS, DEFAULT_TTL}
 pub use config::Timing;
 pub use election::Leadership;
 pub use error::{Error, Result};
-pub use event::{LeaderTerm, LeadershipEvent, LossReason, RpcKind};
+pub use event::{LeaderTerm, LeadershipEvent, LossReason, RpcKind, TermEnded};
 pub use ext::LeadershipStreamExt;
 
 /// The README's Rust examples, compiled as doc tests so they cannot rot.

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::backoff::{classify, Class, TRANSPORT_ATTEMPTS, TRANSPORT_RETRY_PAUSE};
 use crate::config::Scope;
 use crate::event::RpcKind;
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
@@ -19,68 +20,122 @@ use crate::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
 use crate::state::Observation;
 use crate::transport::Transport;
 
-/// An RPC's result with the instant its request was sent.
+/// An RPC's result with the instant its request was sent, the incarnation
+/// of our identity it was sent under, and how many attempts it took.
 #[derive(Debug)]
 pub(crate) struct Answer<T> {
     pub(crate) sent_at: Instant,
+    pub(crate) incarnation: u32,
+    pub(crate) attempts: u32,
     pub(crate) result: Result<T, Status>,
 }
 
 impl<T> Answer<T> {
-    fn failure(&self, rpc: RpcKind) -> Option<Observation> {
+    fn failure(rpc: RpcKind, status: &Status) -> Observation {
+        Observation::RpcFailed {
+            rpc,
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+
+    /// `true` when the call failed in a way that says nothing about whether
+    /// the server acted on it (a time-out, a cut connection, an unknown
+    /// error): the request may still have been, or be, applied.
+    pub(crate) fn outcome_unknown(&self) -> bool {
         self.result
             .as_ref()
             .err()
-            .map(|status| Observation::RpcFailed {
-                rpc,
-                code: status.code(),
-                message: status.message().to_string(),
-            })
+            .is_some_and(|s| classify(s.code()) == Class::Transient)
     }
 }
 
 impl Answer<bool> {
-    /// What a `TryAcquireLock` answer means; a granted lock lasts `ttl`.
-    pub(crate) fn observation(&self, ttl: Duration) -> Observation {
+    /// What a `TryAcquireLock` answer means.
+    pub(crate) fn observation(&self) -> Observation {
+        let (sent_at, incarnation) = (self.sent_at, self.incarnation);
         match &self.result {
-            Ok(true) => Observation::Acquired {
-                sent_at: self.sent_at,
-                lease: ttl,
+            Ok(true) => Observation::Granted {
+                sent_at,
+                incarnation,
             },
-            Ok(false) => Observation::AcquireRefused,
-            Err(_) => self
-                .failure(RpcKind::TryAcquireLock)
-                .unwrap_or(Observation::Tick),
+            Ok(false) => Observation::AcquireRefused {
+                sent_at,
+                incarnation,
+            },
+            Err(status) => Self::failure(RpcKind::TryAcquireLock, status),
         }
     }
 }
 
-impl Answer<Option<Duration>> {
-    /// What a `KeepAlive` answer means (`None` lease: refused).
+impl Answer<LeaseAnswer> {
+    /// What a `KeepAlive` answer means.
     pub(crate) fn observation(&self) -> Observation {
+        let (sent_at, incarnation) = (self.sent_at, self.incarnation);
         match &self.result {
-            Ok(Some(lease)) => Observation::Renewed {
-                sent_at: self.sent_at,
+            Ok(LeaseAnswer::Granted(lease)) => Observation::Renewed {
+                sent_at,
+                incarnation,
                 lease: *lease,
             },
-            Ok(None) => Observation::RenewRefused,
-            Err(_) => self
-                .failure(RpcKind::KeepAlive)
-                .unwrap_or(Observation::Tick),
+            Ok(LeaseAnswer::Refused) => Observation::RenewRefused {
+                sent_at,
+                incarnation,
+            },
+            Ok(LeaseAnswer::Malformed(message)) => Observation::RenewMalformed {
+                sent_at,
+                incarnation,
+                message: message.clone(),
+            },
+            Err(status) => Self::failure(RpcKind::KeepAlive, status),
         }
     }
 }
 
-/// Converts the wire's lease to a positive `Duration`; a negative, zero or
-/// missing lease means "not the owner".
-pub(crate) fn positive_lease(lease: Option<prost_types::Duration>) -> Option<Duration> {
-    let lease = lease?;
-    if lease.seconds < 0 || lease.nanos < 0 || (lease.seconds == 0 && lease.nanos == 0) {
-        return None;
+/// What a `KeepAlive` answer's `lease_length` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LeaseAnswer {
+    /// A positive lease (as sent; the state machine caps it at the TTL).
+    Granted(Duration),
+    /// Negative, zero or missing: "you are not the owner".
+    Refused,
+    /// Out of the protobuf `Duration` range, nanos out of range, or mixed
+    /// signs: a broken server. Treated as a rejection.
+    Malformed(String),
+}
+
+/// The largest magnitude of a protobuf `Duration`'s seconds (10,000 years).
+const MAX_PROTO_SECONDS: i64 = 315_576_000_000;
+
+/// Reads the wire's lease: a negative, zero or missing lease means "not the
+/// owner"; a value outside what a protobuf `Duration` may hold is malformed.
+/// Never panics, whatever the server sends.
+pub(crate) fn lease_answer(lease: Option<prost_types::Duration>) -> LeaseAnswer {
+    let Some(lease) = lease else {
+        return LeaseAnswer::Refused;
+    };
+    let (seconds, nanos) = (lease.seconds, lease.nanos);
+    let malformed = |why: &str| {
+        LeaseAnswer::Malformed(format!(
+            "KeepAlive answered lease_length {{ seconds: {seconds}, nanos: {nanos} }}: {why}; treated as a rejection"
+        ))
+    };
+    if !(-MAX_PROTO_SECONDS..=MAX_PROTO_SECONDS).contains(&seconds) {
+        return malformed("seconds out of the protobuf Duration range");
     }
-    let secs = u64::try_from(lease.seconds).ok()?;
-    let nanos = u32::try_from(lease.nanos).ok()?;
-    Some(Duration::from_secs(secs).saturating_add(Duration::from_nanos(u64::from(nanos))))
+    if !(-999_999_999..=999_999_999).contains(&nanos) {
+        return malformed("nanos out of range");
+    }
+    if (seconds > 0 && nanos < 0) || (seconds < 0 && nanos > 0) {
+        return malformed("seconds and nanos have different signs");
+    }
+    if seconds < 0 || nanos < 0 || (seconds == 0 && nanos == 0) {
+        return LeaseAnswer::Refused;
+    }
+    match (u64::try_from(seconds), u32::try_from(nanos)) {
+        (Ok(secs), Ok(nanos)) => LeaseAnswer::Granted(Duration::new(secs, nanos)),
+        _ => malformed("not representable"),
+    }
 }
 
 /// Typed calls for one scope over a shared transport.
@@ -103,59 +158,51 @@ impl Rpc {
         &self.transport
     }
 
-    pub(crate) async fn try_acquire(&self, timeout: Duration) -> Answer<bool> {
+    pub(crate) async fn try_acquire(&self, incarnation: u32, timeout: Duration) -> Answer<bool> {
         let s = &self.scope;
         let req = TryAcquireLockRequest {
             service: s.service.clone(),
             domain: s.domain.clone(),
-            client_id: s.client_id.clone(),
+            client_id: s.wire_id(incarnation),
             ttl: s.ttl_secs,
         };
-        let answer = self
-            .call(
-                RpcKind::TryAcquireLock,
-                timeout,
-                req,
-                |mut c, r| async move { c.try_acquire_lock(r).await },
-            )
-            .await;
-        Answer {
-            sent_at: answer.sent_at,
-            result: answer.result.map(|r| r.is_leader),
-        }
+        self.call(
+            RpcKind::TryAcquireLock,
+            incarnation,
+            timeout,
+            req,
+            |mut c, r| async move { c.try_acquire_lock(r).await },
+        )
+        .await
+        .map(|r| r.is_leader)
     }
 
-    pub(crate) async fn keep_alive(&self, timeout: Duration) -> Answer<Option<Duration>> {
+    pub(crate) async fn keep_alive(&self, incarnation: u32, timeout: Duration) -> Answer<LeaseAnswer> {
         let s = &self.scope;
         let req = KeepAliveRequest {
             service: s.service.clone(),
             domain: s.domain.clone(),
-            client_id: s.client_id.clone(),
+            client_id: s.wire_id(incarnation),
             ttl: s.ttl_secs,
         };
-        let answer = self
-            .call(RpcKind::KeepAlive, timeout, req, |mut c, r| async move {
-                c.keep_alive(r).await
-            })
-            .await;
-        Answer {
-            sent_at: answer.sent_at,
-            result: answer.result.map(|r| positive_lease(r.lease_length)),
-        }
+        self.call(RpcKind::KeepAlive, incarnation, timeout, req, |mut c, r| async move {
+            c.keep_alive(r).await
+        })
+        .await
+        .map(|r| lease_answer(r.lease_length))
     }
 
-    pub(crate) async fn release(&self, timeout: Duration) -> Result<(), Status> {
+    pub(crate) async fn release(&self, incarnation: u32, timeout: Duration) -> Answer<()> {
         let s = &self.scope;
         let req = ReleaseLockRequest {
             service: s.service.clone(),
             domain: s.domain.clone(),
-            client_id: s.client_id.clone(),
+            client_id: s.wire_id(incarnation),
         };
-        self.call(RpcKind::ReleaseLock, timeout, req, |mut c, r| async move {
+        self.call(RpcKind::ReleaseLock, incarnation, timeout, req, |mut c, r| async move {
             c.release_lock(r).await
         })
         .await
-        .result
         .map(|_| ())
     }
 
@@ -164,10 +211,12 @@ impl Rpc {
     /// when a server ages connections out with GOAWAY) is retried up to twice
     /// after a few milliseconds, within the same budget: every call of this
     /// service is idempotent, and the send instant is that of the attempt
-    /// that answered, so the lease stays conservative.
+    /// that answered, so the lease stays conservative. `attempts` tells the
+    /// caller whether an earlier copy of the request may still be on its way.
     async fn call<Req, Resp, F, Fut>(
         &self,
         rpc: RpcKind,
+        incarnation: u32,
         timeout: Duration,
         req: Req,
         f: F,
@@ -177,10 +226,10 @@ impl Rpc {
         F: Fn(LeaderElectionServiceClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let budget_end = Instant::now() + timeout;
-        let mut attempt = 0;
+        let budget_end = crate::time::after(Instant::now(), timeout);
+        let mut attempts = 0;
         loop {
-            attempt += 1;
+            attempts += 1;
             let client = LeaderElectionServiceClient::new(self.transport.channel());
             let sent_at = Instant::now();
             let left = budget_end.saturating_duration_since(sent_at);
@@ -188,47 +237,59 @@ impl Rpc {
             request.set_timeout(left);
             let result = match tokio::time::timeout(left, f(client, request)).await {
                 Ok(result) => result.map(Response::into_inner),
-                Err(_) => {
-                    self.transport.call_timed_out();
-                    Err(Status::deadline_exceeded(format!(
-                        "{rpc:?}: no answer within {timeout:?}"
-                    )))
-                }
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "{rpc:?}: no answer within {timeout:?}"
+                ))),
             };
-            let pause = TRANSPORT_RETRY_PAUSE * attempt;
+            if let Err(status) = &result {
+                // tonic's own deadline (from the request's grpc-timeout) may
+                // fire first and say `Cancelled`: a failure at or past the
+                // budget is a time-out either way, and the connection may be
+                // dead: dial a fresh one for the next call.
+                if crate::time::is_timeout(status, budget_end, Instant::now()) {
+                    self.transport.call_timed_out();
+                }
+            }
+            let pause = TRANSPORT_RETRY_PAUSE.saturating_mul(attempts);
             match result {
                 Err(status)
-                    if attempt < TRANSPORT_ATTEMPTS
+                    if attempts < TRANSPORT_ATTEMPTS
                         && is_transport_failure(&status)
-                        && Instant::now() + pause < budget_end =>
+                        && crate::time::after(Instant::now(), pause) < budget_end =>
                 {
-                    tracing::debug!(?rpc, attempt, code = ?status.code(), message = status.message(), "call failed in transport; retrying");
+                    tracing::debug!(?rpc, attempt = attempts, code = ?status.code(), message = status.message(), "call failed in transport; retrying");
                     // Long enough for the connection to take in its GOAWAY,
                     // so the retry goes out on a fresh one.
                     tokio::time::sleep(pause).await;
                 }
-                Err(status) => {
-                    tracing::debug!(?rpc, code = ?status.code(), message = status.message(), "call failed");
-                    return Answer {
-                        sent_at,
-                        result: Err(status),
-                    };
-                }
-                Ok(resp) => {
-                    return Answer {
-                        sent_at,
-                        result: Ok(resp),
+                result => {
+                    if let Err(status) = &result {
+                        tracing::debug!(?rpc, attempts, code = ?status.code(), message = status.message(), "call failed");
                     }
+                    return Answer {
+                        sent_at,
+                        incarnation,
+                        attempts,
+                        result,
+                    };
                 }
             }
         }
     }
 }
 
-/// Attempts per call when the transport fails at once (a GOAWAY race).
-const TRANSPORT_ATTEMPTS: u32 = 3;
-/// Pause before the n-th retry: n times this.
-const TRANSPORT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+impl<T> Answer<T> {
+    /// Maps the answer's value.
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Answer<U> {
+        Answer {
+            sent_at: self.sent_at,
+            incarnation: self.incarnation,
+            attempts: self.attempts,
+            result: self.result.map(f),
+        }
+    }
+}
+
 
 /// Failures raised by the connection rather than by the service.
 fn is_transport_failure(status: &Status) -> bool {
@@ -246,13 +307,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_positive_leases_count() {
+    fn only_positive_leases_count_and_hostile_ones_never_panic() {
         let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
-        assert_eq!(positive_lease(None), None);
-        assert_eq!(positive_lease(d(-1, 0)), None);
-        assert_eq!(positive_lease(d(0, 0)), None);
-        assert_eq!(positive_lease(d(0, -5)), None);
-        assert_eq!(positive_lease(d(15, 0)), Some(Duration::from_secs(15)));
-        assert_eq!(positive_lease(d(0, 500)), Some(Duration::from_nanos(500)));
+        assert_eq!(lease_answer(None), LeaseAnswer::Refused);
+        assert_eq!(lease_answer(d(-1, 0)), LeaseAnswer::Refused);
+        assert_eq!(lease_answer(d(0, 0)), LeaseAnswer::Refused);
+        assert_eq!(lease_answer(d(0, -5)), LeaseAnswer::Refused);
+        assert_eq!(lease_answer(d(-3, -5)), LeaseAnswer::Refused);
+        assert_eq!(lease_answer(d(15, 0)), LeaseAnswer::Granted(Duration::from_secs(15)));
+        assert_eq!(lease_answer(d(0, 500)), LeaseAnswer::Granted(Duration::from_nanos(500)));
+        assert_eq!(
+            lease_answer(d(MAX_PROTO_SECONDS, 999_999_999)),
+            LeaseAnswer::Granted(Duration::new(MAX_PROTO_SECONDS as u64, 999_999_999))
+        );
+        for (s, n) in [
+            (i64::MAX, 0),
+            (i64::MIN, 0),
+            (MAX_PROTO_SECONDS + 1, 0),
+            (0, 1_000_000_000),
+            (0, i32::MIN),
+            (0, i32::MAX),
+            (5, -1),
+            (-5, 1),
+        ] {
+            match lease_answer(d(s, n)) {
+                LeaseAnswer::Malformed(m) => assert!(m.contains("lease_length"), "{m}"),
+                other => panic!("({s}, {n}) gave {other:?}"),
+            }
+        }
     }
 }

@@ -2090,7 +2090,7 @@ impl Analysis {
         for iv in &mut intervals {
             let owner = self.ids.get(iv.contender);
             let tenure = self.tenures.iter().find(|t| {
-                Some(&t.owner) == owner
+                owner.is_some_and(|id| wire_id_of(&t.owner, id))
                     && self.off(t.start) <= iv.start
                     && iv.start < self.off(t.end)
             });
@@ -2172,7 +2172,7 @@ impl Analysis {
             let owner = self
                 .ids
                 .iter()
-                .position(|id| *id == t.owner)
+                .position(|id| wire_id_of(&t.owner, id))
                 .unwrap_or(usize::MAX);
             let stale = intervals
                 .iter()
@@ -2445,4 +2445,15 @@ mod tests {
         assert_eq!(percentile(&v, 0.5), Some(ms(2)));
         assert_eq!(percentile(&v, 0.99), Some(ms(4)));
     }
+}
+
+/// `true` if `owner` (a lock owner on the server) is client `id` under one of
+/// its incarnations: `id` itself, or `id#N` after a release whose outcome was
+/// unknown.
+fn wire_id_of(owner: &str, id: &str) -> bool {
+    owner == id
+        || owner
+            .strip_prefix(id)
+            .and_then(|rest| rest.strip_prefix('#'))
+            .is_some_and(|n| n.parse::<u32>().is_ok())
 }

@@ -1,0 +1,262 @@
+//! The campaign: an `async-stream` generator that loops try-acquire /
+//! confirm / keep-alive / wait around the pure state machine and yields the
+//! events each step causes; the task that drives it (and restarts it if it
+//! ever ends unexpectedly); and the step-down timer.
+//!
+//! Not leader: try to acquire every retry period (jittered, never longer than
+//! the period; backoff after errors, see [`crate::backoff`]). After an acquire
+//! whose outcome is unknown, release the possibly granted lock before waiting,
+//! so that it is not held for nobody. Granted: confirm at once with a
+//! `KeepAlive`, whose answer tells the real lease. Leader: keep alive every
+//! renew interval (counted from the send instant of the answer in force),
+//! retrying failures with backoff while the lease lasts; each call's timeout
+//! is capped by the time left. The step-down timer reports `Lost { Expired }`
+//! at the deadline even while a call hangs.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::watch;
+use tokio::time::{sleep, sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::Session;
+use crate::backoff::{classify, Class};
+use crate::event::{LeaseView, LeadershipEvent};
+use crate::state::Observation;
+
+/// The pause before a campaign that ended unexpectedly is restarted.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// What the campaign does next.
+enum Step {
+    /// Not a candidate: ask for the lock.
+    Acquire,
+    /// Leader or granted: send a `KeepAlive` at `due`, while the lease (or
+    /// the grant) lasts until `until`.
+    Renew { due: Instant, until: Instant },
+}
+
+impl Session {
+    /// The next step, given a pending retry instant after a failed renewal.
+    fn next_step(&self, retry_at: Option<Instant>) -> Step {
+        let shared = self.shared();
+        let state = &shared.election;
+        if let Some(deadline) = state.deadline() {
+            let due = retry_at
+                .or_else(|| state.renew_due(self.timing.renew_interval))
+                .unwrap_or(deadline);
+            return Step::Renew {
+                due,
+                until: deadline,
+            };
+        }
+        if let Some(until) = state.grant_expiry() {
+            return Step::Renew {
+                due: retry_at.unwrap_or_else(Instant::now),
+                until,
+            };
+        }
+        Step::Acquire
+    }
+}
+
+/// The campaign loop as a stream of the events it causes. Ends when `stop`
+/// is cancelled (without releasing: whoever stops it decides that).
+pub(crate) fn campaign(
+    session: Arc<Session>,
+    stop: CancellationToken,
+) -> impl Stream<Item = LeadershipEvent> + Send + 'static {
+    async_stream::stream! {
+        let timing = session.timing;
+        let mut lease = session.lease();
+        let mut failures: u32 = 0;
+        // When the next renewal attempt is due after a failed one.
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            #[cfg(test)]
+            if session.inject_panic.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                panic!("injected campaign panic");
+            }
+            match session.next_step(retry_at) {
+                Step::Acquire => {
+                    retry_at = None;
+                    let (answer, events) = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        out = session.try_acquire() => out,
+                    };
+                    for ev in events {
+                        yield ev;
+                    }
+                    let wait = match &answer.result {
+                        Ok(true) => {
+                            failures = 0;
+                            // Granted: confirm at once. A grant that came too
+                            // late to use: ask again after the period.
+                            if !matches!(session.next_step(None), Step::Acquire) {
+                                continue;
+                            }
+                            session.backoff().follower_wait()
+                        }
+                        Ok(false) => {
+                            failures = 0;
+                            session.backoff().follower_wait()
+                        }
+                        Err(status) => {
+                            failures = failures.saturating_add(1);
+                            let class = classify(status.code());
+                            if class == Class::Permanent {
+                                tracing::warn!(code = ?status.code(), message = status.message(), "TryAcquireLock failed with a permanent error; retrying at the retry period");
+                            }
+                            if answer.outcome_unknown() {
+                                tokio::select! {
+                                    biased;
+                                    _ = stop.cancelled() => break,
+                                    () = session.settle_unknown_acquire() => {}
+                                }
+                            }
+                            session.backoff().after_failure_as_follower(failures, class)
+                        }
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        _ = sleep(wait) => {}
+                    }
+                }
+                Step::Renew { due, until } => {
+                    if Instant::now() < due {
+                        // Wake early if the lease changes (a loss by the
+                        // timer, a release, an imperative renewal).
+                        let changed = tokio::select! {
+                            biased;
+                            _ = stop.cancelled() => break,
+                            changed = lease.changed() => changed.is_ok(),
+                            _ = sleep_until(due) => false,
+                        };
+                        if changed {
+                            lease.borrow_and_update();
+                            continue;
+                        }
+                    }
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        // The timer reports the loss; nothing to renew.
+                        retry_at = None;
+                        let events = session.observe(Observation::Tick);
+                        for ev in events {
+                            yield ev;
+                        }
+                        continue;
+                    }
+                    let (answer, events) = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        out = session.keep_alive(timing.rpc_timeout.min(left)) => out,
+                    };
+                    for ev in events {
+                        yield ev;
+                    }
+                    match &answer.result {
+                        Ok(_) => {
+                            failures = 0;
+                            retry_at = None;
+                        }
+                        Err(status) => {
+                            failures = failures.saturating_add(1);
+                            let class = classify(status.code());
+                            let left = until.saturating_duration_since(Instant::now());
+                            let wait = session.backoff().after_failure_as_leader(failures, class, left);
+                            if class == Class::Permanent || session.is_leader() {
+                                tracing::warn!(
+                                    code = ?status.code(),
+                                    message = status.message(),
+                                    lease_remaining = ?left,
+                                    retry_in = ?wait,
+                                    "KeepAlive failed; retrying while the lease lasts"
+                                );
+                            }
+                            // No retry fits before the deadline: wait for it.
+                            retry_at = Some(wait.map_or(until, |w| crate::time::after(Instant::now(), w)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Drives the campaign generator until `stop` is cancelled. If it ever ends
+/// otherwise (a panic, a bug), the term ends at once (`Lost { Failed }` on
+/// every consumer) and the campaign restarts after a pause: a client never
+/// sits with a keep-alive "running" and nothing campaigning.
+pub(crate) async fn drive(session: Arc<Session>, stop: CancellationToken) {
+    loop {
+        let events = campaign(session.clone(), stop.clone());
+        let outcome = AssertUnwindSafe(async {
+            futures::pin_mut!(events);
+            while let Some(ev) = events.next().await {
+                tracing::debug!(event = ?ev, "leadership event");
+            }
+        })
+        .catch_unwind()
+        .await;
+        if stop.is_cancelled() {
+            return;
+        }
+        match outcome {
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                tracing::error!(panic = %what, "the campaign panicked; stepping down and restarting it");
+            }
+            Ok(()) => tracing::error!("the campaign ended unexpectedly; stepping down and restarting it"),
+        }
+        session.observe(Observation::CampaignFailed);
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = sleep(RESTART_PAUSE) => {}
+        }
+    }
+}
+
+/// The one step-down timer of a session: at the published deadline it
+/// applies a tick, so `Lost { Expired }` reaches every consumer even when no
+/// call returns and nothing campaigns. Ends with the session.
+pub(crate) async fn step_down_timer(session: Weak<Session>, mut lease: watch::Receiver<LeaseView>) {
+    loop {
+        let deadline = lease.borrow_and_update().current.as_ref().map(|c| c.deadline);
+        let fired = match deadline {
+            Some(deadline) => tokio::select! {
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    false
+                }
+                _ = sleep_until(deadline) => true,
+            },
+            None => {
+                if lease.changed().await.is_err() {
+                    return;
+                }
+                false
+            }
+        };
+        if fired {
+            match session.upgrade() {
+                Some(session) => {
+                    session.observe(Observation::Tick);
+                }
+                None => return,
+            }
+        }
+    }
+}

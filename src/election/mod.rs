@@ -1,0 +1,469 @@
+//! One client's election: the [`Session`] that holds its state and hands its
+//! events to every consumer, the campaign that drives it ([`campaign`]), and
+//! the [`Leadership`] stream ([`stream`]).
+//!
+//! A client is one contender with one identity, so it has exactly one
+//! election state. Every consumer (each [`Leadership`] stream, the callbacks
+//! adapter, `is_leader()`, the terms) is a view of that state. Each
+//! observation is applied, its lease published and its events handed to every
+//! subscriber under one lock, so all of them see the same sequence in the same
+//! order, whichever task caused it. Subscriber queues are bounded: transitions
+//! are kept, `Renewed` and `RpcFailed` coalesce ([`crate::fanout`]).
+//!
+//! Where each rule lives: what an answer means, the deadline and every fence
+//! in [`crate::state`]; retry timing and error classes in [`crate::backoff`];
+//! the step-down timer and the campaign loop in [`campaign`]; callback
+//! ordering in [`crate::callbacks`].
+
+mod campaign;
+mod stream;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::Timing;
+use crate::error::{Error, Result};
+use crate::event::{LeaseView, LeadershipEvent};
+use crate::fanout::{self, EventReceiver, EventSender};
+use crate::rpc::{Answer, LeaseAnswer, Rpc};
+use crate::state::{ElectionState, Observation};
+
+pub use stream::Leadership;
+
+/// How long stopping waits for the campaign task before aborting it.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// One client's election: state, subscribers and the campaign task.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) rpc: Rpc,
+    pub(crate) timing: Timing,
+    shared: Mutex<Shared>,
+    control: Mutex<Control>,
+    /// The published lease: the one deadline terms and readers see.
+    lease: watch::Sender<LeaseView>,
+    /// Retry timing, with its own RNG (not under the state lock).
+    backoff: Mutex<Backoff>,
+    /// Whether the step-down timer task runs.
+    timer_started: AtomicBool,
+    /// Test hook: the campaign panics at its next step.
+    #[cfg(test)]
+    pub(crate) inject_panic: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    election: ElectionState,
+    subscribers: Vec<EventSender>,
+}
+
+#[derive(Debug, Default)]
+struct Control {
+    streams: usize,
+    keep_alive: bool,
+    campaign: Option<Campaign>,
+}
+
+#[derive(Debug)]
+struct Campaign {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Campaign {
+    /// Stops the task and waits until it can no longer touch the state.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        if tokio::time::timeout(STOP_GRACE, &mut self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("campaign task did not stop within {STOP_GRACE:?}; aborting it");
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
+    }
+}
+
+/// Locks a std mutex, ignoring poisoning: every critical section here leaves
+/// the data consistent (the state machine's `apply` does not panic).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Session {
+    pub(crate) fn new(rpc: Rpc, timing: Timing, seed: Option<u64>) -> Arc<Self> {
+        let (lease, lease_rx) = watch::channel(LeaseView::default());
+        let ttl = rpc.scope().ttl();
+        let session = Arc::new(Session {
+            rpc,
+            timing,
+            shared: Mutex::new(Shared {
+                election: ElectionState::new(ttl, timing.safety_margin, lease_rx),
+                subscribers: Vec::new(),
+            }),
+            control: Mutex::new(Control::default()),
+            lease,
+            backoff: Mutex::new(Backoff::new(
+                timing.retry_period,
+                timing.renew_interval,
+                seed,
+            )),
+            timer_started: AtomicBool::new(false),
+            #[cfg(test)]
+            inject_panic: AtomicBool::new(false),
+        });
+        session.ensure_timer();
+        session
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        lock(&self.shared)
+    }
+
+    fn control(&self) -> MutexGuard<'_, Control> {
+        lock(&self.control)
+    }
+
+    pub(crate) fn backoff(&self) -> MutexGuard<'_, Backoff> {
+        lock(&self.backoff)
+    }
+
+    /// Applies an observation, publishes the lease and hands the resulting
+    /// events to every subscriber before anyone else can apply the next one.
+    pub(crate) fn observe(&self, obs: Observation) -> Vec<LeadershipEvent> {
+        self.observe_with(obs, |_| ()).0
+    }
+
+    /// [`observe`](Self::observe), also reading the state right after the
+    /// observation, under the same lock.
+    fn observe_with<R>(
+        &self,
+        obs: Observation,
+        read: impl FnOnce(&mut ElectionState) -> R,
+    ) -> (Vec<LeadershipEvent>, R) {
+        let mut shared = self.shared();
+        let events = shared.election.apply(obs, Instant::now());
+        let out = read(&mut shared.election);
+        self.publish(&mut shared, &events);
+        (events, out)
+    }
+
+    /// Publishes the lease (ending a term that left it) and fans `events` out.
+    fn publish(&self, shared: &mut Shared, events: &[LeadershipEvent]) {
+        shared.election.view().publish(&self.lease);
+        if !events.is_empty() {
+            shared
+                .subscribers
+                .retain(|tx| events.iter().all(|ev| tx.send(ev.clone())));
+        }
+    }
+
+    /// A new event receiver. Expiry is settled first (an expired term is
+    /// reported lost to the existing subscribers, not snapshotted), then the
+    /// receiver starts with the current state (`Elected` for a running term,
+    /// `Follower` if known) so that its view is consistent.
+    pub(crate) fn subscribe(&self) -> EventReceiver {
+        let (tx, rx) = fanout::channel();
+        let mut shared = self.shared();
+        let now = Instant::now();
+        let events = shared.election.apply(Observation::Tick, now);
+        self.publish(&mut shared, &events);
+        if let Some(ev) = shared.election.snapshot(now) {
+            tx.send(ev);
+        }
+        shared.subscribers.push(tx);
+        rx
+    }
+
+    /// A receiver of the published lease.
+    pub(crate) fn lease(&self) -> watch::Receiver<LeaseView> {
+        self.lease.subscribe()
+    }
+
+    pub(crate) fn is_leader(&self) -> bool {
+        let now = Instant::now();
+        self.lease
+            .borrow()
+            .current
+            .as_ref()
+            .is_some_and(|c| now < c.deadline)
+    }
+
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.lease
+            .borrow()
+            .current
+            .as_ref()
+            .filter(|c| now < c.deadline)
+            .map(|c| c.deadline.duration_since(now))
+    }
+
+    // ----- the three calls, observed -----
+
+    /// One `TryAcquireLock` call under the current identity, observed.
+    pub(crate) async fn try_acquire(&self) -> (Answer<bool>, Vec<LeadershipEvent>) {
+        let incarnation = self.shared().election.acquire_sent();
+        let answer = self
+            .rpc
+            .try_acquire(incarnation, self.timing.rpc_timeout)
+            .await;
+        let events = self.observe(answer.observation());
+        (answer, events)
+    }
+
+    /// One `KeepAlive` call under the current identity, observed.
+    pub(crate) async fn keep_alive(
+        &self,
+        timeout: Duration,
+    ) -> (Answer<LeaseAnswer>, Vec<LeadershipEvent>) {
+        let incarnation = self.shared().election.incarnation();
+        let answer = self.rpc.keep_alive(incarnation, timeout).await;
+        let events = self.observe(answer.observation());
+        (answer, events)
+    }
+
+    /// Steps down locally (the term ends and `Lost { Released }` is published
+    /// before the request leaves), then asks the server to delete the lock.
+    /// Safe and idempotent when not leader. If the release's outcome is
+    /// unknown (it fails, times out, is retried or this future is dropped),
+    /// the state machine retires the identity it was sent under.
+    pub(crate) async fn release(&self) -> Result<()> {
+        let (_, (incarnation, acquires_before)) =
+            self.observe_with(Observation::ReleaseStarted, |s| {
+                (s.incarnation(), s.acquires_sent())
+            });
+        let mut done = ReleaseDone {
+            session: self,
+            incarnation,
+            acquires_before,
+            settled: false,
+        };
+        let answer = self
+            .rpc
+            .release(incarnation, self.timing.rpc_timeout)
+            .await;
+        done.settled = answer.result.is_ok() && answer.attempts == 1;
+        if !done.settled {
+            tracing::debug!(
+                incarnation,
+                attempts = answer.attempts,
+                "release outcome unknown: the next requests go out under a fresh identity"
+            );
+        }
+        answer.result.map_err(Error::Rpc)
+    }
+
+    /// After an acquire whose outcome is unknown, while not leading: the
+    /// server may hold the lock for us without our knowing; release it so
+    /// that nobody waits a whole TTL for a lock held for no one.
+    pub(crate) async fn settle_unknown_acquire(&self) {
+        let candidate = {
+            let shared = self.shared();
+            shared.election.deadline().is_some() || shared.election.is_granted()
+        };
+        if candidate {
+            return;
+        }
+        if let Err(e) = self.release().await {
+            tracing::debug!(error = %e, "releasing a possibly granted lock failed");
+        }
+    }
+
+    // ----- who wants the campaign to run -----
+
+    /// Starts the campaign task if it is not running. Needs a Tokio runtime.
+    fn ensure_campaign(self: &Arc<Self>, control: &mut Control) -> Result<()> {
+        if control
+            .campaign
+            .as_ref()
+            .is_some_and(|c| !c.task.is_finished())
+        {
+            return Ok(());
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        self.ensure_timer();
+        let stop = CancellationToken::new();
+        let task = runtime.spawn(campaign::drive(self.clone(), stop.clone()));
+        control.campaign = Some(Campaign { stop, task });
+        Ok(())
+    }
+
+    /// Starts the step-down timer if a runtime is at hand and it is not
+    /// running yet (one per session, whether or not anything campaigns).
+    pub(crate) fn ensure_timer(self: &Arc<Self>) {
+        if self.timer_started.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            if !self.timer_started.swap(true, Ordering::SeqCst) {
+                runtime.spawn(campaign::step_down_timer(
+                    Arc::downgrade(self),
+                    self.lease(),
+                ));
+            }
+        }
+    }
+
+    /// If nobody wants the campaign any more: stopping it and releasing.
+    fn shutdown_if_idle(self: &Arc<Self>, control: &mut Control) -> Option<Shutdown> {
+        if control.streams > 0 || control.keep_alive {
+            return None;
+        }
+        Some(Shutdown {
+            session: self.clone(),
+            campaign: control.campaign.take(),
+        })
+    }
+
+    pub(crate) fn add_stream(self: &Arc<Self>) -> Result<()> {
+        let mut control = self.control();
+        control.streams += 1;
+        let started = self.ensure_campaign(&mut control);
+        if started.is_err() {
+            control.streams -= 1;
+        }
+        started
+    }
+
+    /// A stream went away. If it was the last one wanting the campaign, the
+    /// returned [`Shutdown`] stops the campaign and releases the lock.
+    pub(crate) fn remove_stream(self: &Arc<Self>) -> Option<Shutdown> {
+        let mut control = self.control();
+        control.streams = control.streams.saturating_sub(1);
+        self.shutdown_if_idle(&mut control)
+    }
+
+    pub(crate) fn start_keep_alive(self: &Arc<Self>) -> Result<()> {
+        let mut control = self.control();
+        if control.keep_alive {
+            return Err(Error::KeepAliveAlreadyRunning);
+        }
+        self.ensure_campaign(&mut control)?;
+        control.keep_alive = true;
+        Ok(())
+    }
+
+    /// Stops the keep-alive task (unless streams still want the campaign).
+    /// Does not release: the lease runs out by itself.
+    pub(crate) async fn stop_keep_alive(&self) {
+        let campaign = {
+            let mut control = self.control();
+            control.keep_alive = false;
+            if control.streams == 0 {
+                control.campaign.take()
+            } else {
+                None
+            }
+        };
+        if let Some(c) = campaign {
+            c.stop().await;
+        }
+    }
+
+    pub(crate) fn keep_alive_running(&self) -> bool {
+        self.control().keep_alive
+    }
+
+    /// The last client handle is gone: the keep-alive task stops, and if no
+    /// stream still campaigns the returned [`Shutdown`] stops the campaign and
+    /// releases the lock.
+    pub(crate) fn client_dropped(self: &Arc<Self>) -> Option<Shutdown> {
+        let mut control = self.control();
+        control.keep_alive = false;
+        self.shutdown_if_idle(&mut control)
+    }
+
+    /// `false` when the server cannot hold a lock for our identity.
+    fn may_own_lock(&self) -> bool {
+        self.shared().election.may_own_lock()
+    }
+}
+
+/// Tells the state machine that a release request is over, however the
+/// release future ends (answered, failed, or dropped mid-flight).
+struct ReleaseDone<'a> {
+    session: &'a Session,
+    incarnation: u32,
+    acquires_before: u64,
+    settled: bool,
+}
+
+impl Drop for ReleaseDone<'_> {
+    fn drop(&mut self) {
+        self.session.observe(Observation::ReleaseDone {
+            at: Instant::now(),
+            incarnation: self.incarnation,
+            settled: self.settled,
+            acquires_before: self.acquires_before,
+        });
+    }
+}
+
+/// Stopping the campaign and releasing the lock, in that order (the campaign
+/// must be unable to re-acquire before the release is sent).
+#[derive(Debug)]
+#[must_use]
+pub(crate) struct Shutdown {
+    session: Arc<Session>,
+    campaign: Option<Campaign>,
+}
+
+impl Shutdown {
+    pub(crate) async fn run(self) -> Result<()> {
+        if let Some(c) = self.campaign {
+            c.stop().await;
+        }
+        if !self.session.may_own_lock() {
+            return Ok(());
+        }
+        self.session.release().await
+    }
+
+    /// For `Drop` impls: runs in a spawned task when a runtime is at hand;
+    /// otherwise stops the campaign and steps down locally without a release
+    /// call (the lock then expires after its TTL).
+    pub(crate) fn run_in_background(self) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(e) = self.run().await {
+                        tracing::warn!(error = %e, "release on shutdown failed; the lock expires after its TTL");
+                    }
+                });
+            }
+            Err(_) => {
+                if let Some(c) = self.campaign {
+                    c.stop.cancel();
+                    c.task.abort();
+                }
+                let (events, incarnation) = self
+                    .session
+                    .observe_with(Observation::ReleaseStarted, |s| s.incarnation());
+                // No request is sent, so this "release" is over at once, and
+                // no copy of it can reach the server later; it released
+                // nothing, so it says nothing about what the server holds.
+                self.session.observe(Observation::ReleaseDone {
+                    at: Instant::now(),
+                    incarnation,
+                    settled: true,
+                    acquires_before: 0,
+                });
+                if !events.is_empty() {
+                    tracing::warn!("dropped outside a Tokio runtime while leader: cannot release; the lock expires after its TTL");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests;

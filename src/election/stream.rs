@@ -1,0 +1,133 @@
+//! [`Leadership`]: the stream users hold. A view of the session's events
+//! through a bounded subscriber queue; its first poll starts the campaign.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+
+use super::Session;
+use crate::error::Result;
+use crate::event::LeadershipEvent;
+use crate::fanout::EventReceiver;
+
+/// Leadership as a stream of [`LeadershipEvent`]s.
+///
+/// Returned by [`QuorumQuestClient::leadership`](crate::QuorumQuestClient::leadership).
+/// The first poll starts the campaign (in a background task, so renewals go on
+/// even while the consumer is busy with the previous event); it runs until the
+/// stream is dropped or [resigned](Leadership::resign). `Elected` and `Lost`
+/// strictly alternate, starting with `Elected`; after a loss the campaign goes
+/// on, so one `while let` loop follows leadership for the life of the process.
+///
+/// Every stream of one client is a view of the same contender (one identity,
+/// one lock): a stream created while the client leads starts with `Elected`
+/// for the running term. Dropping the last stream (with no keep-alive task
+/// running) stops the campaign and releases the lock in the background.
+///
+/// A stream that is not polled holds every `Elected`, `Lost` and `Follower`
+/// it has not seen yet, but only the latest `Renewed` and the latest
+/// `RpcFailed` since the last of those: an idle stream's memory stays
+/// constant while leadership is steady.
+///
+/// ```no_run
+/// use futures::StreamExt;
+/// use quorum_quest_client::{LeadershipEvent, QuorumQuestClient};
+///
+/// # async fn demo() -> quorum_quest_client::Result<()> {
+/// let client = QuorumQuestClient::builder("billing", "eu-west")
+///     .address("http://localhost:5050")
+///     .build()
+///     .await?;
+/// let mut leadership = client.leadership();
+/// while let Some(event) = leadership.next().await {
+///     match event {
+///         LeadershipEvent::Elected { term, .. } => {
+///             term.spawn(async { /* leader-only work, stopped when the term ends */ });
+///         }
+///         LeadershipEvent::Lost { reason, .. } => eprintln!("lost leadership: {reason}"),
+///         _ => {}
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use = "a leadership stream starts campaigning when it is first polled"]
+pub struct Leadership {
+    session: Arc<Session>,
+    rx: EventReceiver,
+    phase: StreamPhase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamPhase {
+    NotStarted,
+    Running,
+    Done,
+}
+
+impl Leadership {
+    pub(crate) fn new(session: Arc<Session>) -> Self {
+        let rx = session.subscribe();
+        Leadership {
+            session,
+            rx,
+            phase: StreamPhase::NotStarted,
+        }
+    }
+
+    /// Stops campaigning through this stream and, if it was the last one
+    /// wanting the campaign, steps down and waits until the server has
+    /// released the lock. The term ends before the release request is sent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: quorum_quest_client::QuorumQuestClient) -> quorum_quest_client::Result<()> {
+    /// let leadership = client.leadership();
+    /// // ... later, on shutdown:
+    /// leadership.resign().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn resign(mut self) -> Result<()> {
+        let was_running = self.phase == StreamPhase::Running;
+        self.phase = StreamPhase::Done;
+        if !was_running {
+            return Ok(());
+        }
+        match self.session.remove_stream() {
+            Some(shutdown) => shutdown.run().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Stream for Leadership {
+    type Item = LeadershipEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.phase {
+            StreamPhase::Done => return Poll::Ready(None),
+            StreamPhase::NotStarted => {
+                if let Err(e) = self.session.add_stream() {
+                    tracing::error!(error = %e, "cannot start the leadership campaign");
+                    self.phase = StreamPhase::Done;
+                    return Poll::Ready(None);
+                }
+                self.phase = StreamPhase::Running;
+            }
+            StreamPhase::Running => {}
+        }
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        if self.phase != StreamPhase::Running {
+            return;
+        }
+        if let Some(shutdown) = self.session.remove_stream() {
+            shutdown.run_in_background();
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! A bounded, coalescing event queue: one per leadership subscriber.
+//!
+//! Why not an unbounded channel: a leader renews every few seconds for the
+//! life of the process, and a subscriber that is created but never polled (or
+//! a callback that never returns) would buffer every `Renewed` forever, a
+//! memory leak proportional to uptime. Why not a bounded channel that drops
+//! or blocks: dropping could lose an `Elected` or `Lost`, and the rule of the
+//! crate is that no leadership change is ever lost silently; blocking would
+//! let one stuck subscriber stall the campaign for everyone.
+//!
+//! So the queue knows which events matter:
+//!
+//! - Transitions (`Elected`, `Lost`, `Follower`) are never dropped and keep
+//!   their order: they are what `Elected`/`Lost` alternation is made of.
+//! - Status events (`Renewed`, `RpcFailed`) only describe the latest state of
+//!   the current segment, so an older one is stale once a newer one of the
+//!   same kind exists. Among the events queued after the last queued
+//!   transition (the tail segment), at most one `Renewed` and one `RpcFailed`
+//!   are kept: a newer one replaces the older one and moves to the end, so
+//!   what remains is in the order of the latest events.
+//!
+//! The queue therefore holds at most (queued transitions) + 2 events per
+//! segment, and an idle subscriber's memory stays constant while leadership
+//! is steady. Transitions themselves are rare (each costs at least one RPC
+//! round trip and usually a retry period).
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
+
+use crate::event::LeadershipEvent;
+
+/// How the queue treats an event. Matched exhaustively on purpose: a new
+/// `LeadershipEvent` variant must decide whether it may be coalesced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Never dropped, never reordered; ends the tail segment.
+    Transition,
+    /// At most one per tail segment, the latest.
+    Renewed,
+    /// At most one per tail segment, the latest.
+    RpcFailed,
+}
+
+fn kind(ev: &LeadershipEvent) -> Kind {
+    match ev {
+        LeadershipEvent::Elected { .. }
+        | LeadershipEvent::Lost { .. }
+        | LeadershipEvent::Follower => Kind::Transition,
+        LeadershipEvent::Renewed { .. } => Kind::Renewed,
+        LeadershipEvent::RpcFailed { .. } => Kind::RpcFailed,
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<LeadershipEvent>,
+    /// The sender closed (or was dropped): the receiver drains, then ends.
+    closed: bool,
+    /// The receiver was dropped: sending is pointless.
+    receiver_gone: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    /// The receiver's waker. A single consumer (`&mut` receiver), which is
+    /// what `AtomicWaker` supports.
+    waker: AtomicWaker,
+    /// Status events replaced by a newer one of the same kind.
+    coalesced: AtomicU64,
+}
+
+impl Shared {
+    /// Poisoning is ignored: no critical section leaves the queue in a state
+    /// that breaks its invariants if it panics midway (each is a single
+    /// push, pop or remove), and a leadership stream must keep working.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The publishing side of one subscriber's queue. Dropping it closes the
+/// queue (the receiver drains what is left, then yields `None`).
+#[derive(Debug)]
+pub(crate) struct EventSender {
+    shared: Arc<Shared>,
+}
+
+/// The consuming side of one subscriber's queue.
+#[derive(Debug)]
+pub(crate) struct EventReceiver {
+    shared: Arc<Shared>,
+}
+
+/// A new, empty queue.
+pub(crate) fn channel() -> (EventSender, EventReceiver) {
+    let shared = Arc::new(Shared::default());
+    (
+        EventSender {
+            shared: shared.clone(),
+        },
+        EventReceiver { shared },
+    )
+}
+
+impl EventSender {
+    /// Queues `ev`, coalescing it with an older status event of the same kind
+    /// in the tail segment. Never blocks and never grows the queue for a
+    /// status event beyond one per kind and segment.
+    ///
+    /// Returns `false` (and drops `ev`) once the receiver is gone or this
+    /// side was closed, so the publisher can forget this subscriber.
+    pub(crate) fn send(&self, ev: LeadershipEvent) -> bool {
+        let replaced = {
+            let mut state = self.shared.state();
+            if state.receiver_gone || state.closed {
+                return false;
+            }
+            let replaced = match kind(&ev) {
+                Kind::Transition => None,
+                k => {
+                    // The tail segment is at most two events long, so this
+                    // scan is constant time.
+                    let pos = state
+                        .queue
+                        .iter()
+                        .rev()
+                        .take_while(|queued| kind(queued) != Kind::Transition)
+                        .position(|queued| kind(queued) == k)
+                        .map(|from_back| state.queue.len() - 1 - from_back);
+                    pos.and_then(|i| state.queue.remove(i))
+                }
+            };
+            state.queue.push_back(ev);
+            replaced
+        };
+        if replaced.is_some() {
+            self.shared.coalesced.fetch_add(1, Ordering::Relaxed);
+        }
+        // Woken after the lock is released, so the receiver does not wake
+        // up only to wait for it. The replaced event drops here, outside it.
+        self.shared.waker.wake();
+        true
+    }
+
+    /// Closes the queue: later sends fail, and the receiver yields what is
+    /// queued, then `None`. Idempotent; dropping the sender does the same.
+    pub(crate) fn close(&self) {
+        self.shared.state().closed = true;
+        self.shared.waker.wake();
+    }
+
+    /// `true` once the receiver was dropped: the subscriber went away and
+    /// this sender can be forgotten without waiting for the next event.
+    pub(crate) fn receiver_gone(&self) -> bool {
+        self.shared.state().receiver_gone
+    }
+
+    /// How many status events were replaced by a newer one so far.
+    pub(crate) fn coalesced(&self) -> u64 {
+        self.shared.coalesced.load(Ordering::Relaxed)
+    }
+
+    /// How many events are queued now.
+    pub(crate) fn queued(&self) -> usize {
+        self.shared.state().queue.len()
+    }
+}
+
+impl Drop for EventSender {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl EventReceiver {
+    /// The next event; `Ready(None)` once the sender closed and the queue
+    /// is drained.
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeadershipEvent>> {
+        // Registered before looking at the queue: a send that lands after
+        // the look wakes this registration, so no wake-up is lost.
+        self.shared.waker.register(cx.waker());
+        let mut state = self.shared.state();
+        match state.queue.pop_front() {
+            Some(ev) => Poll::Ready(Some(ev)),
+            None if state.closed => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Waits for the next event; `None` once the sender closed and the
+    /// queue is drained. Cancel-safe: no event is taken unless returned.
+    pub(crate) async fn recv(&mut self) -> Option<LeadershipEvent> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// How many status events were replaced by a newer one so far.
+    pub(crate) fn coalesced(&self) -> u64 {
+        self.shared.coalesced.load(Ordering::Relaxed)
+    }
+
+    /// How many events are queued now.
+    pub(crate) fn queued(&self) -> usize {
+        self.shared.state().queue.len()
+    }
+}
+
+impl Drop for EventReceiver {
+    fn drop(&mut self) {
+        let dropped = {
+            let mut state = self.shared.state();
+            state.receiver_gone = true;
+            std::mem::take(&mut state.queue)
+        };
+        // The undelivered events (and the terms they hold) are freed now,
+        // outside the lock, not when the publisher next notices.
+        drop(dropped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::task::noop_waker_ref;
+
+    use super::*;
+    use crate::event::{LeaderTerm, LossReason, RpcKind};
+
+    /// The one place that builds a term, so a change of `LeaderTerm::new`
+    /// touches only this line.
+    fn term(id: u64) -> LeaderTerm {
+        let (_, lease) = tokio::sync::watch::channel(crate::event::LeaseView::default());
+        LeaderTerm::new(id, tokio_util::sync::CancellationToken::new(), lease)
+    }
+
+    fn elected(id: u64) -> LeadershipEvent {
+        LeadershipEvent::Elected {
+            term: term(id),
+            lease_remaining: Duration::from_secs(10),
+        }
+    }
+
+    fn lost(id: u64) -> LeadershipEvent {
+        LeadershipEvent::Lost {
+            term: term(id),
+            reason: LossReason::Expired,
+        }
+    }
+
+    fn renewed(n: u64) -> LeadershipEvent {
+        LeadershipEvent::Renewed {
+            term_id: 1,
+            lease_remaining: Duration::from_millis(n),
+        }
+    }
+
+    fn failed(n: u64) -> LeadershipEvent {
+        LeadershipEvent::RpcFailed {
+            rpc: RpcKind::KeepAlive,
+            code: tonic::Code::Unavailable,
+            message: format!("failure {n}"),
+            lease_remaining: Some(Duration::from_millis(n)),
+        }
+    }
+
+    /// A compact, comparable description of an event.
+    fn tag(ev: &LeadershipEvent) -> String {
+        match ev {
+            LeadershipEvent::Elected { term, .. } => format!("E{}", term.id()),
+            LeadershipEvent::Lost { term, .. } => format!("L{}", term.id()),
+            LeadershipEvent::Follower => "F".into(),
+            LeadershipEvent::Renewed {
+                lease_remaining, ..
+            } => format!("R{}", lease_remaining.as_millis()),
+            LeadershipEvent::RpcFailed { message, .. } => {
+                format!("X{}", message.trim_start_matches("failure "))
+            }
+        }
+    }
+
+    /// Everything queued, without waiting.
+    fn drain(rx: &mut EventReceiver) -> Vec<String> {
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(ev)) = rx.poll_recv(&mut cx) {
+            out.push(tag(&ev));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn renewals_into_an_unpolled_queue_keep_only_the_latest() {
+        let (tx, mut rx) = channel();
+        for n in 0..10_000 {
+            assert!(tx.send(renewed(n)));
+        }
+        assert_eq!(rx.queued(), 1);
+        assert_eq!(tx.coalesced(), 9_999);
+        assert_eq!(drain(&mut rx), ["R9999"]);
+    }
+
+    #[tokio::test]
+    async fn transitions_are_never_dropped_and_keep_their_order() {
+        let (tx, mut rx) = channel();
+        let mut expected = Vec::new();
+        for id in 1..=1_000 {
+            tx.send(LeadershipEvent::Follower);
+            tx.send(renewed(id));
+            tx.send(elected(id));
+            for n in 0..5 {
+                tx.send(renewed(id * 10 + n));
+            }
+            tx.send(lost(id));
+            expected.extend([
+                "F".to_string(),
+                format!("R{id}"),
+                format!("E{id}"),
+                format!("R{}", id * 10 + 4),
+                format!("L{id}"),
+            ]);
+        }
+        assert_eq!(drain(&mut rx), expected);
+    }
+
+    #[tokio::test]
+    async fn alternating_renewals_and_failures_keep_one_of_each() {
+        let (tx, mut rx) = channel();
+        for n in 0..10_000 {
+            if n % 2 == 0 {
+                tx.send(renewed(n));
+            } else {
+                tx.send(failed(n));
+            }
+        }
+        assert_eq!(rx.queued(), 2);
+        assert_eq!(rx.coalesced(), 9_998);
+        // The last two sent, in the order they were sent.
+        assert_eq!(drain(&mut rx), ["R9998", "X9999"]);
+    }
+
+    #[tokio::test]
+    async fn a_newer_status_event_moves_to_the_end_of_its_segment() {
+        let (tx, mut rx) = channel();
+        tx.send(renewed(1));
+        tx.send(failed(2));
+        tx.send(renewed(3));
+        assert_eq!(drain(&mut rx), ["X2", "R3"]);
+    }
+
+    #[tokio::test]
+    async fn coalescing_stops_at_the_last_transition() {
+        let (tx, mut rx) = channel();
+        tx.send(elected(1));
+        tx.send(renewed(1));
+        tx.send(failed(2));
+        tx.send(lost(1));
+        tx.send(renewed(3));
+        tx.send(failed(4));
+        tx.send(failed(5));
+        assert_eq!(tx.coalesced(), 1);
+        assert_eq!(drain(&mut rx), ["E1", "R1", "X2", "L1", "R3", "X5"]);
+    }
+
+    #[tokio::test]
+    async fn coalescing_continues_after_the_receiver_took_the_transition() {
+        let (tx, mut rx) = channel();
+        tx.send(elected(1));
+        tx.send(renewed(1));
+        assert_eq!(drain(&mut rx), ["E1", "R1"]);
+        tx.send(renewed(2));
+        tx.send(renewed(3));
+        assert_eq!(drain(&mut rx), ["R3"]);
+    }
+
+    #[tokio::test]
+    async fn the_receiver_drains_then_gets_none_after_close() {
+        let (tx, mut rx) = channel();
+        tx.send(elected(1));
+        tx.send(renewed(1));
+        tx.close();
+        assert!(!tx.send(renewed(2)), "a closed queue takes no more events");
+        assert_eq!(rx.recv().await.as_ref().map(tag), Some("E1".into()));
+        assert_eq!(rx.recv().await.as_ref().map(tag), Some("R1".into()));
+        assert!(rx.recv().await.is_none());
+        assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_sender_closes_the_queue() {
+        let (tx, mut rx) = channel();
+        tx.send(LeadershipEvent::Follower);
+        drop(tx);
+        assert_eq!(rx.recv().await.as_ref().map(tag), Some("F".into()));
+        assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_sender_sees_the_receiver_gone() {
+        let (tx, rx) = channel();
+        assert!(!tx.receiver_gone());
+        assert!(tx.send(elected(1)));
+        drop(rx);
+        assert!(tx.receiver_gone());
+        assert!(!tx.send(renewed(1)));
+        assert_eq!(tx.queued(), 0, "undelivered events are freed at once");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_recv_wakes_on_send() {
+        let (tx, mut rx) = channel();
+        let waiter = tokio::spawn(async move { rx.recv().await.as_ref().map(tag) });
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished(), "nothing was sent yet");
+        tx.send(LeadershipEvent::Follower);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(
+            matches!(got, Ok(Ok(Some(ref t))) if t == "F"),
+            "got {got:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_recv_wakes_on_close() {
+        let (tx, mut rx) = channel();
+        let waiter = tokio::spawn(async move { rx.recv().await.is_none() });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tx.close();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(matches!(got, Ok(Ok(true))), "got {got:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_sends_lose_no_transition_and_no_wake_up() {
+        let (tx, mut rx) = channel();
+        let producer = tokio::spawn(async move {
+            for id in 1..=2_000 {
+                tx.send(elected(id));
+                tx.send(renewed(id));
+                tx.send(failed(id));
+                tx.send(lost(id));
+                if id % 100 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let mut transitions = Vec::new();
+        let consumed = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(ev) = rx.recv().await {
+                if kind(&ev) == Kind::Transition {
+                    transitions.push(tag(&ev));
+                }
+            }
+        })
+        .await;
+        assert!(consumed.is_ok(), "the receiver missed a wake-up");
+        assert!(producer.await.is_ok());
+        let expected: Vec<String> = (1..=2_000)
+            .flat_map(|id| [format!("E{id}"), format!("L{id}")])
+            .collect();
+        assert_eq!(transitions, expected);
+    }
+}
