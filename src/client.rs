@@ -292,7 +292,7 @@ impl QuorumQuestClient {
 /// How a [`ClientBuilder`] gets its connection.
 enum Connection {
     Address { address: String, lazy: bool },
-    Endpoint { endpoint: Endpoint, lazy: bool },
+    Endpoint { endpoint: Box<Endpoint>, lazy: bool },
     Channel(Channel),
     Shared(Arc<Transport>),
 }
@@ -450,7 +450,10 @@ impl ClientBuilder {
     /// ```
     pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
         let lazy = self.is_lazy();
-        self.connection = Connection::Endpoint { endpoint, lazy };
+        self.connection = Connection::Endpoint {
+            endpoint: Box::new(endpoint),
+            lazy,
+        };
         self
     }
 
@@ -527,7 +530,7 @@ impl ClientBuilder {
                 Arc::new(Transport::open(parse_address(&address)?, dialing, lazy).await?)
             }
             Connection::Endpoint { endpoint, lazy } => {
-                Arc::new(Transport::open(endpoint, dialing.for_user_endpoint(), lazy).await?)
+                Arc::new(Transport::open(*endpoint, dialing.for_user_endpoint(), lazy).await?)
             }
             Connection::Channel(channel) => Arc::new(Transport::from_channel(channel)),
             Connection::Shared(transport) => transport,
