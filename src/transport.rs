@@ -32,7 +32,10 @@
 //!   open and the connection has been silent for an interval is therefore
 //!   safe: each answer resets the count, and the interval is at least a third
 //!   of the call timeout, so a call that is slow on a live server times out
-//!   (at most three pings) before it could draw the third strike.
+//!   (at most three pings) before it could draw the third strike. (hyper
+//!   also pings as a call opens on a connection that has been silent for an
+//!   interval, e.g. at each renewal; grpc-go forgives that one, since it
+//!   answered the call before.)
 //! - **Redial after a timed-out call.** After a call times out
 //!   ([`is_timeout`]), [`Transport::call_timed_out`] replaces the channel
 //!   with a fresh lazy one, at most once per `redial_after` (the call
