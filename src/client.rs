@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::callbacks::{drive_callbacks, Callbacks};
 use crate::config::{check_max, Scope, Timing, TimingOverrides, DEFAULT_CONNECT_TIMEOUT};
 use crate::election::{Leadership, Session};
 use crate::error::{Error, Result};
 use crate::rpc::Rpc;
-use crate::transport::{parse_address, Transport};
+use crate::transport::{parse_address, Dialing, Transport};
 
 /// The default server address.
 pub const DEFAULT_ADDRESS: &str = "http://localhost:5050";
@@ -88,7 +88,8 @@ impl QuorumQuestClient {
     /// # Errors
     ///
     /// [`Error::InvalidParameter`] naming the bad parameter;
-    /// [`Error::Connection`] when the server cannot be reached.
+    /// [`Error::Connection`] when the server cannot be reached;
+    /// [`Error::ConnectTimeout`] when connecting takes over 5 s.
     ///
     /// ```
     /// use std::time::Duration;
@@ -300,6 +301,7 @@ impl QuorumQuestClient {
 /// How a [`ClientBuilder`] gets its connection.
 enum Connection {
     Address { address: String, lazy: bool },
+    Endpoint { endpoint: Box<Endpoint>, lazy: bool },
     Channel(Channel),
     Shared(Arc<Transport>),
 }
@@ -357,7 +359,7 @@ impl ClientBuilder {
 
     /// The server address (default `http://localhost:5050`).
     pub fn address(mut self, address: impl Into<String>) -> Self {
-        let lazy = matches!(self.connection, Connection::Address { lazy: true, .. });
+        let lazy = self.is_lazy();
         self.connection = Connection::Address {
             address: address.into(),
             lazy,
@@ -368,22 +370,99 @@ impl ClientBuilder {
     /// Connect on first use instead of in `build()`; an unreachable server
     /// then shows as failed calls (`RpcFailed` events) rather than an error.
     pub fn lazy_connect(mut self) -> Self {
-        if let Connection::Address { lazy, .. } = &mut self.connection {
+        if let Connection::Address { lazy, .. } | Connection::Endpoint { lazy, .. } =
+            &mut self.connection
+        {
             *lazy = true;
         }
         self
     }
 
-    /// How long an eager connect may take (default 5 s).
+    fn is_lazy(&self) -> bool {
+        matches!(
+            self.connection,
+            Connection::Address { lazy: true, .. } | Connection::Endpoint { lazy: true, .. }
+        )
+    }
+
+    /// How long an eager connect may take, TLS handshake included (default
+    /// 5 s); [`Error::ConnectTimeout`] after that. For an
+    /// [`endpoint`](Self::endpoint) with a connect timeout of its own, that
+    /// one applies instead.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Use a channel you built (TLS, interceptors' transport, a proxy...).
-    /// Overrides [`address`](Self::address).
+    /// Use a channel you built. Overrides [`address`](Self::address).
+    ///
+    /// The channel is used as is: the library never redials it, and neither
+    /// [`connect_timeout`](Self::connect_timeout) nor
+    /// [`lazy_connect`](Self::lazy_connect) applies. tonic reconnects it by
+    /// itself after a reset or a GOAWAY, but a connection that goes silent
+    /// (a partition) is noticed only by the HTTP/2 keep-alive you configured
+    /// on it, if any; until then every call times out on it. Prefer
+    /// [`endpoint`](Self::endpoint), which the library redials.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tonic::transport::Endpoint;
+    /// use quorum_quest_client::QuorumQuestClient;
+    ///
+    /// let channel = Endpoint::from_static("http://localhost:5050").connect_lazy();
+    /// let client = QuorumQuestClient::builder("svc", "dom")
+    ///     .channel(channel)
+    ///     .build()
+    ///     .await?;
+    /// # drop(client);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn channel(mut self, channel: Channel) -> Self {
         self.connection = Connection::Channel(channel);
+        self
+    }
+
+    /// Use an endpoint you configured (TLS, user agent, window sizes, HTTP/2
+    /// keep-alive...). Overrides [`address`](Self::address).
+    ///
+    /// The library owns the endpoint and dials it like an address: eagerly
+    /// in `build()` (bounded by the endpoint's connect timeout if it has one,
+    /// else by [`connect_timeout`](Self::connect_timeout), TLS included) or,
+    /// after [`lazy_connect`](Self::lazy_connect), on first use; and after a
+    /// call times out it dials a fresh connection for the next call. Your
+    /// settings are kept as they are: the library adds no HTTP/2 keep-alive
+    /// to an endpoint you give (set `http2_keep_alive_interval` with
+    /// `keep_alive_while_idle(false)` yourself if you want a silent
+    /// connection noticed under an open call).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tonic::transport::Endpoint;
+    /// use quorum_quest_client::QuorumQuestClient;
+    ///
+    /// let endpoint = Endpoint::from_static("http://localhost:5050")
+    ///     .user_agent("my-service/1.0")?
+    ///     .http2_keep_alive_interval(Duration::from_secs(2))
+    ///     .keep_alive_while_idle(false);
+    /// let client = QuorumQuestClient::builder("svc", "dom")
+    ///     .endpoint(endpoint)
+    ///     .lazy_connect()
+    ///     .build()
+    ///     .await?;
+    /// # drop(client);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        let lazy = self.is_lazy();
+        self.connection = Connection::Endpoint {
+            endpoint: Box::new(endpoint),
+            lazy,
+        };
         self
     }
 
@@ -442,7 +521,9 @@ impl ClientBuilder {
     /// # Errors
     ///
     /// [`Error::InvalidParameter`] naming the first bad parameter, before any
-    /// network I/O; [`Error::Connection`] if an eager connect fails.
+    /// network I/O; [`Error::Connection`] if an eager connect fails,
+    /// [`Error::ConnectTimeout`] if it does not complete within the connect
+    /// timeout.
     pub async fn build(self) -> Result<QuorumQuestClient> {
         let scope = Scope::new(self.service, self.domain, self.client_id, self.ttl)?;
         let timing = self.timing.resolve(scope.ttl())?;
@@ -453,19 +534,20 @@ impl ClientBuilder {
             ));
         }
         check_max("connect_timeout", self.connect_timeout)?;
+        if let Connection::Address { address, .. } = &self.connection {
+            parse_address(address)?;
+        }
         // Everything after this point (connecting, the step-down timer, the
         // callbacks adapter) needs a Tokio runtime: say so instead of
         // panicking inside tokio.
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let dialing = Dialing::for_timing(scope.ttl(), &timing, self.connect_timeout);
         let transport = match self.connection {
             Connection::Address { address, lazy } => {
-                let endpoint = parse_address(&address)?.connect_timeout(self.connect_timeout);
-                let redial_after = timing.rpc_timeout;
-                if lazy {
-                    Arc::new(Transport::lazy(endpoint, redial_after))
-                } else {
-                    Arc::new(Transport::connect(endpoint, redial_after).await?)
-                }
+                Arc::new(Transport::open(parse_address(&address)?, dialing, lazy).await?)
+            }
+            Connection::Endpoint { endpoint, lazy } => {
+                Arc::new(Transport::open(*endpoint, dialing.for_user_endpoint(), lazy).await?)
             }
             Connection::Channel(channel) => Arc::new(Transport::from_channel(channel)),
             Connection::Shared(transport) => transport,

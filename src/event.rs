@@ -213,7 +213,11 @@ impl LeaseView {
 }
 
 impl LeaderTerm {
-    pub(crate) fn new(id: u64, ended: CancellationToken, lease: watch::Receiver<LeaseView>) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        ended: CancellationToken,
+        lease: watch::Receiver<LeaseView>,
+    ) -> Self {
         LeaderTerm {
             inner: Arc::new(TermInner { id, ended, lease }),
         }
@@ -244,8 +248,9 @@ impl LeaderTerm {
     /// Time left before the safe deadline, or zero once the term has ended.
     #[must_use]
     pub fn remaining(&self) -> Duration {
-        self.deadline()
-            .map_or(Duration::ZERO, |d| d.saturating_duration_since(Instant::now()))
+        self.deadline().map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        })
     }
 
     /// `true` while the term has not ended and its deadline has not passed.

@@ -25,7 +25,6 @@
 //! round trip and usually a retry period).
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -157,16 +156,19 @@ impl EventSender {
 
     /// `true` once the receiver was dropped: the subscriber went away and
     /// this sender can be forgotten without waiting for the next event.
+    #[cfg(test)]
     pub(crate) fn receiver_gone(&self) -> bool {
         self.shared.state().receiver_gone
     }
 
     /// How many status events were replaced by a newer one so far.
+    #[cfg(test)]
     pub(crate) fn coalesced(&self) -> u64 {
         self.shared.coalesced.load(Ordering::Relaxed)
     }
 
     /// How many events are queued now.
+    #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         self.shared.state().queue.len()
     }
@@ -195,16 +197,19 @@ impl EventReceiver {
 
     /// Waits for the next event; `None` once the sender closed and the
     /// queue is drained. Cancel-safe: no event is taken unless returned.
+    #[cfg(test)]
     pub(crate) async fn recv(&mut self) -> Option<LeadershipEvent> {
-        poll_fn(|cx| self.poll_recv(cx)).await
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
     /// How many status events were replaced by a newer one so far.
+    #[cfg(test)]
     pub(crate) fn coalesced(&self) -> u64 {
         self.shared.coalesced.load(Ordering::Relaxed)
     }
 
     /// How many events are queued now.
+    #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         self.shared.state().queue.len()
     }

@@ -177,7 +177,11 @@ impl Rpc {
         .map(|r| r.is_leader)
     }
 
-    pub(crate) async fn keep_alive(&self, incarnation: u32, timeout: Duration) -> Answer<LeaseAnswer> {
+    pub(crate) async fn keep_alive(
+        &self,
+        incarnation: u32,
+        timeout: Duration,
+    ) -> Answer<LeaseAnswer> {
         let s = &self.scope;
         let req = KeepAliveRequest {
             service: s.service.clone(),
@@ -185,9 +189,13 @@ impl Rpc {
             client_id: s.wire_id(incarnation),
             ttl: s.ttl_secs,
         };
-        self.call(RpcKind::KeepAlive, incarnation, timeout, req, |mut c, r| async move {
-            c.keep_alive(r).await
-        })
+        self.call(
+            RpcKind::KeepAlive,
+            incarnation,
+            timeout,
+            req,
+            |mut c, r| async move { c.keep_alive(r).await },
+        )
         .await
         .map(|r| lease_answer(r.lease_length))
     }
@@ -199,9 +207,13 @@ impl Rpc {
             domain: s.domain.clone(),
             client_id: s.wire_id(incarnation),
         };
-        self.call(RpcKind::ReleaseLock, incarnation, timeout, req, |mut c, r| async move {
-            c.release_lock(r).await
-        })
+        self.call(
+            RpcKind::ReleaseLock,
+            incarnation,
+            timeout,
+            req,
+            |mut c, r| async move { c.release_lock(r).await },
+        )
         .await
         .map(|_| ())
     }
@@ -246,7 +258,7 @@ impl Rpc {
                 // fire first and say `Cancelled`: a failure at or past the
                 // budget is a time-out either way, and the connection may be
                 // dead: dial a fresh one for the next call.
-                if crate::time::is_timeout(status, budget_end, Instant::now()) {
+                if crate::transport::is_timeout(status, sent_at, left, Instant::now()) {
                     self.transport.call_timed_out();
                 }
             }
@@ -290,7 +302,6 @@ impl<T> Answer<T> {
     }
 }
 
-
 /// Failures raised by the connection rather than by the service.
 fn is_transport_failure(status: &Status) -> bool {
     matches!(
@@ -314,8 +325,14 @@ mod tests {
         assert_eq!(lease_answer(d(0, 0)), LeaseAnswer::Refused);
         assert_eq!(lease_answer(d(0, -5)), LeaseAnswer::Refused);
         assert_eq!(lease_answer(d(-3, -5)), LeaseAnswer::Refused);
-        assert_eq!(lease_answer(d(15, 0)), LeaseAnswer::Granted(Duration::from_secs(15)));
-        assert_eq!(lease_answer(d(0, 500)), LeaseAnswer::Granted(Duration::from_nanos(500)));
+        assert_eq!(
+            lease_answer(d(15, 0)),
+            LeaseAnswer::Granted(Duration::from_secs(15))
+        );
+        assert_eq!(
+            lease_answer(d(0, 500)),
+            LeaseAnswer::Granted(Duration::from_nanos(500))
+        );
         assert_eq!(
             lease_answer(d(MAX_PROTO_SECONDS, 999_999_999)),
             LeaseAnswer::Granted(Duration::new(MAX_PROTO_SECONDS as u64, 999_999_999))

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{CurrentTerm, LeaderTerm, LeaseView, LeadershipEvent, LossReason, RpcKind};
+use crate::event::{CurrentTerm, LeaderTerm, LeadershipEvent, LeaseView, LossReason, RpcKind};
 
 /// What the I/O layer saw.
 #[derive(Debug, Clone)]
@@ -125,7 +125,11 @@ pub(crate) struct ElectionState {
 }
 
 impl ElectionState {
-    pub(crate) fn new(ttl: Duration, safety_margin: Duration, lease: watch::Receiver<LeaseView>) -> Self {
+    pub(crate) fn new(
+        ttl: Duration,
+        safety_margin: Duration,
+        lease: watch::Receiver<LeaseView>,
+    ) -> Self {
         ElectionState {
             phase: Phase::Unknown,
             margin: safety_margin,
@@ -167,9 +171,9 @@ impl ElectionState {
     /// set the deadline in force was sent. `None` unless leader.
     pub(crate) fn renew_due(&self, renew_interval: Duration) -> Option<Instant> {
         match &self.phase {
-            Phase::Leader { basis, deadline, .. } => {
-                Some(basis.checked_add(renew_interval).unwrap_or(*deadline))
-            }
+            Phase::Leader {
+                basis, deadline, ..
+            } => Some(basis.checked_add(renew_interval).unwrap_or(*deadline)),
             _ => None,
         }
     }
@@ -213,6 +217,7 @@ impl ElectionState {
     }
 
     /// `true` if leader and the deadline has not passed at `now`.
+    #[cfg(test)]
     pub(crate) fn is_leader(&self, now: Instant) -> bool {
         self.deadline().is_some_and(|d| now < d)
     }
@@ -409,7 +414,9 @@ impl ElectionState {
             Phase::Leader { deadline, .. } if now >= deadline => {
                 events.extend(self.lose(LossReason::Expired, Phase::Unknown));
             }
-            Phase::Granted { sent_at } if self.candidate_until(sent_at).is_none_or(|end| now >= end) => {
+            Phase::Granted { sent_at }
+                if self.candidate_until(sent_at).is_none_or(|end| now >= end) =>
+            {
                 self.phase = Phase::Unknown;
             }
             _ => {}
@@ -636,7 +643,9 @@ mod tests {
             },
             t0 + secs(10),
         );
-        assert!(h.apply(renewed(t0 + secs(9), inc, TTL), t0 + secs(10)).is_empty());
+        assert!(h
+            .apply(renewed(t0 + secs(9), inc, TTL), t0 + secs(10))
+            .is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -663,7 +672,9 @@ mod tests {
         assert_eq!(h.s.deadline(), Some(t0 + secs(5)));
         assert_eq!(term.deadline(), Some(t0 + secs(5)), "the term reads it");
         // An older answer arriving late changes nothing.
-        assert!(h.apply(renewed(t0 + secs(1), inc, TTL), t0 + secs(3)).is_empty());
+        assert!(h
+            .apply(renewed(t0 + secs(1), inc, TTL), t0 + secs(3))
+            .is_empty());
         assert_eq!(h.s.deadline(), Some(t0 + secs(5)));
     }
 
@@ -673,7 +684,10 @@ mod tests {
         let mut h = Harness::new();
         let term = term_of(&h.elect(t0, t0));
         let inc = h.inc();
-        let evs = h.apply(renewed(t0 + secs(1), inc, Duration::from_nanos(1)), t0 + secs(1));
+        let evs = h.apply(
+            renewed(t0 + secs(1), inc, Duration::from_nanos(1)),
+            t0 + secs(1),
+        );
         assert_eq!(kinds(&evs), ["lost:expired"]);
         assert!(term.is_ended());
         assert_eq!(h.s.deadline(), None);
@@ -814,7 +828,9 @@ mod tests {
             ["lost:released"]
         );
         assert!(term.is_ended());
-        assert!(h.apply(Observation::ReleaseStarted, t0 + secs(4)).is_empty());
+        assert!(h
+            .apply(Observation::ReleaseStarted, t0 + secs(4))
+            .is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -854,10 +870,7 @@ mod tests {
         );
         assert!(!h.s.is_granted());
         // Sent after: a real term.
-        assert_eq!(
-            kinds(&h.elect(t0 + secs(3), t0 + secs(4))),
-            ["elected"]
-        );
+        assert_eq!(kinds(&h.elect(t0 + secs(3), t0 + secs(4))), ["elected"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -878,7 +891,10 @@ mod tests {
         );
         let new = h.inc();
         assert_ne!(new, old);
-        assert!(!h.s.may_own_lock(), "nothing was asked under the new identity");
+        assert!(
+            !h.s.may_own_lock(),
+            "nothing was asked under the new identity"
+        );
         // Anything answered to the old identity is history, however late.
         h.apply(
             Observation::Granted {
@@ -1015,9 +1031,12 @@ mod tests {
                 _ => None,
             };
             let evs = h.apply(obs, now);
-            let extended = evs
-                .iter()
-                .any(|e| matches!(e, LeadershipEvent::Elected { .. } | LeadershipEvent::Renewed { .. }));
+            let extended = evs.iter().any(|e| {
+                matches!(
+                    e,
+                    LeadershipEvent::Elected { .. } | LeadershipEvent::Renewed { .. }
+                )
+            });
             for ev in evs {
                 match ev {
                     LeadershipEvent::Elected { term, .. } => {
@@ -1040,7 +1059,10 @@ mod tests {
             if let Some(d) = h.s.deadline() {
                 assert!(d > now, "never leader past the deadline once applied");
                 if let Some(sent) = counted_renewal.filter(|_| extended) {
-                    assert!(d <= sent + (TTL - MARGIN), "no grant counts for more than asked");
+                    assert!(
+                        d <= sent + (TTL - MARGIN),
+                        "no grant counts for more than asked"
+                    );
                 }
             }
         }

@@ -17,16 +17,6 @@ pub(crate) fn after(at: Instant, d: Duration) -> Instant {
         .unwrap_or(at)
 }
 
-/// `true` when a call that failed with `status` failed because its budget
-/// ran out (ours, or tonic's own deadline from the request's grpc-timeout,
-/// which reports `Cancelled`): the connection under it may be dead.
-pub(crate) fn is_timeout(status: &tonic::Status, budget_end: Instant, now: Instant) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-    ) && now >= budget_end
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,16 +24,10 @@ mod tests {
     #[test]
     fn sums_never_panic() {
         let now = Instant::now();
-        assert_eq!(after(now, Duration::from_secs(1)), now + Duration::from_secs(1));
+        assert_eq!(
+            after(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
         assert!(after(now, Duration::MAX) > now + Duration::from_secs(86_400 * 365));
-    }
-
-    #[test]
-    fn a_cancelled_call_at_its_budget_is_a_timeout() {
-        let now = Instant::now();
-        let cancelled = tonic::Status::cancelled("Timeout expired");
-        assert!(is_timeout(&cancelled, now, now));
-        assert!(!is_timeout(&cancelled, now + Duration::from_secs(1), now));
-        assert!(!is_timeout(&tonic::Status::unavailable("x"), now, now));
     }
 }

@@ -1,19 +1,62 @@
-//! Address parsing and the shared gRPC channel.
+//! Address parsing, the Endpoint the library owns, and redial.
 //!
 //! A [`Transport`] owns one tonic [`Channel`] (one HTTP/2 connection,
-//! multiplexed by every client and scope that shares it). tonic reconnects by
-//! itself after a GOAWAY or a reset; what it cannot see is a connection whose
-//! packets silently vanish (a partition). After a call times out, the transport
-//! therefore replaces the channel with a fresh lazy one, at most once per
-//! `redial_after`, so the next call dials a new connection instead of queueing
-//! behind a dead one.
+//! multiplexed by every client and scope that shares it). Three mechanisms
+//! keep that connection usable:
+//!
+//! - **A bounded connect.** An eager connect (in `build()`) is bounded as a
+//!   whole by the connect timeout, TLS handshake included: tonic's own
+//!   `connect_timeout` covers only the TCP connect, so a peer that accepts TCP
+//!   and never answers the TLS `ClientHello` would otherwise hang `build()`
+//!   for ever. Running out of time is [`Error::ConnectTimeout`].
+//! - **HTTP/2 keep-alive pings, only while a call is open.** tonic reconnects
+//!   by itself after a GOAWAY or a reset; what it cannot see is a connection
+//!   whose packets silently vanish (a partition). For the endpoints the
+//!   library builds from an address, a call that has heard nothing from the
+//!   server for the *ping interval* sends a PING, and a PING not answered
+//!   within the *ping timeout* closes the connection (the call fails with
+//!   `UNAVAILABLE`, and tonic dials afresh for the next one). Both are
+//!   `clamp(max(ttl / 10, rpc_timeout / 3), 1 s, 10 s)` (see
+//!   [`KeepAlive::for_timing`]): a dead connection under an open call is
+//!   noticed within two intervals (interval + timeout), at most a quarter of
+//!   the TTL for the default timing and a TTL of 10 s or more (3.3 s for the
+//!   default 15 s), well within one lease.
+//!
+//!   Pings are **never sent on an idle connection**
+//!   (`keep_alive_while_idle(false)`). The real server is grpc-go, whose
+//!   default keep-alive enforcement (`MinTime` 5 min, `PermitWithoutStream`
+//!   false) answers a client that pings more often than that with
+//!   `GOAWAY ENHANCE_YOUR_CALM "too_many_pings"`. grpc-go forgives a ping that
+//!   follows anything it sent (headers or data) and strikes the others,
+//!   closing the connection at the third strike. Pinging only while a call is
+//!   open and the connection has been silent for an interval is therefore
+//!   safe: each answer resets the count, and the interval is at least a third
+//!   of the call timeout, so a call that is slow on a live server times out
+//!   (at most three pings) before it could draw the third strike. (hyper
+//!   also pings as a call opens on a connection that has been silent for an
+//!   interval, e.g. at each renewal; grpc-go forgives that one, since it
+//!   answered the call before.)
+//! - **Redial after a timed-out call.** After a call times out
+//!   ([`is_timeout`]), [`Transport::call_timed_out`] replaces the channel
+//!   with a fresh lazy one, at most once per `redial_after` (the call
+//!   timeout), so the next call dials a new connection instead of queueing
+//!   behind a dead one.
+//!
+//! A user-supplied [`Endpoint`] (`ClientBuilder::endpoint`) is owned and
+//! redialed like an address, but its settings are the user's: the library adds
+//! no keep-alive to it (tonic's `Endpoint` cannot be read back, so adding ours
+//! would overwrite the user's), and the connect timeout is the endpoint's own
+//! when it has one. A user-supplied [`Channel`] (`ClientBuilder::channel`) is
+//! used as is and never redialed.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
 
+use crate::config::Timing;
 use crate::error::{Error, Result};
 
 /// Parses a server address: `http://host:port`, `https://host:port` or the bare
@@ -81,6 +124,93 @@ pub(crate) fn parse_address(address: &str) -> Result<Endpoint> {
     Ok(endpoint.tcp_nodelay(true))
 }
 
+/// Shortest keep-alive ping interval (and ping timeout).
+const MIN_PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest keep-alive ping interval (and ping timeout).
+const MAX_PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// HTTP/2 keep-alive for an endpoint the library builds (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KeepAlive {
+    /// Silence on a connection with an open call before a PING is sent.
+    pub(crate) interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub(crate) timeout: Duration,
+}
+
+impl KeepAlive {
+    /// `clamp(max(ttl / 10, rpc_timeout / 3), 1 s, 10 s)` for both: a dead
+    /// connection is noticed within a quarter of the TTL (default timing,
+    /// TTL of 10 s or more), and a
+    /// call that is merely slow sends at most three pings before it times
+    /// out, fewer than grpc-go's enforcement punishes.
+    pub(crate) fn for_timing(ttl: Duration, timing: &Timing) -> Self {
+        // A third of the call timeout, rounded up to the nanosecond.
+        let third = timing.rpc_timeout.saturating_add(Duration::from_nanos(2)) / 3;
+        let interval = (ttl / 10)
+            .max(third)
+            .clamp(MIN_PING_INTERVAL, MAX_PING_INTERVAL);
+        KeepAlive {
+            interval,
+            timeout: interval,
+        }
+    }
+
+    fn apply(self, endpoint: Endpoint) -> Endpoint {
+        endpoint
+            .http2_keep_alive_interval(self.interval)
+            .keep_alive_timeout(self.timeout)
+            .keep_alive_while_idle(false)
+    }
+}
+
+/// How a [`Transport`] dials its endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Dialing {
+    /// Bounds a whole eager connect (TLS included), and every TCP connect;
+    /// used only when the endpoint has no connect timeout of its own.
+    pub(crate) connect_timeout: Duration,
+    /// The shortest spacing between two redials after timed-out calls.
+    pub(crate) redial_after: Duration,
+    /// Keep-alive to configure; `None` leaves the endpoint's own settings.
+    pub(crate) keep_alive: Option<KeepAlive>,
+}
+
+impl Dialing {
+    /// For an endpoint the library builds: redial at most once per call
+    /// timeout, keep-alive derived from the timing.
+    pub(crate) fn for_timing(ttl: Duration, timing: &Timing, connect_timeout: Duration) -> Self {
+        Dialing {
+            connect_timeout,
+            redial_after: timing.rpc_timeout,
+            keep_alive: Some(KeepAlive::for_timing(ttl, timing)),
+        }
+    }
+
+    /// The same, for an endpoint the user configured: the library adds no
+    /// keep-alive to it.
+    pub(crate) fn for_user_endpoint(self) -> Self {
+        Dialing {
+            keep_alive: None,
+            ..self
+        }
+    }
+}
+
+/// Whether a call that failed with `status` timed out: it ended with
+/// `CANCELLED` (tonic's own request timeout: "Timeout expired") or
+/// `DEADLINE_EXCEEDED`, at or after its `budget` from `started` ran out.
+/// A call cancelled or refused earlier is not a timeout.
+pub(crate) fn is_timeout(
+    status: &Status,
+    started: Instant,
+    budget: Duration,
+    now: Instant,
+) -> bool {
+    matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
+        && now.saturating_duration_since(started) >= budget
+}
+
 /// One shared connection to the server.
 #[derive(Debug)]
 pub(crate) struct Transport {
@@ -97,17 +227,38 @@ struct Current {
 }
 
 impl Transport {
-    /// Connects eagerly: fails with [`Error::Connection`] when the server cannot
-    /// be reached within the endpoint's connect timeout.
-    pub(crate) async fn connect(endpoint: Endpoint, redial_after: Duration) -> Result<Self> {
-        let channel = endpoint.connect().await.map_err(Error::Connection)?;
-        Ok(Self::with_channel(Some(endpoint), channel, redial_after))
-    }
-
-    /// Connects on first use.
-    pub(crate) fn lazy(endpoint: Endpoint, redial_after: Duration) -> Self {
-        let channel = endpoint.connect_lazy();
-        Self::with_channel(Some(endpoint), channel, redial_after)
+    /// A transport that owns `endpoint` and redials it: connected on first
+    /// use if `lazy`, else now, within the connect timeout (the endpoint's
+    /// own if it has one, else `dialing.connect_timeout`), TLS included.
+    ///
+    /// Fails with [`Error::Connection`] when the connection is refused or
+    /// TLS fails, and [`Error::ConnectTimeout`] when the connect does not
+    /// complete in time.
+    pub(crate) async fn open(endpoint: Endpoint, dialing: Dialing, lazy: bool) -> Result<Self> {
+        let limit = endpoint
+            .get_connect_timeout()
+            .unwrap_or(dialing.connect_timeout);
+        let endpoint = endpoint.connect_timeout(limit);
+        let endpoint = match dialing.keep_alive {
+            Some(keep_alive) => keep_alive.apply(endpoint),
+            None => endpoint,
+        };
+        let channel = if lazy {
+            endpoint.connect_lazy()
+        } else {
+            match tokio::time::timeout(limit, endpoint.connect()).await {
+                Ok(channel) => channel.map_err(Error::Connection)?,
+                Err(_) => {
+                    tracing::debug!(uri = %endpoint.uri(), ?limit, "connect timed out");
+                    return Err(Error::ConnectTimeout(limit));
+                }
+            }
+        };
+        Ok(Self::with_channel(
+            Some(endpoint),
+            channel,
+            dialing.redial_after,
+        ))
     }
 
     /// Uses a channel built by the caller (never redialed).
@@ -159,6 +310,106 @@ mod tests {
             Err(Error::InvalidParameter(m)) => m,
             other => panic!("{a:?}: expected InvalidParameter, got {other:?}"),
         }
+    }
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_call_that_ends_cancelled_or_past_deadline_after_its_budget_is_a_timeout() {
+        let started = Instant::now();
+        let budget = 2 * SEC;
+        let late = started + budget;
+        // tonic's own request timeout ("Timeout expired") and a server-side
+        // deadline, both at or after the budget ran out.
+        for status in [
+            Status::cancelled("Timeout expired"),
+            Status::deadline_exceeded("deadline exceeded"),
+        ] {
+            assert!(is_timeout(&status, started, budget, late), "{status:?}");
+            assert!(
+                is_timeout(&status, started, budget, late + SEC),
+                "{status:?}"
+            );
+            // Before the budget ran out it is something else (a cancelled
+            // stream, a server that gave up early).
+            assert!(
+                !is_timeout(&status, started, budget, late - Duration::from_millis(1)),
+                "{status:?}"
+            );
+            assert!(!is_timeout(&status, started, budget, started), "{status:?}");
+        }
+        // Other codes are never timeouts, however late.
+        for status in [
+            Status::unavailable("connection reset"),
+            Status::unknown("h2 protocol error"),
+            Status::internal("boom"),
+            Status::invalid_argument("bad"),
+        ] {
+            assert!(
+                !is_timeout(&status, started, budget, late + SEC),
+                "{status:?}"
+            );
+        }
+        // A clock read before `started` (never in practice) is not a timeout.
+        assert!(!is_timeout(
+            &Status::cancelled("Timeout expired"),
+            late,
+            budget,
+            started
+        ));
+    }
+
+    #[test]
+    fn keep_alive_notices_a_dead_connection_within_a_quarter_of_the_ttl_and_pings_a_slow_call_at_most_three_times(
+    ) {
+        let ka = |ttl_secs: u64| {
+            let ttl = Duration::from_secs(ttl_secs);
+            KeepAlive::for_timing(ttl, &Timing::for_ttl(ttl))
+        };
+        // Default timing: ttl / 10 when that is over rpc_timeout / 3.
+        assert_eq!(ka(15).interval, Duration::from_nanos(1_666_666_667)); // 5 s / 3
+        assert_eq!(ka(30).interval, 3 * SEC);
+        assert_eq!(ka(60).interval, 6 * SEC);
+        // Clamped to 1 s ..= 10 s.
+        assert_eq!(ka(1).interval, SEC);
+        assert_eq!(ka(5).interval, SEC);
+        assert_eq!(ka(600).interval, 10 * SEC);
+        for ttl_secs in [1, 2, 3, 5, 10, 15, 20, 30, 45, 60, 100, 600, 3600] {
+            let ttl = Duration::from_secs(ttl_secs);
+            let timing = Timing::for_ttl(ttl);
+            let k = KeepAlive::for_timing(ttl, &timing);
+            assert_eq!(k.timeout, k.interval, "ttl {ttl_secs}");
+            assert!(
+                (MIN_PING_INTERVAL..=MAX_PING_INTERVAL).contains(&k.interval),
+                "ttl {ttl_secs}"
+            );
+            // A dead connection under an open call is noticed well within
+            // one lease (ttl >= 5 s; shorter TTLs hit the 1 s floor).
+            if ttl_secs >= 10 {
+                assert!(k.interval + k.timeout <= ttl / 4, "ttl {ttl_secs}: {k:?}");
+            }
+            // A slow call sends a ping at its start and one per interval: the
+            // fourth (grpc-go's third strike) would come after it timed out.
+            assert!(
+                3 * k.interval >= timing.rpc_timeout,
+                "ttl {ttl_secs}: {k:?}"
+            );
+        }
+        // A long user rpc_timeout widens the interval, up to 10 s.
+        let mut slow = Timing::for_ttl(15 * SEC);
+        slow.rpc_timeout = 12 * SEC;
+        assert_eq!(KeepAlive::for_timing(15 * SEC, &slow).interval, 4 * SEC);
+    }
+
+    #[test]
+    fn a_user_endpoint_gets_no_keep_alive_of_ours() {
+        let d = Dialing::for_timing(15 * SEC, &Timing::for_ttl(15 * SEC), 5 * SEC);
+        assert!(d.keep_alive.is_some());
+        assert_eq!(d.redial_after, 5 * SEC);
+        let user = d.for_user_endpoint();
+        assert_eq!(user.keep_alive, None);
+        assert_eq!(user.connect_timeout, d.connect_timeout);
+        assert_eq!(user.redial_after, d.redial_after);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Session;
 use crate::backoff::{classify, Class};
-use crate::event::{LeaseView, LeadershipEvent};
+use crate::event::{LeadershipEvent, LeaseView};
 use crate::state::Observation;
 
 /// The pause before a campaign that ended unexpectedly is restarted.
@@ -216,7 +216,9 @@ pub(crate) async fn drive(session: Arc<Session>, stop: CancellationToken) {
                     .unwrap_or_else(|| "non-string panic payload".into());
                 tracing::error!(panic = %what, "the campaign panicked; stepping down and restarting it");
             }
-            Ok(()) => tracing::error!("the campaign ended unexpectedly; stepping down and restarting it"),
+            Ok(()) => {
+                tracing::error!("the campaign ended unexpectedly; stepping down and restarting it")
+            }
         }
         session.observe(Observation::CampaignFailed);
         tokio::select! {
@@ -232,7 +234,11 @@ pub(crate) async fn drive(session: Arc<Session>, stop: CancellationToken) {
 /// call returns and nothing campaigns. Ends with the session.
 pub(crate) async fn step_down_timer(session: Weak<Session>, mut lease: watch::Receiver<LeaseView>) {
     loop {
-        let deadline = lease.borrow_and_update().current.as_ref().map(|c| c.deadline);
+        let deadline = lease
+            .borrow_and_update()
+            .current
+            .as_ref()
+            .map(|c| c.deadline);
         let fired = match deadline {
             Some(deadline) => tokio::select! {
                 changed = lease.changed() => {

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::error::{Error, Result};
-use crate::event::{LeaseView, LeadershipEvent};
+use crate::event::{LeadershipEvent, LeaseView};
 use crate::fanout::{self, EventReceiver, EventSender};
 use crate::rpc::{Answer, LeaseAnswer, Rpc};
 use crate::state::{ElectionState, Observation};
@@ -237,8 +237,8 @@ impl Session {
     /// unknown (it fails, times out, is retried or this future is dropped),
     /// the state machine retires the identity it was sent under.
     pub(crate) async fn release(&self) -> Result<()> {
-        let (_, (incarnation, acquires_before)) =
-            self.observe_with(Observation::ReleaseStarted, |s| {
+        let (_, (incarnation, acquires_before)) = self
+            .observe_with(Observation::ReleaseStarted, |s| {
                 (s.incarnation(), s.acquires_sent())
             });
         let mut done = ReleaseDone {
@@ -247,10 +247,7 @@ impl Session {
             acquires_before,
             settled: false,
         };
-        let answer = self
-            .rpc
-            .release(incarnation, self.timing.rpc_timeout)
-            .await;
+        let answer = self.rpc.release(incarnation, self.timing.rpc_timeout).await;
         done.settled = answer.result.is_ok() && answer.attempts == 1;
         if !done.settled {
             tracing::debug!(

@@ -2271,6 +2271,17 @@ impl Analysis {
     }
 }
 
+/// `true` if `owner` (a lock owner on the server) is client `id` under one of
+/// its incarnations: `id` itself, or `id#N` after a release whose outcome was
+/// unknown.
+fn wire_id_of(owner: &str, id: &str) -> bool {
+    owner == id
+        || owner
+            .strip_prefix(id)
+            .and_then(|rest| rest.strip_prefix('#'))
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2445,15 +2456,4 @@ mod tests {
         assert_eq!(percentile(&v, 0.5), Some(ms(2)));
         assert_eq!(percentile(&v, 0.99), Some(ms(4)));
     }
-}
-
-/// `true` if `owner` (a lock owner on the server) is client `id` under one of
-/// its incarnations: `id` itself, or `id#N` after a release whose outcome was
-/// unknown.
-fn wire_id_of(owner: &str, id: &str) -> bool {
-    owner == id
-        || owner
-            .strip_prefix(id)
-            .and_then(|rest| rest.strip_prefix('#'))
-            .is_some_and(|n| n.parse::<u32>().is_ok())
 }
