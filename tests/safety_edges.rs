@@ -1,0 +1,530 @@
+//! Safety at the edges: each test is named after the rule it protects, and
+//! each reproduces a way a delayed, hostile or starved path broke that rule
+//! (two leaders, a panic, a hang, an unbounded buffer) before it was fixed.
+//! Timing-exact tests run under paused time over in-memory pipes; the ones
+//! that need real sockets or real threads use loopback TCP with generous
+//! bounds.
+#![cfg(feature = "testing")]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures::{FutureExt, StreamExt};
+use quorum_quest_client::testing::{FaultProxy, LeasePolicy, Rpc, TestServer};
+use quorum_quest_client::{
+    Callbacks, Error, LeadershipEvent, LossReason, NoOpCallbacks, QuorumQuestClient,
+};
+use tokio::time::Instant;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+async fn server() -> TestServer {
+    TestServer::start().await.expect("test server starts")
+}
+
+/// Waits (on the paused or real clock) until `cond` holds.
+async fn wait_for(within: Duration, what: &str, cond: impl FnMut() -> bool) {
+    eventually(within, what, cond).await;
+}
+
+// ----- 1. a release whose outcome is unknown -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_outcome_is_unknown_cannot_end_a_later_term() {
+    let server = server().await;
+    let proxy = FaultProxy::start(server.addr()).await.unwrap();
+    let a = over_tcp(&proxy.url(), 10)
+        .client_id("node-a")
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let b = over_tcp(&server.url(), 10)
+        .client_id("node-b")
+        .build()
+        .await
+        .unwrap();
+    assert!(a.try_acquire_lock().await.unwrap());
+
+    // A's connection stalls: the release is held, not lost, and times out.
+    proxy.hold_live();
+    assert!(a.release_lock().await.is_err(), "the release must time out");
+    assert!(!a.is_leader());
+    // A's old lease runs out on the server (its release never arrived), and
+    // A leads again, on a new connection.
+    server.force_expire(SERVICE, DOMAIN);
+    assert!(a.try_acquire_lock().await.unwrap(), "A re-acquires");
+    assert!(a.is_leader());
+    // The old release reaches the server now.
+    proxy.deliver_held();
+    wait_for(10 * SEC, "the held release reaches the server", || {
+        server.calls(Rpc::ReleaseLock) >= 1
+    })
+    .await;
+    tokio::time::sleep(ms(300)).await;
+
+    // It could not end A's new term: B is refused while A leads.
+    let lock = server.lock(SERVICE, DOMAIN).expect("A's lock survives");
+    assert!(
+        lock.owner.starts_with("node-a"),
+        "owner {:?}: the stale release deleted A's new lock",
+        lock.owner
+    );
+    assert_ne!(lock.owner, "node-a", "A went on under a fresh incarnation");
+    assert_eq!(a.client_id(), "node-a", "client_id() is unchanged");
+    assert!(!b.try_acquire_lock().await.unwrap(), "two leaders");
+    assert!(a.is_leader());
+    proxy.shutdown().await;
+}
+
+// ----- 2. the server's lease answer is bounded by what was asked -----
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_longer_than_asked_counts_only_for_the_ttl_asked() {
+    let server = server().await;
+    server.set_lease_policy(LeasePolicy::Answer {
+        seconds: 3600,
+        nanos: 0,
+    });
+    let client = in_memory(&server, 3).build().await.unwrap();
+    let margin = client.timing().safety_margin;
+    let mut stream = client.leadership();
+    let LeadershipEvent::Elected {
+        lease_remaining, ..
+    } = next(&mut stream, 5 * SEC, "Elected").await
+    else {
+        panic!("expected Elected");
+    };
+    assert!(lease_remaining <= 3 * SEC - margin, "{lease_remaining:?}");
+    match until(&mut stream, 5 * SEC, "Renewed", |e| {
+        matches!(e, LeadershipEvent::Renewed { .. })
+    })
+    .await
+    {
+        LeadershipEvent::Renewed {
+            lease_remaining, ..
+        } => assert!(lease_remaining <= 3 * SEC - margin, "{lease_remaining:?}"),
+        _ => unreachable!(),
+    }
+    // Partitioned now: the leader must step down within the TTL asked for,
+    // not an hour later.
+    server.pause();
+    let start = Instant::now();
+    let lost = until(&mut stream, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
+    assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    assert!(start.elapsed() <= 3 * SEC, "{:?}", start.elapsed());
+    server.resume();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shorter_lease_shortens_the_deadline_and_one_under_the_margin_is_a_loss() {
+    let server = server().await;
+    let client = in_memory(&server, 10).build().await.unwrap();
+    let mut stream = client.leadership();
+    let LeadershipEvent::Elected { term, .. } = next(&mut stream, 5 * SEC, "Elected").await else {
+        panic!("expected Elected");
+    };
+    // The server now answers 5 s leases: the deadline moves back.
+    server.set_lease_policy(LeasePolicy::Answer {
+        seconds: 5,
+        nanos: 0,
+    });
+    until(&mut stream, 10 * SEC, "Renewed", |e| {
+        matches!(e, LeadershipEvent::Renewed { .. })
+    })
+    .await;
+    let left = term.remaining();
+    assert!(left <= 5 * SEC - SEC, "the 5 s answer counts: {left:?}");
+    // Then 1 ns: less than the margin, so a loss.
+    server.set_lease_policy(LeasePolicy::Answer {
+        seconds: 0,
+        nanos: 1,
+    });
+    let lost = until(&mut stream, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
+    assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    assert!(term.is_ended());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_clamps_leases_never_leaves_the_client_leading_past_its_expiry() {
+    let server = server().await;
+    server.set_lease_policy(LeasePolicy::Clamp(2 * SEC));
+    let client = in_memory(&server, 10)
+        .renew_interval(ms(500))
+        .build()
+        .await
+        .unwrap();
+    let mut stream = client.leadership();
+    next(&mut stream, 5 * SEC, "Elected").await;
+    // Sample the whole run: whenever the client says it leads, the server's
+    // lock is its own and outlives the client's belief.
+    let end = Instant::now() + 20 * SEC;
+    let mut samples = 0;
+    while Instant::now() < end {
+        if let Some(left) = client.get_remaining_lease() {
+            let lock = server
+                .lock(SERVICE, DOMAIN)
+                .expect("leading with no lock on the server");
+            assert_eq!(lock.owner, client.client_id());
+            assert!(
+                left < lock.remaining,
+                "client believes {left:?}, server expires in {:?}",
+                lock.remaining
+            );
+            samples += 1;
+        }
+        tokio::select! {
+            _ = stream.next() => {}
+            _ = tokio::time::sleep(ms(37)) => {}
+        }
+    }
+    assert!(
+        samples > 100,
+        "the client led for most of the run: {samples}"
+    );
+}
+
+// ----- 3. leader work ends by the deadline even if the campaign is starved -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_work_stops_by_the_deadline_when_the_campaign_runtime_is_blocked() {
+    let server = server().await;
+    let url = server.url();
+    let (term_tx, term_rx) = tokio::sync::oneshot::channel();
+    // The contender runs on its own current-thread runtime, which then
+    // blocks (a consumer doing blocking work): nothing on it can run.
+    let contender = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let client = over_tcp(&url, 3).build().await.unwrap();
+            let mut stream = client.leadership();
+            let ev = next(&mut stream, 10 * SEC, "Elected").await;
+            let LeadershipEvent::Elected { term, .. } = ev else {
+                panic!("expected Elected, got {ev:?}");
+            };
+            term_tx.send((term, client.clone())).ok();
+            std::thread::sleep(Duration::from_secs(8));
+            drop(stream);
+        });
+    });
+    let (term, client) = term_rx.await.unwrap();
+    // Work bound to the term, on this (healthy) runtime.
+    let work = term.spawn(std::future::pending::<()>());
+    let token = term.token();
+    let deadline = term.deadline().expect("leading");
+    assert!(deadline <= Instant::now() + 3 * SEC);
+    tokio::time::timeout(6 * SEC, term.cancelled())
+        .await
+        .expect("the term must end by its deadline, not when the campaign wakes up");
+    let ended_at = Instant::now();
+    assert!(ended_at >= deadline);
+    assert!(
+        ended_at - deadline < ms(500),
+        "ended {:?} after the deadline",
+        ended_at - deadline
+    );
+    assert_eq!(
+        tokio::time::timeout(SEC, work).await.unwrap().unwrap(),
+        None
+    );
+    tokio::time::timeout(SEC, token.cancelled()).await.unwrap();
+    assert!(!term.is_active());
+    assert!(!client.is_leader());
+    assert_eq!(client.get_remaining_lease(), None);
+    // The server's lease (3 s from the same send) outlived the term.
+    tokio::task::spawn_blocking(move || contender.join().unwrap())
+        .await
+        .unwrap();
+}
+
+// ----- 4. a stale refusal -----
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_decided_before_a_newer_grant_does_not_end_that_term() {
+    let server = server().await;
+    let client = in_memory(&server, 10)
+        .client_id("node-a")
+        .build()
+        .await
+        .unwrap();
+    server.set_owner(SERVICE, DOMAIN, "node-b", 10 * SEC);
+    server.set_refusal_delay(2 * SEC);
+    // Decided now (refused: B owns the lock), answered in 2 s.
+    let stale = tokio::spawn({
+        let client = client.clone();
+        async move { client.try_acquire_lock().await }
+    });
+    tokio::time::sleep(ms(100)).await;
+    server.force_expire(SERVICE, DOMAIN);
+    assert!(
+        client.try_acquire_lock().await.unwrap(),
+        "granted after B left"
+    );
+    let mut stream = client.leadership();
+    assert!(next(&mut stream, SEC, "Elected").await.is_elected());
+    // The stale refusal arrives after the grant; the call reports that the
+    // client leads.
+    assert!(stale.await.unwrap().unwrap());
+    assert!(client.is_leader(), "a stale refusal ended a newer term");
+    assert!(
+        stream.next().now_or_never().is_none(),
+        "no Lost for a stale refusal"
+    );
+    assert_eq!(server.lock(SERVICE, DOMAIN).unwrap().owner, "node-a");
+}
+
+// ----- 5. hostile values never panic -----
+
+#[tokio::test(start_paused = true)]
+async fn out_of_range_leases_from_the_server_are_a_rejection_never_a_panic() {
+    let server = server().await;
+    let client = in_memory(&server, 3).build().await.unwrap();
+    let mut stream = client.leadership();
+    for policy in [
+        LeasePolicy::Answer {
+            seconds: i64::MAX,
+            nanos: 0,
+        },
+        LeasePolicy::Answer {
+            seconds: i64::MIN,
+            nanos: 0,
+        },
+        LeasePolicy::Answer {
+            seconds: 0,
+            nanos: 2_000_000_000,
+        },
+        LeasePolicy::Answer {
+            seconds: 5,
+            nanos: -1,
+        },
+        LeasePolicy::Missing,
+    ] {
+        server.set_lease_policy(LeasePolicy::AsAsked);
+        until(
+            &mut stream,
+            10 * SEC,
+            "Elected",
+            LeadershipEvent::is_elected,
+        )
+        .await;
+        server.set_lease_policy(policy.clone());
+        let mut failure = None;
+        let lost = until(&mut stream, 10 * SEC, "Lost", |e| {
+            if let LeadershipEvent::RpcFailed { code, message, .. } = e {
+                failure = Some((*code, message.clone()));
+            }
+            e.is_lost()
+        })
+        .await;
+        assert!(
+            is_lost_with(&lost, LossReason::Rejected),
+            "{policy:?}: {lost:?}"
+        );
+        if policy != LeasePolicy::Missing {
+            let (code, message) = failure.expect("a clear RpcFailed first");
+            assert_eq!(code, tonic::Code::Internal, "{policy:?}");
+            assert!(message.contains("lease_length"), "{message}");
+        }
+    }
+    // The campaign is alive and leads again.
+    server.set_lease_policy(LeasePolicy::AsAsked);
+    until(
+        &mut stream,
+        10 * SEC,
+        "Elected",
+        LeadershipEvent::is_elected,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn impossible_builder_values_are_invalid_parameters() {
+    let b = || QuorumQuestClient::builder(SERVICE, DOMAIN).lazy_connect();
+    let cases: Vec<(&str, quorum_quest_client::ClientBuilder)> = vec![
+        ("rpc_timeout", b().rpc_timeout(Duration::MAX)),
+        ("retry_period", b().retry_period(Duration::MAX)),
+        ("renew_interval", b().renew_interval(Duration::MAX)),
+        ("safety_margin", b().safety_margin(Duration::MAX)),
+        ("connect_timeout", b().connect_timeout(Duration::MAX)),
+    ];
+    for (param, builder) in cases {
+        match builder.build().await {
+            Err(Error::InvalidParameter(m)) => assert!(m.starts_with(param), "{param}: {m}"),
+            other => panic!("{param}: expected InvalidParameter, got {other:?}"),
+        }
+    }
+}
+
+// ----- 8. no runtime -----
+
+#[test]
+fn building_outside_a_tokio_runtime_is_an_error_not_a_panic() {
+    let builders = [
+        QuorumQuestClient::builder(SERVICE, DOMAIN).address("localhost:5050"),
+        QuorumQuestClient::builder(SERVICE, DOMAIN)
+            .address("localhost:5050")
+            .lazy_connect(),
+        QuorumQuestClient::builder(SERVICE, DOMAIN)
+            .address("localhost:5050")
+            .lazy_connect()
+            .callbacks(Arc::new(NoOpCallbacks) as Arc<dyn Callbacks>),
+    ];
+    for builder in builders {
+        match futures::executor::block_on(builder.build()) {
+            Err(Error::NoRuntime) => {}
+            other => panic!("expected Error::NoRuntime, got {other:?}"),
+        }
+    }
+}
+
+// ----- 10. error classes -----
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_error_is_surfaced_and_retried_only_at_the_retry_period() {
+    let server = server().await;
+    server.fail_next(
+        1000,
+        Some(Rpc::TryAcquireLock),
+        tonic::Status::permission_denied("no"),
+    );
+    let client = in_memory(&server, 3).build().await.unwrap();
+    let period = client.timing().retry_period;
+    let mut stream = client.leadership();
+    match next(&mut stream, 5 * SEC, "RpcFailed").await {
+        LeadershipEvent::RpcFailed { code, .. } => {
+            assert_eq!(code, tonic::Code::PermissionDenied)
+        }
+        other => panic!("expected RpcFailed, got {other:?}"),
+    }
+    let before = server.calls(Rpc::TryAcquireLock);
+    tokio::time::sleep(period * 10).await;
+    let calls = server.calls(Rpc::TryAcquireLock) - before;
+    assert!(
+        (9..=11).contains(&calls),
+        "{calls} attempts in 10 retry periods: a permanent error waits the period"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_retries_with_a_minimum_spacing_as_its_lease_runs_out() {
+    let server = server().await;
+    let client = in_memory(&server, 3).build().await.unwrap();
+    let mut stream = client.leadership();
+    next(&mut stream, 5 * SEC, "Elected").await;
+    server.fail_next(
+        1000,
+        Some(Rpc::KeepAlive),
+        tonic::Status::resource_exhausted("busy"),
+    );
+    let before = server.calls(Rpc::KeepAlive);
+    let lost = until(&mut stream, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
+    assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    let calls = server.calls(Rpc::KeepAlive) - before;
+    // About 2 s of lease left at the first failure: a handful of retries,
+    // at least 50 ms apart, not a burst as the deadline nears.
+    assert!(
+        calls <= 10,
+        "{calls} KeepAlive calls while the lease ran out"
+    );
+    assert!(calls >= 2, "it did retry: {calls}");
+}
+
+// ----- 11. a new stream never starts with Lost -----
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_created_after_a_lease_expired_starts_as_documented() {
+    let server = server().await;
+    let client = in_memory(&server, 3).build().await.unwrap();
+    assert!(client.try_acquire_lock().await.unwrap());
+    tokio::time::sleep(4 * SEC).await;
+    assert!(!client.is_leader());
+    let mut stream = client.leadership();
+    let first = next(&mut stream, 5 * SEC, "first event").await;
+    assert!(
+        !first.is_lost(),
+        "a stream must not start with Lost: {first:?}"
+    );
+}
+
+// ----- 12. bounded buffers -----
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_stream_keeps_only_the_latest_renewal() {
+    let server = server().await;
+    let client = in_memory(&server, 3).build().await.unwrap();
+    let mut driving = client.leadership();
+    let mut idle = client.leadership();
+    next(&mut driving, 5 * SEC, "Elected").await;
+    // 200 renewals while `idle` is never polled.
+    let mut renewals = 0;
+    while renewals < 200 {
+        if let LeadershipEvent::Renewed { .. } = next(&mut driving, 5 * SEC, "Renewed").await {
+            renewals += 1;
+        }
+    }
+    let mut queued = Vec::new();
+    while let Some(Some(ev)) = idle.next().now_or_never() {
+        queued.push(ev);
+    }
+    assert!(
+        queued.first().is_some_and(LeadershipEvent::is_elected),
+        "{queued:?}"
+    );
+    let renewed = queued
+        .iter()
+        .filter(|e| matches!(e, LeadershipEvent::Renewed { .. }))
+        .count();
+    assert!(
+        renewed <= 1,
+        "{renewed} renewals buffered for an idle stream"
+    );
+    assert!(queued.len() <= 3, "{queued:?}");
+}
+
+// ----- 13. a lock held for nobody -----
+
+#[tokio::test(start_paused = true)]
+async fn an_acquire_answered_too_late_does_not_leave_the_lock_held_for_nobody() {
+    let server = server().await;
+    // Every answer comes 2 s late: A (1 s timeout) never learns of a grant.
+    server.set_latency(2 * SEC);
+    let a = in_memory(&server, 10)
+        .client_id("node-a")
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let b = in_memory(&server, 10)
+        .client_id("node-b")
+        .rpc_timeout(5 * SEC)
+        .build()
+        .await
+        .unwrap();
+    a.start_keep_alive().await.unwrap();
+    let start = Instant::now();
+    let mut b_leads = false;
+    while start.elapsed() < 60 * SEC {
+        if b.try_acquire_lock().await.unwrap_or(false) {
+            b_leads = true;
+            break;
+        }
+        tokio::time::sleep(SEC).await;
+    }
+    assert!(
+        b_leads,
+        "the lock stayed with a client that could never lead: {:?}",
+        server.lock(SERVICE, DOMAIN)
+    );
+    assert!(!a.is_leader());
+    a.stop_keep_alive().await;
+}
