@@ -317,7 +317,7 @@ async fn out_of_range_leases_from_the_server_are_a_rejection_never_a_panic() {
             LeadershipEvent::is_elected,
         )
         .await;
-        server.set_lease_policy(policy.clone());
+        server.set_lease_policy(policy);
         let mut failure = None;
         let lost = until(&mut stream, 10 * SEC, "Lost", |e| {
             if let LeadershipEvent::RpcFailed { code, message, .. } = e {
