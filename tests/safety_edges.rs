@@ -528,3 +528,23 @@ async fn an_acquire_answered_too_late_does_not_leave_the_lock_held_for_nobody() 
     assert!(!a.is_leader());
     a.stop_keep_alive().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_server_granting_less_than_the_margin_is_asked_again_only_at_the_retry_period() {
+    let server = server().await;
+    // Every lease is shorter than the client's margin: it can never lead.
+    server.set_lease_policy(LeasePolicy::Clamp(ms(200)));
+    let client = in_memory(&server, 3).build().await.unwrap();
+    let period = client.timing().retry_period;
+    let mut stream = client.leadership();
+    tokio::select! {
+        ev = stream.next() => panic!("nothing to report while it cannot lead: {ev:?}"),
+        _ = tokio::time::sleep(period * 10) => {}
+    }
+    assert!(!client.is_leader());
+    let calls = server.calls(Rpc::TryAcquireLock);
+    assert!(
+        (8..=12).contains(&calls),
+        "{calls} acquires in 10 retry periods: no tight loop"
+    );
+}

@@ -161,6 +161,19 @@ pub(crate) fn campaign(
                         yield ev;
                     }
                     match &answer.result {
+                        Ok(_) if matches!(session.next_step(None), Step::Acquire) => {
+                            // Refused, or a lease too short to lead on: the
+                            // lock is not (safely) ours. Ask again after the
+                            // retry period, not in a tight loop.
+                            failures = 0;
+                            retry_at = None;
+                            let wait = session.backoff().follower_wait();
+                            tokio::select! {
+                                biased;
+                                _ = stop.cancelled() => break,
+                                _ = sleep(wait) => {}
+                            }
+                        }
                         Ok(_) => {
                             failures = 0;
                             retry_at = None;
