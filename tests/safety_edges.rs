@@ -511,6 +511,13 @@ async fn an_acquire_answered_too_late_does_not_leave_the_lock_held_for_nobody() 
         .await
         .unwrap();
     a.start_keep_alive().await.unwrap();
+    // A's (unanswered in time) acquire reaches the store first.
+    eventually(10 * SEC, "A holds the lock on the server", || {
+        server
+            .lock(SERVICE, DOMAIN)
+            .is_some_and(|l| l.owner.starts_with("node-a"))
+    })
+    .await;
     let start = Instant::now();
     let mut b_leads = false;
     while start.elapsed() < 60 * SEC {
