@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
-use quorum_quest_client::proto::{KeepAliveRequest, TryAcquireLockRequest};
-use quorum_quest_client::testing::{FaultProxy, ProxyMode, Rpc, TestServer};
+use quorum_quest_client::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
+use quorum_quest_client::testing::{FaultProxy, ProxyMode, Rpc, TenureEnd, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -276,4 +276,108 @@ async fn no_task_outlives_the_proxy() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+fn release_req(id: &str) -> ReleaseLockRequest {
+    ReleaseLockRequest {
+        service: "svc".into(),
+        domain: "dom".into(),
+        client_id: id.into(),
+    }
+}
+
+async fn connect_through(proxy: &FaultProxy) -> Client {
+    let channel = Endpoint::from_shared(proxy.url())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    LeaderElectionServiceClient::new(channel)
+}
+
+/// Polls `cond` until it holds (bounded).
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SOON;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {SOON:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The stale-release split brain, at the raw-stub level: a ReleaseLock stalls
+/// on connection 1, the client gives up, cuts that connection and re-acquires
+/// on connection 2; then the held ReleaseLock reaches the server and deletes
+/// the new lock.
+#[tokio::test]
+async fn hold_live_delivers_a_stale_release_after_the_client_moved_on() {
+    let server = TestServer::start().await.unwrap();
+    let proxy = FaultProxy::start(server.addr()).await.unwrap();
+
+    // Term 1 on connection 1.
+    let mut first = connect_through(&proxy).await;
+    assert!(
+        first
+            .try_acquire_lock(acquire_req("a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .is_leader
+    );
+
+    // Connection 1 stalls; the release hangs and the client gives up on it.
+    proxy.hold_live();
+    let gave_up = timeout(
+        Duration::from_millis(300),
+        first.release_lock(release_req("a")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the release must hang while held");
+    assert_eq!(server.calls(Rpc::ReleaseLock), 0, "held: not delivered");
+    // The client cuts connection 1.
+    drop(first);
+
+    // Term 2 on a new connection, which passes normally. The lock expired
+    // meanwhile (forced here), so this is a new tenure.
+    server.force_expire("svc", "dom");
+    let mut second = connect_through(&proxy).await;
+    assert!(
+        timeout(SOON, second.try_acquire_lock(acquire_req("a")))
+            .await
+            .expect("new connections pass while the old ones are held")
+            .unwrap()
+            .into_inner()
+            .is_leader
+    );
+    let acquired_again = Instant::now();
+    assert_eq!(proxy.connections_accepted(), 2);
+    assert_eq!(server.tenures().len(), 2);
+    assert_eq!(server.calls(Rpc::ReleaseLock), 0);
+
+    // The held release now reaches the server and ends the new tenure.
+    proxy.deliver_held();
+    wait_until("the held release reached the server", || {
+        server.calls(Rpc::ReleaseLock) == 1
+    })
+    .await;
+    wait_until("the lock is gone", || server.lock("svc", "dom").is_none()).await;
+    let tenures = server.tenures();
+    assert_eq!(tenures.len(), 2, "{tenures:?}");
+    let second_tenure = &tenures[1];
+    assert_eq!(second_tenure.owner, "a");
+    assert_eq!(second_tenure.ended_by, TenureEnd::Released);
+    assert!(second_tenure.start <= acquired_again);
+    assert!(second_tenure.end >= acquired_again);
+
+    // The client on connection 2 still believes it holds term 2; the server
+    // says otherwise.
+    let lease = second
+        .keep_alive(keep_alive_req("a"))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease_length;
+    assert_eq!(lease.map(|d| d.seconds), Some(-1));
+    proxy.shutdown().await;
+    server.shutdown().await;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
 use quorum_quest_client::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
-use quorum_quest_client::testing::{Rpc, TenureEnd, TestServer};
+use quorum_quest_client::testing::{LeasePolicy, Rpc, TenureEnd, TestServer};
 use tokio::time::{timeout, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -836,4 +836,201 @@ async fn dropping_the_last_handle_stops_the_server() {
     drop((c, m));
     wait_for_no_tasks().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+// ------------------------------------------------ lease policies and refusals
+
+/// The raw `lease_length` of a KeepAlive answer (`None`: missing).
+async fn raw_lease(client: &mut Client, id: &str, ttl: i32) -> Option<(i64, i32)> {
+    client
+        .keep_alive(keep_alive_req(id, ttl))
+        .await
+        .expect("KeepAlive")
+        .into_inner()
+        .lease_length
+        .map(|d| (d.seconds, d.nanos))
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_policy_as_asked_is_the_default() {
+    let server = TestServer::start().await.unwrap();
+    assert_eq!(server.lease_policy(), LeasePolicy::AsAsked);
+    let mut c = LeaderElectionServiceClient::new(server.in_memory_channel());
+    assert!(acquire(&mut c, "a", 10).await);
+    assert_eq!(raw_lease(&mut c, "a", 7).await, Some((7, 0)));
+    assert_eq!(
+        server.lock(SVC, DOM).unwrap().remaining,
+        Duration::from_secs(7)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_policy_clamp_shortens_the_real_expiry_and_the_answer() {
+    let clamp = Duration::from_millis(1_800);
+    let server = TestServer::builder()
+        .lease_policy(LeasePolicy::Clamp(clamp))
+        .start()
+        .await
+        .unwrap();
+    let mut c = LeaderElectionServiceClient::new(server.in_memory_channel());
+    let t0 = Instant::now();
+    assert!(acquire(&mut c, "a", 3).await);
+    assert_eq!(server.lock(SVC, DOM).unwrap().remaining, clamp, "acquire");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    // KeepAlive: the store's expiry and the answer are both the clamp.
+    assert_eq!(raw_lease(&mut c, "a", 3).await, Some((1, 800_000_000)));
+    assert_eq!(server.lock(SVC, DOM).unwrap().remaining, clamp, "renew");
+    // A ttl below the clamp is granted as asked.
+    assert_eq!(raw_lease(&mut c, "a", 1).await, Some((1, 0)));
+    assert_eq!(
+        server.lock(SVC, DOM).unwrap().remaining,
+        Duration::from_secs(1)
+    );
+    assert!(acquire(&mut c, "a", 3).await, "re-entrant, clamped");
+    // The real expiry is the clamped one: another node gets it then.
+    tokio::time::advance(clamp - Duration::from_millis(1)).await;
+    assert!(!acquire(&mut c, "b", 3).await);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(acquire(&mut c, "b", 3).await);
+    // Non-owners still get -1 s.
+    assert_eq!(raw_lease(&mut c, "a", 3).await, Some((-1, 0)));
+    // The tenures are the store's truth: the shorter expiry.
+    let history = server.tenures();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].owner, "a");
+    assert_eq!(history[0].ended_by, TenureEnd::Expired);
+    assert_eq!(
+        history[0].end,
+        t0 + Duration::from_secs(1) + clamp,
+        "expired at the clamped lease, not the asked ttl"
+    );
+    assert_eq!(history[1].expiry, history[1].start + clamp);
+    // Back to AsAsked: the next renewal grants the ttl asked for.
+    server.set_lease_policy(LeasePolicy::AsAsked);
+    assert_eq!(raw_lease(&mut c, "b", 3).await, Some((3, 0)));
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_policy_answer_sends_a_raw_lease_length_to_the_owner_only() {
+    let server = TestServer::start().await.unwrap();
+    let mut c = LeaderElectionServiceClient::new(server.in_memory_channel());
+    let t0 = Instant::now();
+    assert!(acquire(&mut c, "a", 3).await);
+    for (seconds, nanos) in [
+        (3600, 0),
+        (0, 1),
+        (i64::MAX, 999_999_999),
+        (i64::MIN, 0),
+        (1, 1_000_000_000),
+        (0, -1),
+        (2, -500_000_000),
+        (-2, 500_000_000),
+    ] {
+        server.set_lease_policy(LeasePolicy::Answer { seconds, nanos });
+        assert_eq!(
+            raw_lease(&mut c, "a", 3).await,
+            Some((seconds, nanos)),
+            "answered as set"
+        );
+        // The store behaves as asked: the ttl requested, from now.
+        assert_eq!(
+            server.lock(SVC, DOM).unwrap().remaining,
+            Duration::from_secs(3)
+        );
+        assert_eq!(raw_lease(&mut c, "b", 3).await, Some((-1, 0)), "non-owner");
+    }
+    let history = server.tenures();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].expiry, t0 + Duration::from_secs(3));
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_policy_missing_omits_the_owners_lease_length() {
+    let server = TestServer::start().await.unwrap();
+    server.set_lease_policy(LeasePolicy::Missing);
+    let mut c = LeaderElectionServiceClient::new(server.in_memory_channel());
+    assert!(acquire(&mut c, "a", 3).await);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(raw_lease(&mut c, "a", 3).await, None);
+    assert_eq!(
+        server.lock(SVC, DOM).unwrap().remaining,
+        Duration::from_secs(3),
+        "the store renewed as asked"
+    );
+    assert_eq!(raw_lease(&mut c, "b", 3).await, Some((-1, 0)), "non-owner");
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusal_delay_holds_back_refusals_decided_on_arrival() {
+    let delay = Duration::from_secs(2);
+    let server = TestServer::start().await.unwrap();
+    server.set_refusal_delay(delay);
+    assert_eq!(server.refusal_delay(), delay);
+    let channel = server.in_memory_channel();
+    let mut a = LeaderElectionServiceClient::new(channel.clone());
+    let mut b = LeaderElectionServiceClient::new(channel);
+
+    // Grants are not delayed.
+    let t0 = Instant::now();
+    assert!(acquire(&mut a, "a", 3).await);
+    assert_eq!(raw_lease(&mut a, "a", 3).await, Some((3, 0)));
+    assert_eq!(Instant::now(), t0);
+
+    // b's TryAcquireLock is refused at once (a owns the lock) but answered
+    // 2 s later; its KeepAlive likewise.
+    let refused_acquire = {
+        let mut b = b.clone();
+        tokio::spawn(async move {
+            let answer = b.try_acquire_lock(acquire_req("b", 3)).await;
+            (Instant::now(), answer.map(|r| r.into_inner().is_leader))
+        })
+    };
+    let refused_keep_alive = {
+        let mut b = b.clone();
+        tokio::spawn(async move {
+            let answer = raw_lease(&mut b, "b", 3).await;
+            (Instant::now(), answer)
+        })
+    };
+    // Under paused time: yield (no clock advance) until both arrived.
+    for _ in 0..10_000 {
+        if server.calls(Rpc::TryAcquireLock) == 2 && server.calls(Rpc::KeepAlive) == 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(server.calls(Rpc::TryAcquireLock), 2);
+    assert_eq!(server.calls(Rpc::KeepAlive), 2);
+    assert_eq!(Instant::now(), t0, "no time passed yet");
+
+    // Meanwhile, the lock changes hands: a releases and b acquires, on the
+    // same connection as its pending refusals, without waiting for them.
+    release(&mut a, "a").await;
+    assert!(acquire(&mut b, "b", 3).await);
+    assert_eq!(Instant::now(), t0);
+    assert_eq!(owner(&server), Some("b".to_string()));
+
+    // The refusals decided before that grant arrive afterwards.
+    let (at, answer) = refused_acquire.await.unwrap();
+    assert!(!answer.unwrap(), "refused");
+    assert_eq!(at, t0 + delay);
+    let (at, answer) = refused_keep_alive.await.unwrap();
+    assert_eq!(answer, Some((-1, 0)));
+    assert_eq!(at, t0 + delay);
+    assert_eq!(
+        owner(&server),
+        Some("b".to_string()),
+        "the store is untouched"
+    );
+
+    // Zero turns it off.
+    server.set_refusal_delay(Duration::ZERO);
+    let t1 = Instant::now();
+    assert!(!acquire(&mut a, "a", 3).await);
+    assert_eq!(Instant::now(), t1);
+    server.shutdown().await;
 }

@@ -8,6 +8,8 @@
 //!   faults a client must survive: [`force_expire`](TestServer::force_expire),
 //!   [`set_owner`](TestServer::set_owner), [`pause`](TestServer::pause),
 //!   [`fail_next`](TestServer::fail_next), [`set_latency`](TestServer::set_latency),
+//!   short, hostile or missing leases ([`set_lease_policy`](TestServer::set_lease_policy)),
+//!   late refusals ([`set_refusal_delay`](TestServer::set_refusal_delay)),
 //!   connection ageing, [`shutdown`](TestServer::shutdown) and
 //!   [`restart`](TestServer::restart). [`TestServer::tenures`] is the server's
 //!   truth about who owned what when, to check a client never claimed a lease
@@ -47,5 +49,5 @@ mod server;
 mod store;
 
 pub use proxy::{FaultProxy, ProxyMode};
-pub use server::{Rpc, TestServer, TestServerBuilder, DEFAULT_TTL};
+pub use server::{LeasePolicy, Rpc, TestServer, TestServerBuilder, DEFAULT_TTL};
 pub use store::{LockInfo, Tenure, TenureEnd};

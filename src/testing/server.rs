@@ -100,6 +100,47 @@ impl fmt::Display for Rpc {
     }
 }
 
+/// How the server grants and answers leases; see
+/// [`TestServer::set_lease_policy`]. Only owners are affected: a non-owner's
+/// `KeepAlive` still answers `-1 s` and its `TryAcquireLock` still `false`.
+///
+/// ```
+/// use std::time::Duration;
+/// use quorum_quest_client::testing::LeasePolicy;
+///
+/// assert_eq!(LeasePolicy::default(), LeasePolicy::AsAsked);
+/// let short = LeasePolicy::Clamp(Duration::from_millis(1500));
+/// let hostile = LeasePolicy::Answer { seconds: 3600, nanos: 0 };
+/// assert_ne!(short, hostile);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LeasePolicy {
+    /// What the real server does: a grant lasts the requested ttl from now
+    /// in the store, and `KeepAlive` answers that ttl.
+    #[default]
+    AsAsked,
+    /// A server that grants less than asked: every grant (`TryAcquireLock`
+    /// and `KeepAlive`) lasts `min(requested ttl, d)` in the store (the real
+    /// expiry, so [`TestServer::tenures`] shows the shorter lease), and
+    /// `KeepAlive` answers that shorter length. A zero `d` grants leases that
+    /// are already over.
+    Clamp(Duration),
+    /// A hostile or broken server: the store behaves as
+    /// [`AsAsked`](LeasePolicy::AsAsked), but an owner's `KeepAlive` answers
+    /// this raw `lease_length` (any values: 3600 s for a 3 s ttl, 1 ns,
+    /// `i64::MAX` or `i64::MIN` seconds, nanos out of range, mixed signs).
+    Answer {
+        /// `lease_length.seconds`.
+        seconds: i64,
+        /// `lease_length.nanos`.
+        nanos: i32,
+    },
+    /// The store behaves as [`AsAsked`](LeasePolicy::AsAsked), but an
+    /// owner's `KeepAlive` answer has no `lease_length` at all.
+    Missing,
+}
+
 /// A pending [`TestServer::fail_next`] rule.
 #[derive(Debug)]
 struct FailRule {
@@ -115,6 +156,8 @@ struct Shared {
     default_ttl: Duration,
     paused: watch::Sender<bool>,
     latency: Mutex<Duration>,
+    lease_policy: Mutex<LeasePolicy>,
+    refusal_delay: Mutex<Duration>,
     faults: Mutex<VecDeque<FailRule>>,
     calls: [AtomicU64; 3],
     connections: AtomicU64,
@@ -236,6 +279,8 @@ pub struct TestServerBuilder {
     max_connection_age: Option<Duration>,
     max_connection_age_grace: Option<Duration>,
     latency: Duration,
+    lease_policy: LeasePolicy,
+    refusal_delay: Duration,
 }
 
 impl Default for TestServerBuilder {
@@ -246,6 +291,8 @@ impl Default for TestServerBuilder {
             max_connection_age: None,
             max_connection_age_grace: None,
             latency: Duration::ZERO,
+            lease_policy: LeasePolicy::AsAsked,
+            refusal_delay: Duration::ZERO,
         }
     }
 }
@@ -327,6 +374,36 @@ impl TestServerBuilder {
         self
     }
 
+    /// Initial lease policy, as [`TestServer::set_lease_policy`] (default
+    /// [`LeasePolicy::AsAsked`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::{LeasePolicy, TestServer};
+    ///
+    /// let builder = TestServer::builder().lease_policy(LeasePolicy::Clamp(Duration::from_secs(1)));
+    /// # let _ = builder;
+    /// ```
+    pub fn lease_policy(mut self, policy: LeasePolicy) -> Self {
+        self.lease_policy = policy;
+        self
+    }
+
+    /// Initial refusal delay, as [`TestServer::set_refusal_delay`] (default
+    /// none).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let builder = TestServer::builder().refusal_delay(Duration::from_millis(500));
+    /// # let _ = builder;
+    /// ```
+    pub fn refusal_delay(mut self, delay: Duration) -> Self {
+        self.refusal_delay = delay;
+        self
+    }
+
     /// Binds `127.0.0.1:port` and starts serving.
     ///
     /// ```
@@ -347,6 +424,8 @@ impl TestServerBuilder {
             default_ttl: self.default_ttl,
             paused,
             latency: Mutex::new(self.latency),
+            lease_policy: Mutex::new(self.lease_policy),
+            refusal_delay: Mutex::new(self.refusal_delay),
             faults: Mutex::new(VecDeque::new()),
             calls: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             connections: AtomicU64::new(0),
@@ -543,6 +622,30 @@ impl Handler {
         }
     }
 
+    /// The refusal delay, before a refusal goes out (after the latency).
+    async fn refusal_delay(&self) -> Result<(), Status> {
+        let delay = *lock(&self.shared.refusal_delay);
+        if delay.is_zero() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Ok(()),
+            _ = self.stop.cancelled() => Err(unavailable()),
+        }
+    }
+
+    fn lease_policy(&self) -> LeasePolicy {
+        *lock(&self.shared.lease_policy)
+    }
+
+    /// The lease the store grants for a requested `ttl` under `policy`.
+    fn granted(policy: LeasePolicy, ttl: Duration) -> Duration {
+        match policy {
+            LeasePolicy::Clamp(d) => ttl.min(d),
+            _ => ttl,
+        }
+    }
+
     fn ttl(&self, ttl: i32) -> Duration {
         if ttl <= 0 {
             self.shared.default_ttl
@@ -564,7 +667,7 @@ impl LeaderElectionService for Handler {
     ) -> Result<Response<TryAcquireLockResponse>, Status> {
         self.admit(Rpc::TryAcquireLock).await?;
         let req = request.into_inner();
-        let ttl = self.ttl(req.ttl);
+        let ttl = Self::granted(self.lease_policy(), self.ttl(req.ttl));
         let is_leader = self.store().try_acquire(
             &req.service,
             &req.domain,
@@ -582,6 +685,9 @@ impl LeaderElectionService for Handler {
             "call"
         );
         self.delay().await?;
+        if !is_leader {
+            self.refusal_delay().await?;
+        }
         Ok(Response::new(TryAcquireLockResponse { is_leader }))
     }
 
@@ -612,7 +718,8 @@ impl LeaderElectionService for Handler {
     ) -> Result<Response<KeepAliveResponse>, Status> {
         self.admit(Rpc::KeepAlive).await?;
         let req = request.into_inner();
-        let ttl = self.ttl(req.ttl);
+        let policy = self.lease_policy();
+        let ttl = Self::granted(policy, self.ttl(req.ttl));
         let granted = self.store().keep_alive(
             &req.service,
             &req.domain,
@@ -620,15 +727,19 @@ impl LeaderElectionService for Handler {
             ttl,
             Instant::now(),
         );
-        let lease_length = match granted {
-            Some(ttl) => prost_types::Duration {
-                seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
-            },
-            None => prost_types::Duration {
+        let lease_length = match (granted, policy) {
+            (None, _) => Some(prost_types::Duration {
                 seconds: -1,
                 nanos: 0,
-            },
+            }),
+            (Some(_), LeasePolicy::Answer { seconds, nanos }) => {
+                Some(prost_types::Duration { seconds, nanos })
+            }
+            (Some(_), LeasePolicy::Missing) => None,
+            (Some(ttl), _) => Some(prost_types::Duration {
+                seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(ttl.subsec_nanos()).unwrap_or(0),
+            }),
         };
         tracing::info!(
             rpc = "KeepAlive",
@@ -636,13 +747,14 @@ impl LeaderElectionService for Handler {
             domain = %req.domain,
             client_id = %req.client_id,
             ttl = req.ttl,
-            lease_seconds = lease_length.seconds,
+            lease = ?lease_length,
             "call"
         );
         self.delay().await?;
-        Ok(Response::new(KeepAliveResponse {
-            lease_length: Some(lease_length),
-        }))
+        if granted.is_none() {
+            self.refusal_delay().await?;
+        }
+        Ok(Response::new(KeepAliveResponse { lease_length }))
     }
 }
 
@@ -955,6 +1067,111 @@ impl TestServer {
     /// ```
     pub fn set_latency(&self, latency: Duration) {
         *lock(&self.inner.shared.latency) = latency;
+    }
+
+    /// Changes how leases are granted and answered from now on (see
+    /// [`LeasePolicy`]); leases already granted keep their expiry.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
+    /// use quorum_quest_client::proto::{KeepAliveRequest, TryAcquireLockRequest};
+    /// use quorum_quest_client::testing::{LeasePolicy, TestServer};
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.set_lease_policy(LeasePolicy::Clamp(Duration::from_secs(2)));
+    /// let mut client = LeaderElectionServiceClient::connect(server.url()).await?;
+    /// let acquire = TryAcquireLockRequest {
+    ///     service: "s".into(),
+    ///     domain: "d".into(),
+    ///     client_id: "c".into(),
+    ///     ttl: 10,
+    /// };
+    /// assert!(client.try_acquire_lock(acquire).await?.into_inner().is_leader);
+    /// assert!(server.lock("s", "d").map(|l| l.remaining) <= Some(Duration::from_secs(2)));
+    /// let keep_alive = KeepAliveRequest {
+    ///     service: "s".into(),
+    ///     domain: "d".into(),
+    ///     client_id: "c".into(),
+    ///     ttl: 10,
+    /// };
+    /// let lease = client.keep_alive(keep_alive).await?.into_inner().lease_length;
+    /// assert_eq!(lease.map(|d| d.seconds), Some(2));
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_lease_policy(&self, policy: LeasePolicy) {
+        *lock(&self.inner.shared.lease_policy) = policy;
+        tracing::info!(?policy, "lease policy");
+    }
+
+    /// The current [`LeasePolicy`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use quorum_quest_client::testing::{LeasePolicy, TestServer};
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert_eq!(server.lease_policy(), LeasePolicy::AsAsked);
+    /// server.set_lease_policy(LeasePolicy::Missing);
+    /// assert_eq!(server.lease_policy(), LeasePolicy::Missing);
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn lease_policy(&self) -> LeasePolicy {
+        *lock(&self.inner.shared.lease_policy)
+    }
+
+    /// Delays every refusal (`TryAcquireLock` answering `is_leader = false`,
+    /// `KeepAlive` answering `-1 s`) by `delay` (`Duration::ZERO` turns it
+    /// off). The refusal is decided against the store when the call arrives;
+    /// only its answer is held back (after any
+    /// [latency](Self::set_latency)), while other calls, on the same
+    /// connection too, proceed. So a client may get a grant and then, later,
+    /// a refusal that was decided before it: an old answer arriving after a
+    /// newer one.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// server.set_refusal_delay(Duration::from_millis(500));
+    /// assert_eq!(server.refusal_delay(), Duration::from_millis(500));
+    /// server.set_refusal_delay(Duration::ZERO);
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_refusal_delay(&self, delay: Duration) {
+        *lock(&self.inner.shared.refusal_delay) = delay;
+        tracing::info!(?delay, "refusal delay");
+    }
+
+    /// The current refusal delay (see
+    /// [`set_refusal_delay`](Self::set_refusal_delay)).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use quorum_quest_client::testing::TestServer;
+    ///
+    /// let server = TestServer::start().await?;
+    /// assert_eq!(server.refusal_delay(), Duration::ZERO);
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn refusal_delay(&self) -> Duration {
+        *lock(&self.inner.shared.refusal_delay)
     }
 
     /// How many calls of `rpc` the server has received, including failed,
