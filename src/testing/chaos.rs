@@ -228,7 +228,7 @@ pub enum FaultKind {
     /// ([`FaultProxy::hold_live`]) long enough for its calls to time out and
     /// its client to dial a new connection (1.5 to 3.5 RPC timeouts); more
     /// often than not the contender resigns meanwhile (its release stalls on
-    /// the held connection), sits out briefly and campaigns again. Then the
+    /// the held connection), sits out 2 to 10 % of a TTL and campaigns again. Then the
     /// held bytes reach the server ([`FaultProxy::deliver_held`]), after the
     /// contender leads again if it does within a TTL: a stale release (or
     /// renewal, or acquire) delivered into a newer term. Held bytes reach
@@ -1666,8 +1666,10 @@ impl Harness {
         c.proxy.hold_live();
         let mut rejoined = None;
         if d.b < 0.6 {
-            // Its release stalls on the held connection.
-            let out = ttl.mul_f64(0.05 + 0.3 * sub.f64());
+            // Its release stalls on the held connection. A short sit-out, so
+            // that it is the likeliest to take the lock again (it is free if
+            // a retried release got through, or still its own if not).
+            let out = ttl.mul_f64(0.02 + 0.08 * sub.f64());
             let (done, back) = oneshot::channel();
             if c.commands.send(Command::Resign { out, done }).is_err() {
                 c.proxy.deliver_held();
