@@ -41,8 +41,9 @@ struct Args {
     ttl: u64,
     /// Which faults to inject, comma-separated (default: every standard kind:
     /// blackhole, reset, pause, goaway, latency, unavailable, restart, resign,
-    /// drop; add restart-drop for lock-table-dropping restarts, which are
-    /// measured, not counted as violations).
+    /// drop, delayed-delivery, hostile-lease, clamp-lease, delayed-refusal,
+    /// starved-runtime; add restart-drop for lock-table-dropping restarts,
+    /// which are measured, not counted as violations).
     #[arg(long, value_delimiter = ',')]
     faults: Vec<FaultKind>,
     /// The longest healthy gap between two faults of a lane, in seconds
@@ -94,10 +95,10 @@ async fn main() -> ExitCode {
     println!("{report}");
     println!("faults injected by kind:");
     for (kind, n) in &report.faults {
-        println!("  {:<12} {n}", kind.name());
+        println!("  {:<16} {n}", kind.name());
     }
     for (kind, n) in &report.skipped {
-        println!("  {:<12} {n} skipped (no leader to hit)", kind.name());
+        println!("  {:<16} {n} skipped (no leader to hit)", kind.name());
     }
     println!("  GOAWAY frames sent: {}", report.goaway_frames);
     println!(
@@ -124,8 +125,15 @@ async fn main() -> ExitCode {
     for p in &report.problems {
         println!("harness problem: {p}");
     }
-    for v in report.violations() {
-        println!("VIOLATION: {v}");
+    for (v, suspects) in report.violations().iter().zip(&report.suspects) {
+        let names: Vec<&str> = suspects.iter().map(|k| k.name()).collect();
+        println!("VIOLATION: {v} [faults in force: {}]", names.join(", "));
+    }
+    if !report.violations().is_empty() {
+        println!("violations by fault kind in force:");
+        for (kind, n) in report.violations_by_kind() {
+            println!("  {:<16} {n}", kind.map_or("(none)", |k| k.name()));
+        }
     }
     println!(
         "wall time {:.1}s, seed {seed}",

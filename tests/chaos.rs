@@ -46,8 +46,12 @@ async fn run(config: ChaosConfig) -> ChaosReport {
     for problem in &report.problems {
         println!("harness problem: {problem}");
     }
-    for violation in report.violations() {
-        println!("VIOLATION: {violation}");
+    for (violation, suspects) in report.violations().iter().zip(&report.suspects) {
+        let names: Vec<&str> = suspects.iter().map(|k| k.name()).collect();
+        println!(
+            "VIOLATION: {violation} [faults in force: {}]",
+            names.join(", ")
+        );
     }
     report
 }

@@ -1034,3 +1034,23 @@ async fn refusal_delay_holds_back_refusals_decided_on_arrival() {
     assert_eq!(Instant::now(), t1);
     server.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn lease_policy_clamp_renewals_leaves_acquire_as_asked() {
+    let clamp = Duration::from_millis(700);
+    let server = TestServer::start().await.unwrap();
+    server.set_lease_policy(LeasePolicy::ClampRenewals(clamp));
+    let mut c = LeaderElectionServiceClient::new(server.in_memory_channel());
+    assert!(acquire(&mut c, "a", 3).await);
+    assert_eq!(
+        server.lock(SVC, DOM).unwrap().remaining,
+        Duration::from_secs(3),
+        "acquire: as asked"
+    );
+    assert_eq!(raw_lease(&mut c, "a", 3).await, Some((0, 700_000_000)));
+    assert_eq!(server.lock(SVC, DOM).unwrap().remaining, clamp, "renewal");
+    tokio::time::advance(clamp).await;
+    assert_eq!(server.lock(SVC, DOM), None, "expired at the clamp");
+    assert_eq!(server.tenures()[0].ended_by, TenureEnd::Expired);
+    server.shutdown().await;
+}

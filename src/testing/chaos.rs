@@ -8,12 +8,17 @@
 //! ```text
 //!  contender i ── FaultProxy i ── GOAWAY relay i ──┐
 //!  (its own client,   (blackhole,     (gRPC hop that  ├── TestServer (one lock)
-//!   one Leadership     reset)          can send HTTP/2 │   pause, latency,
-//!   stream)                            GOAWAY, or cut) ┘   UNAVAILABLE, restart
+//!   one Leadership     reset, hold     can send HTTP/2 │   pause, latency,
+//!   stream, its own    and deliver     GOAWAY, or cut) │   UNAVAILABLE, restart,
+//!   runtime thread)    late)                           ┘   lease policy, late refusals
 //! ```
 //!
 //! Each contender is a [`QuorumQuestClient`] with its own identity, talking to
-//! the server through its own [`FaultProxy`] and a small relay. The relay is a
+//! the server through its own [`FaultProxy`] and a small relay. Its client
+//! and its stream consumer run on a current-thread runtime of their own, in
+//! a dedicated OS thread, so that one contender's runtime can be starved
+//! ([`FaultKind::StarvedRuntime`]) while the harness, the network and the
+//! server run on. The relay is a
 //! gRPC server that forwards every call to the `TestServer`; it exists because
 //! the `TestServer` fixes its connection age when it is built, while the
 //! schedule needs to send GOAWAY on demand: the relay answers the client's
@@ -28,10 +33,12 @@
 //! is fault-free time to measure availability in. Two lanes run side by side
 //! during storms, each drawing from a seeded [`fastrand::Rng`]:
 //! a *server lane* (server pause, GOAWAY churn, latency spikes, `UNAVAILABLE`
-//! bursts, restarts keeping the lock table, and — only when asked for —
+//! bursts, restarts keeping the lock table, hostile `lease_length` answers,
+//! renewals clamped below the TTL, late refusals, and — only when asked for —
 //! restarts dropping it) and a *contender lane* (black-holing or resetting one
-//! contender's network, a contender resigning and rejoining, a leader's stream
-//! dropped mid-term). Each lane waits a random healthy gap, takes the next
+//! contender's network, holding its live connections and delivering their
+//! requests late, a contender resigning and rejoining, a leader's stream
+//! dropped mid-term, a leader's runtime starved). Each lane waits a random healthy gap, takes the next
 //! kind from a shuffled deck (so every kind comes up equally often), injects
 //! it for a random bounded time and heals it. The schedule (kinds, durations,
 //! gaps, random targets) is a function of the seed alone; which contender is
@@ -45,7 +52,12 @@
 //! the consumer receives `Elected` and ends at the *later* of the instant the
 //! term's [`LeaderTerm::cancelled`] fired and the instant the consumer
 //! received `Lost` (a stream resigned or dropped mid-term ends at the
-//! cancellation). Then:
+//! cancellation). The cancellation is observed by a task on the harness's
+//! runtime, never on the contender's: it is when leader work bound to the
+//! term stops. While a contender's runtime is starved its consumer receives
+//! `Lost` late through the harness's own doing, so its terms end at the
+//! cancellation alone (on a client whose term ends only when its blocked
+//! campaign gets to run, that is after the block: past the lease). Then:
 //!
 //! 1. intervals of different contenders never overlap;
 //! 2. each interval lies inside one [`Tenure`] of that contender on the server
@@ -58,8 +70,9 @@
 //!    it lives, and on a [`Callbacks`] observer for the whole run (which also
 //!    sees the `Lost` of resigned and dropped streams), and every term ends.
 //!
-//! Besides the violations (which must be none), the [`ChaosReport`] gives
-//! the figures a user wants: faults by kind, terms, the smallest gap between
+//! Each violation comes with the fault kinds in force when it happened
+//! ([`ChaosReport::suspects`]). Besides the violations (which must be none),
+//! the [`ChaosReport`] gives the figures a user wants: faults by kind, terms, the smallest gap between
 //! one leader's end and another's start, availability (the fraction of the
 //! fault-free time some contender led), and handover latency.
 //!
@@ -73,6 +86,11 @@
 //! ```text
 //! cargo run --release --features testing --example chaos -- --duration 600 --contenders 5
 //! ```
+//!
+//! The figures below predate the five kinds added for the two-leader paths
+//! (delayed delivery, hostile and clamped leases, late refusals, starved
+//! runtimes), which the core of that time does not survive: on it, the long
+//! form reports violations, each with the fault kinds in force.
 //!
 //! A 10-minute run on a 2-core machine (seed 17683225662161188542, TTL 3 s)
 //! injected 287 faults (31 to 33 of each kind, 312 GOAWAY frames) over 82
@@ -135,7 +153,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
 use super::cut_io::CutIo;
-use super::{FaultProxy, ProxyMode, Rpc, Tenure, TenureEnd, TestServer};
+use super::{FaultProxy, LeasePolicy, ProxyMode, Rpc, Tenure, TenureEnd, TestServer};
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::leader_election_service_server::{
     LeaderElectionService, LeaderElectionServiceServer,
@@ -206,6 +224,41 @@ pub enum FaultKind {
     /// The leader's stream is dropped mid-term (no resign); the contender
     /// rejoins later with a new stream.
     StreamDrop,
+    /// One contender's live connections are held
+    /// ([`FaultProxy::hold_live`]) long enough for its calls to time out and
+    /// its client to dial a new connection (1.5 to 3.5 RPC timeouts); more
+    /// often than not the contender resigns meanwhile (its release stalls on
+    /// the held connection), sits out 2 to 10 % of a TTL and campaigns again. Then the
+    /// held bytes reach the server ([`FaultProxy::deliver_held`]), after the
+    /// contender leads again if it does within a TTL: a stale release (or
+    /// renewal, or acquire) delivered into a newer term. Held bytes reach
+    /// the server at most about 3 TTLs after they were sent.
+    DelayedDelivery,
+    /// For 0.5 to 1.5 TTL, the server answers owners' `KeepAlive` with a
+    /// hostile `lease_length` ([`LeasePolicy::Answer`] or
+    /// [`LeasePolicy::Missing`]): far too long (3600 s, 1000 TTLs,
+    /// `i64::MAX` s), far too short (1 ns, 0), negative, or out of range
+    /// (nanos beyond a second, mixed signs, `i64::MIN` s). After a long one,
+    /// the server sometimes pauses for about a TTL: a client that believed
+    /// the long lease would lead past the real expiry.
+    HostileLease,
+    /// For 1 to 2 TTLs, the server grants renewals shorter than asked
+    /// ([`LeasePolicy::ClampRenewals`]) and says so in the answer: half to
+    /// 0.9 of the TTL, or (half the time) between the clients' safety margin
+    /// and their renew interval, so that the lease runs out before the next
+    /// renewal and the client must step down by its timer.
+    ClampLease,
+    /// For 1 to 2 TTLs, refusals (`is_leader = false`, `-1 s`) are decided on
+    /// arrival but answered 0.5 to 2 RPC timeouts later
+    /// ([`TestServer::set_refusal_delay`]): old refusals arrive after newer
+    /// grants.
+    DelayedRefusal,
+    /// The leader's runtime is starved: the thread of its current-thread
+    /// runtime (which runs its client and its stream consumer) is blocked
+    /// with `std::thread::sleep` for 2 safety margins to 1.5 TTLs. Work
+    /// bound to the term must stop by the deadline all the same: the term's
+    /// end is observed from the harness's own runtime.
+    StarvedRuntime,
     /// The server restarts *dropping* its lock table while someone leads. Not
     /// in [`FaultKind::STANDARD`]: without fencing tokens no client can avoid
     /// an overlap then; it is measured ([`ChaosReport::drop_samples`]), not
@@ -215,7 +268,7 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Every kind the protocol must survive without a violation.
-    pub const STANDARD: [FaultKind; 9] = [
+    pub const STANDARD: [FaultKind; 14] = [
         FaultKind::Blackhole,
         FaultKind::Reset,
         FaultKind::ServerPause,
@@ -225,10 +278,15 @@ impl FaultKind {
         FaultKind::Restart,
         FaultKind::Resign,
         FaultKind::StreamDrop,
+        FaultKind::DelayedDelivery,
+        FaultKind::HostileLease,
+        FaultKind::ClampLease,
+        FaultKind::DelayedRefusal,
+        FaultKind::StarvedRuntime,
     ];
 
     /// Every kind, [`FaultKind::RestartDroppingLocks`] included.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::Blackhole,
         FaultKind::Reset,
         FaultKind::ServerPause,
@@ -238,6 +296,11 @@ impl FaultKind {
         FaultKind::Restart,
         FaultKind::Resign,
         FaultKind::StreamDrop,
+        FaultKind::DelayedDelivery,
+        FaultKind::HostileLease,
+        FaultKind::ClampLease,
+        FaultKind::DelayedRefusal,
+        FaultKind::StarvedRuntime,
         FaultKind::RestartDroppingLocks,
     ];
 
@@ -260,6 +323,11 @@ impl FaultKind {
             FaultKind::Restart => "restart",
             FaultKind::Resign => "resign",
             FaultKind::StreamDrop => "drop",
+            FaultKind::DelayedDelivery => "delayed-delivery",
+            FaultKind::HostileLease => "hostile-lease",
+            FaultKind::ClampLease => "clamp-lease",
+            FaultKind::DelayedRefusal => "delayed-refusal",
+            FaultKind::StarvedRuntime => "starved-runtime",
             FaultKind::RestartDroppingLocks => "restart-drop",
         }
     }
@@ -273,17 +341,28 @@ impl FaultKind {
                 | FaultKind::Unavailable
                 | FaultKind::Restart
                 | FaultKind::RestartDroppingLocks
+                | FaultKind::HostileLease
+                | FaultKind::ClampLease
+                | FaultKind::DelayedRefusal
         )
     }
 
     /// Whether the fault may keep everyone from leading for a while.
     fn blocks(self) -> Blocking {
         match self {
-            FaultKind::ServerPause | FaultKind::RestartDroppingLocks => Blocking::Always,
+            // A hostile or clamped lease may end every term early, and a
+            // late refusal may delay the next election.
+            FaultKind::ServerPause
+            | FaultKind::RestartDroppingLocks
+            | FaultKind::HostileLease
+            | FaultKind::ClampLease
+            | FaultKind::DelayedRefusal => Blocking::Always,
             FaultKind::Latency => Blocking::IfSlowerThanTimeout,
-            FaultKind::Blackhole | FaultKind::Resign | FaultKind::StreamDrop => {
-                Blocking::IfTargetLed
-            }
+            FaultKind::Blackhole
+            | FaultKind::Resign
+            | FaultKind::StreamDrop
+            | FaultKind::DelayedDelivery
+            | FaultKind::StarvedRuntime => Blocking::IfTargetLed,
             // Transient by the rules (SPEC §3.3): a reset, a GOAWAY, a quick
             // restart or a few UNAVAILABLE answers while the lease is valid
             // must not cost leadership.
@@ -616,6 +695,11 @@ pub struct ChaosReport {
     pub drop_samples: Vec<DropSample>,
     /// Broken rules; must be empty.
     pub violations: Vec<Violation>,
+    /// For each of [`violations`](Self::violations), in the same order: the
+    /// kinds of the faults in force when it happened (from a fault's start
+    /// to the end of its effects: its heal plus about a TTL and a retry),
+    /// the likely culprits.
+    pub suspects: Vec<Vec<FaultKind>>,
     /// Trouble in the harness itself (a server that would not restart, a
     /// resign that never finished...); should be empty.
     pub problems: Vec<String>,
@@ -676,7 +760,37 @@ impl ChaosReport {
             handover_p99: None,
             drop_samples: Vec::new(),
             violations: Vec::new(),
+            suspects: Vec::new(),
             problems: Vec::new(),
+        }
+    }
+
+    /// How many violations each fault kind was in force for (a violation
+    /// with several suspects counts for each; `None`: no fault was).
+    #[must_use]
+    pub fn violations_by_kind(&self) -> BTreeMap<Option<FaultKind>, usize> {
+        let mut out = BTreeMap::new();
+        for suspects in &self.suspects {
+            if suspects.is_empty() {
+                *out.entry(None).or_default() += 1;
+            }
+            for k in suspects {
+                *out.entry(Some(*k)).or_default() += 1;
+            }
+        }
+        out
+    }
+}
+
+impl Violation {
+    /// When it happened (offset from the start of the run).
+    #[must_use]
+    pub fn at(&self) -> Duration {
+        match self {
+            Violation::TwoLeaders { at, .. }
+            | Violation::PastExpiry { at, .. }
+            | Violation::NoTenure { at, .. }
+            | Violation::Unpaired { at, .. } => *at,
         }
     }
 }
@@ -820,7 +934,10 @@ pub async fn run(config: ChaosConfig) -> ChaosReport {
     report
 }
 
-/// One contender's plumbing.
+/// One contender's plumbing. Its client and its stream consumer run on a
+/// current-thread runtime of their own, in a dedicated OS thread (so that
+/// [`FaultKind::StarvedRuntime`] can block that runtime alone); `client` is
+/// a handle to the same client, for the harness to look at.
 struct Contender {
     id: String,
     client: QuorumQuestClient,
@@ -828,7 +945,130 @@ struct Contender {
     relay: Relay,
     observer: Arc<PairingObserver>,
     commands: mpsc::UnboundedSender<Command>,
-    task: Option<JoinHandle<()>>,
+    thread: ContenderThread,
+}
+
+/// The signals between the harness and a contender's thread.
+struct ContenderThread {
+    /// Starts the contender task.
+    go: Option<oneshot::Sender<Go>>,
+    /// The contender task ended (`Some`: it panicked, with what).
+    finished: Option<oneshot::Receiver<Option<String>>>,
+    /// Drop the client (it releases in the background).
+    teardown: Option<oneshot::Sender<()>>,
+    /// Stop the runtime.
+    exit: Option<oneshot::Sender<()>>,
+    /// The runtime has stopped.
+    exited: Option<oneshot::Receiver<()>>,
+}
+
+/// What a contender task needs from the harness.
+struct Go {
+    commands: mpsc::UnboundedReceiver<Command>,
+    record: Shared,
+    quit: CancellationToken,
+    ttl: Duration,
+    /// The harness's runtime, where term ends are observed.
+    harness: tokio::runtime::Handle,
+}
+
+/// How a contender builds its client.
+struct ClientPlan {
+    idx: usize,
+    id: String,
+    url: String,
+    ttl: Duration,
+    jitter_seed: u64,
+    observer: Arc<PairingObserver>,
+}
+
+impl ClientPlan {
+    async fn build(self) -> Result<QuorumQuestClient, String> {
+        QuorumQuestClient::builder(SERVICE, DOMAIN)
+            .address(self.url)
+            .ttl(self.ttl)
+            .client_id(self.id.clone())
+            .jitter_seed(self.jitter_seed)
+            .callbacks(self.observer)
+            .build()
+            .await
+            .map_err(|e| format!("{}: build the client: {e}", self.id))
+    }
+}
+
+/// Starts a contender's thread: builds its runtime and client, hands the
+/// client back, then runs the contender task when told to.
+async fn spawn_contender(plan: ClientPlan) -> Result<(QuorumQuestClient, ContenderThread), String> {
+    let id = plan.id.clone();
+    let idx = plan.idx;
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<QuorumQuestClient, String>>();
+    let (go_tx, go_rx) = oneshot::channel::<Go>();
+    let (finished_tx, finished_rx) = oneshot::channel::<Option<String>>();
+    let (teardown_tx, teardown_rx) = oneshot::channel::<()>();
+    let (exit_tx, exit_rx) = oneshot::channel::<()>();
+    let (exited_tx, exited_rx) = oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name(format!("chaos-{id}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("contender-{idx}: runtime: {e}")));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let client = match plan.build().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(client.clone()));
+                if let Ok(go) = go_rx.await {
+                    // A panic in the task (the harness's own code, or a
+                    // library panic reaching the consumer) is reported.
+                    let task = tokio::spawn(contender_task(idx, client.clone(), go));
+                    let panicked = task.await.err().map(|e| e.to_string());
+                    let _ = finished_tx.send(panicked);
+                }
+                let _ = teardown_rx.await;
+                drop(client);
+                let _ = timeout(SETTLE_WAIT, exit_rx).await;
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            let _ = exited_tx.send(());
+        });
+    if let Err(e) = spawned {
+        return Err(format!("{id}: spawn its thread: {e}"));
+    }
+    let client = match timeout(SETTLE_WAIT, ready_rx).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(_)) => {
+            return Err(format!(
+                "{id}: its thread ended before the client was built"
+            ))
+        }
+        Err(_) => {
+            return Err(format!(
+                "{id}: the client was not built within {SETTLE_WAIT:?}"
+            ))
+        }
+    };
+    Ok((
+        client,
+        ContenderThread {
+            go: Some(go_tx),
+            finished: Some(finished_rx),
+            teardown: Some(teardown_tx),
+            exit: Some(exit_tx),
+            exited: Some(exited_rx),
+        },
+    ))
 }
 
 /// What the schedule tells a contender task.
@@ -841,6 +1081,12 @@ enum Command {
     /// Drop the stream (no resign), sit out, rejoin; `done` when back in.
     Drop {
         out: Duration,
+        done: oneshot::Sender<()>,
+    },
+    /// Block the contender's runtime thread for this long (while it leads);
+    /// `done` afterwards.
+    Starve {
+        block: Duration,
         done: oneshot::Sender<()>,
     },
     /// Resign and end.
@@ -933,15 +1179,15 @@ impl Harness {
                 .await
                 .map_err(|e| format!("{id}: start the proxy: {e}"))?;
             let observer = Arc::new(PairingObserver::default());
-            let client = QuorumQuestClient::builder(SERVICE, DOMAIN)
-                .address(proxy.url())
-                .ttl(config.ttl)
-                .client_id(id.clone())
-                .jitter_seed(config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64)
-                .callbacks(observer.clone())
-                .build()
-                .await
-                .map_err(|e| format!("{id}: build the client: {e}"))?;
+            let (client, thread) = spawn_contender(ClientPlan {
+                idx: i,
+                id: id.clone(),
+                url: proxy.url(),
+                ttl: config.ttl,
+                jitter_seed: config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64,
+                observer: observer.clone(),
+            })
+            .await?;
             let (commands, _) = mpsc::unbounded_channel();
             contenders.push(Contender {
                 id,
@@ -950,7 +1196,7 @@ impl Harness {
                 relay,
                 observer,
                 commands,
-                task: None,
+                thread,
             });
         }
         Ok(Harness {
@@ -966,17 +1212,23 @@ impl Harness {
 
     async fn run(mut self) -> ChaosReport {
         self.t0 = Instant::now();
-        for (i, c) in self.contenders.iter_mut().enumerate() {
+        let harness = tokio::runtime::Handle::current();
+        for c in &mut self.contenders {
             let (tx, rx) = mpsc::unbounded_channel();
             c.commands = tx;
-            c.task = Some(tokio::spawn(contender_task(
-                i,
-                c.client.clone(),
-                self.record.clone(),
-                rx,
-                self.quit.clone(),
-                self.config.ttl,
-            )));
+            let go = Go {
+                commands: rx,
+                record: self.record.clone(),
+                quit: self.quit.clone(),
+                ttl: self.config.ttl,
+                harness: harness.clone(),
+            };
+            if let Some(start) = c.thread.go.take() {
+                if start.send(go).is_err() {
+                    let what = format!("{}: its thread is gone", c.id);
+                    lock(&self.record).problems.push(what);
+                }
+            }
         }
 
         let end = self.t0 + self.config.duration;
@@ -1043,8 +1295,11 @@ impl Harness {
     fn heal_everything(&self) {
         self.server.resume();
         self.server.set_latency(Duration::ZERO);
+        self.server.set_lease_policy(LeasePolicy::AsAsked);
+        self.server.set_refusal_delay(Duration::ZERO);
         for c in &self.contenders {
             c.proxy.set_mode(ProxyMode::Pass);
+            c.proxy.deliver_held();
         }
     }
 
@@ -1251,6 +1506,119 @@ impl Harness {
                 }
                 self.recorded(kind, None, start, Instant::now());
             }
+            FaultKind::DelayedDelivery => return self.delayed_delivery(kind, &d).await,
+            FaultKind::HostileLease => {
+                let mut sub = fastrand::Rng::with_seed(d.sub);
+                let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(1);
+                let policies = [
+                    LeasePolicy::Answer {
+                        seconds: 3600,
+                        nanos: 0,
+                    },
+                    LeasePolicy::Answer {
+                        seconds: ttl_secs.saturating_mul(1000),
+                        nanos: 0,
+                    },
+                    LeasePolicy::Answer {
+                        seconds: i64::MAX,
+                        nanos: 999_999_999,
+                    },
+                    LeasePolicy::Answer {
+                        seconds: 0,
+                        nanos: 1,
+                    },
+                    LeasePolicy::Answer {
+                        seconds: 0,
+                        nanos: 0,
+                    },
+                    LeasePolicy::Answer {
+                        seconds: i64::MIN,
+                        nanos: 0,
+                    },
+                    LeasePolicy::Answer {
+                        seconds: 1,
+                        nanos: 1_000_000_000,
+                    },
+                    LeasePolicy::Answer {
+                        seconds: 0,
+                        nanos: -1,
+                    },
+                    LeasePolicy::Answer {
+                        seconds: 2,
+                        nanos: -500_000_000,
+                    },
+                    LeasePolicy::Answer {
+                        seconds: -2,
+                        nanos: 500_000_000,
+                    },
+                    LeasePolicy::Missing,
+                ];
+                let policy = policies[sub.usize(..policies.len())];
+                self.server.set_lease_policy(policy);
+                sleep(ttl.mul_f64(0.5 + d.a)).await;
+                let long =
+                    matches!(policy, LeasePolicy::Answer { seconds, .. } if seconds > ttl_secs);
+                if long && d.b < 0.5 {
+                    // The server goes silent after granting "long" leases:
+                    // whoever believed one would lead past the real expiry.
+                    self.server.pause();
+                    self.server.set_lease_policy(LeasePolicy::AsAsked);
+                    sleep(ttl.mul_f64(0.8 + 0.4 * sub.f64())).await;
+                    self.server.resume();
+                } else {
+                    self.server.set_lease_policy(LeasePolicy::AsAsked);
+                }
+                tracing::debug!(?policy, "hostile lease healed");
+                self.recorded(kind, None, start, Instant::now());
+            }
+            FaultKind::ClampLease => {
+                let margin = self.timing.safety_margin;
+                let renew = self.timing.renew_interval;
+                let clamp = if d.b < 0.5 && renew > margin {
+                    // Shorter than the renew interval: the lease runs out
+                    // before the next renewal.
+                    margin + (renew - margin).mul_f64(0.3 + 0.6 * d.a)
+                } else {
+                    ttl.mul_f64(0.5 + 0.4 * d.a).max(margin * 2)
+                };
+                self.server
+                    .set_lease_policy(LeasePolicy::ClampRenewals(clamp));
+                let mut sub = fastrand::Rng::with_seed(d.sub);
+                sleep(ttl.mul_f64(1.0 + sub.f64())).await;
+                self.server.set_lease_policy(LeasePolicy::AsAsked);
+                self.recorded_with(kind, None, start, Instant::now(), clamp);
+            }
+            FaultKind::DelayedRefusal => {
+                let delay = self.timing.rpc_timeout.mul_f64(0.5 + 1.5 * d.a);
+                self.server.set_refusal_delay(delay);
+                sleep(ttl.mul_f64(1.0 + d.b)).await;
+                self.server.set_refusal_delay(Duration::ZERO);
+                // Refusals decided before the heal still arrive later.
+                self.recorded_with(kind, None, start, Instant::now() + delay, delay);
+            }
+            FaultKind::StarvedRuntime => {
+                let Some(t) = self.wait_for_leader(ttl * 2).await else {
+                    return false;
+                };
+                let start = Instant::now();
+                let margin = self.timing.safety_margin;
+                let longest = ttl.mul_f64(1.5).max(margin * 3);
+                let block = margin * 2 + (longest - margin * 2).mul_f64(d.a);
+                let (done, back) = oneshot::channel();
+                let c = &self.contenders[t];
+                if c.commands.send(Command::Starve { block, done }).is_err() {
+                    self.problem(format!("{}: contender task is gone", c.id));
+                    return false;
+                }
+                let bound = block + SETTLE_WAIT;
+                if !matches!(timeout(bound, back).await, Ok(Ok(()))) {
+                    self.problem(format!(
+                        "{}: its runtime was not starved and back within {bound:?}",
+                        c.id
+                    ));
+                }
+                self.recorded_with(kind, Some(t), start, Instant::now(), block);
+            }
             FaultKind::Resign | FaultKind::StreamDrop => {
                 let t = if kind == FaultKind::StreamDrop {
                     match self.wait_for_leader(ttl * 2).await {
@@ -1286,6 +1654,52 @@ impl Harness {
         true
     }
 
+    /// [`FaultKind::DelayedDelivery`]: hold one contender's live connections,
+    /// maybe resign it meanwhile, then deliver the held bytes (after it leads
+    /// again, if it does soon).
+    async fn delayed_delivery(&self, kind: FaultKind, d: &Draw) -> bool {
+        let ttl = self.config.ttl;
+        let t = self.target(d);
+        let start = Instant::now();
+        let c = &self.contenders[t];
+        let mut sub = fastrand::Rng::with_seed(d.sub);
+        c.proxy.hold_live();
+        let mut rejoined = None;
+        if d.b < 0.6 {
+            // Its release stalls on the held connection. A short sit-out, so
+            // that it is the likeliest to take the lock again (it is free if
+            // a retried release got through, or still its own if not).
+            let out = ttl.mul_f64(0.02 + 0.08 * sub.f64());
+            let (done, back) = oneshot::channel();
+            if c.commands.send(Command::Resign { out, done }).is_err() {
+                c.proxy.deliver_held();
+                self.problem(format!("{}: contender task is gone", c.id));
+                return false;
+            }
+            rejoined = Some((out, back));
+        }
+        // Long enough for its calls to time out and its client to dial anew.
+        sleep(self.timing.rpc_timeout.mul_f64(1.5 + 2.0 * d.a)).await;
+        if let Some((out, back)) = rejoined {
+            let bound = out + ttl * 3 + SETTLE_WAIT;
+            if !matches!(timeout(bound, back).await, Ok(Ok(()))) {
+                self.problem(format!(
+                    "{}: did not rejoin within {bound:?} after {kind}",
+                    c.id
+                ));
+            }
+            // Deliver into its next term, if it gets one soon.
+            let deadline = Instant::now() + ttl;
+            while !c.client.is_leader() && Instant::now() < deadline {
+                sleep(Duration::from_millis(20)).await;
+            }
+            sleep(self.timing.retry_period.mul_f64(sub.f64())).await;
+        }
+        c.proxy.deliver_held();
+        self.recorded(kind, Some(t), start, Instant::now());
+        true
+    }
+
     /// Every contender resigns and its task ends (bounded).
     async fn stop_contenders(&mut self) {
         for c in &self.contenders {
@@ -1293,16 +1707,18 @@ impl Harness {
         }
         let bound = self.config.ttl * 3 + SETTLE_WAIT;
         for c in &mut self.contenders {
-            if let Some(task) = c.task.take() {
-                let abort = task.abort_handle();
-                match timeout(bound, task).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        let what = format!("{}: contender task failed: {e}", c.id);
+            if let Some(finished) = c.thread.finished.take() {
+                match timeout(bound, finished).await {
+                    Ok(Ok(None)) => {}
+                    Ok(Ok(Some(panic))) => {
+                        let what = format!("{}: contender task failed: {panic}", c.id);
+                        lock(&self.record).problems.push(what);
+                    }
+                    Ok(Err(_)) => {
+                        let what = format!("{}: contender thread ended abruptly", c.id);
                         lock(&self.record).problems.push(what);
                     }
                     Err(_) => {
-                        abort.abort();
                         let what =
                             format!("{}: contender task did not stop within {bound:?}", c.id);
                         lock(&self.record).problems.push(what);
@@ -1394,13 +1810,29 @@ impl Harness {
         // then the network, then the server.
         let releases = self.server.calls(Rpc::ReleaseLock) + self.contenders.len() as u64;
         let mut network = Vec::with_capacity(self.contenders.len());
-        for c in self.contenders {
+        let mut threads = Vec::with_capacity(self.contenders.len());
+        for mut c in self.contenders {
             drop(c.client);
+            if let Some(teardown) = c.thread.teardown.take() {
+                let _ = teardown.send(());
+            }
             network.push((c.proxy, c.relay));
+            threads.push(c.thread);
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.server.calls(Rpc::ReleaseLock) < releases && Instant::now() < deadline {
             sleep(Duration::from_millis(10)).await;
+        }
+        for t in &mut threads {
+            if let Some(exit) = t.exit.take() {
+                let _ = exit.send(());
+            }
+        }
+        for t in &mut threads {
+            if let Some(exited) = t.exited.take() {
+                // A thread still blocked is left to end by itself.
+                let _ = timeout(SETTLE_WAIT, exited).await;
+            }
         }
         for (proxy, relay) in &network {
             proxy.shutdown().await;
@@ -1441,14 +1873,14 @@ enum Step {
 
 /// One contender: follows its leadership stream, records its terms, and obeys
 /// the schedule's commands.
-async fn contender_task(
-    idx: usize,
-    client: QuorumQuestClient,
-    record: Shared,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    quit: CancellationToken,
-    ttl: Duration,
-) {
+async fn contender_task(idx: usize, client: QuorumQuestClient, go: Go) {
+    let Go {
+        mut commands,
+        record,
+        quit,
+        ttl,
+        harness,
+    } = go;
     let mut stream: Option<Leadership> = Some(client.leadership());
     // The open term: (term, index in `record.terms`).
     let mut open: Option<(LeaderTerm, usize)> = None;
@@ -1462,7 +1894,7 @@ async fn contender_task(
             None => Step::Command(commands.recv().await),
         };
         match step {
-            Step::Event(Some(event)) => on_event(idx, event, &record, &mut open, &quit),
+            Step::Event(Some(event)) => on_event(idx, event, &record, &mut open, &quit, &harness),
             Step::Event(None) => {
                 let what = format!("contender-{idx}: leadership stream ended by itself");
                 tracing::warn!(%what);
@@ -1472,11 +1904,18 @@ async fn contender_task(
                 sleep(Duration::from_millis(100)).await;
                 stream = Some(client.leadership());
             }
+            Step::Command(Some(Command::Starve { block, done })) => {
+                // Starve this runtime: nothing on it runs meanwhile (the
+                // client's tasks, this consumer, the callbacks).
+                tracing::info!(contender = idx, ?block, "blocking the contender's runtime");
+                std::thread::sleep(block);
+                let _ = done.send(());
+            }
             Step::Command(command) => {
                 let command = command.unwrap_or(Command::Stop);
                 let leaving = stream.take();
                 let (exit, out, done) = match command {
-                    Command::Stop => (Exit::Resigned, None, None),
+                    Command::Stop | Command::Starve { .. } => (Exit::Resigned, None, None),
                     Command::Resign { out, done } => (Exit::Resigned, Some(out), Some(done)),
                     Command::Drop { out, done } => (Exit::Dropped, Some(out), Some(done)),
                 };
@@ -1507,7 +1946,10 @@ async fn contender_task(
                 // Sit out; a Stop meanwhile ends the task.
                 let stopped = tokio::select! {
                     _ = sleep(out) => false,
-                    c = commands.recv() => !matches!(c, Some(Command::Resign { .. } | Command::Drop { .. })),
+                    c = commands.recv() => !matches!(
+                        c,
+                        Some(Command::Resign { .. } | Command::Drop { .. } | Command::Starve { .. })
+                    ),
                 };
                 if let Some(done) = done {
                     let _ = done.send(());
@@ -1538,6 +1980,7 @@ fn on_event(
     record: &Shared,
     open: &mut Option<(LeaderTerm, usize)>,
     quit: &CancellationToken,
+    harness: &tokio::runtime::Handle,
 ) {
     let now = Instant::now();
     match event {
@@ -1587,7 +2030,9 @@ fn on_event(
             *open = Some((term.clone(), index));
             let record = record.clone();
             let quit = quit.clone();
-            tokio::spawn(async move {
+            // Observed on the harness's runtime, which no fault blocks: the
+            // instant leader work bound to the term would stop.
+            harness.spawn(async move {
                 tokio::select! {
                     _ = term.cancelled() => {
                         let at = Instant::now();
@@ -1994,6 +2439,17 @@ impl Analysis {
         (self.off(f.start), self.off(until))
     }
 
+    /// Whether `t`'s contender had its runtime starved between the term's
+    /// start and `until` (the consumer then sees its events late).
+    fn starved(&self, t: &TermRec, until: Instant) -> bool {
+        self.record.faults.iter().any(|f| {
+            f.kind == FaultKind::StarvedRuntime
+                && f.target == Some(t.contender)
+                && f.start <= until
+                && t.start <= f.heal + SLACK
+        })
+    }
+
     fn analyze(self) -> ChaosReport {
         let mut report = ChaosReport {
             seed: self.seed,
@@ -2052,6 +2508,10 @@ impl Analysis {
                 (None, None) => {}
             }
             let end = match (t.cancelled, t.lost) {
+                // The consumer was starved with the rest of its runtime: its
+                // `Lost` comes late through no fault of the client; the
+                // term's end as the (unblocked) harness saw it counts.
+                (Some(c), Some((l, _))) if self.starved(t, l) => c,
                 (Some(c), Some((l, _))) => c.max(l),
                 (Some(c), None) if t.exit.is_some() => c,
                 (Some(c), None) => {
@@ -2088,6 +2548,11 @@ impl Analysis {
         // Invariant 2: inside one tenure of the same contender.
         let mut min_slack: Option<Duration> = None;
         for iv in &mut intervals {
+            if iv.end <= iv.start {
+                // The term had ended before its consumer saw it (a starved
+                // consumer): no leader work ran in it.
+                continue;
+            }
             let owner = self.ids.get(iv.contender);
             let tenure = self.tenures.iter().find(|t| {
                 owner.is_some_and(|id| wire_id_of(&t.owner, id))
@@ -2265,7 +2730,22 @@ impl Analysis {
             }
         }
         for v in &report.violations {
-            tracing::error!(seed = self.seed, violation = %v, "chaos violation");
+            let at = v.at();
+            let suspects: Vec<FaultKind> = dedup(
+                &self
+                    .record
+                    .faults
+                    .iter()
+                    .filter(|f| {
+                        let (from, to) = self.blocked_span(f);
+                        from.saturating_sub(SLACK) <= at && at <= to
+                    })
+                    .map(|f| f.kind)
+                    .collect::<Vec<_>>(),
+            );
+            let names: Vec<&str> = suspects.iter().map(|k| k.name()).collect();
+            tracing::error!(seed = self.seed, violation = %v, suspects = names.join(","), "chaos violation");
+            report.suspects.push(suspects);
         }
         report
     }

@@ -126,6 +126,13 @@ pub enum LeasePolicy {
     /// `KeepAlive` answers that shorter length. A zero `d` grants leases that
     /// are already over.
     Clamp(Duration),
+    /// Like [`Clamp`](LeasePolicy::Clamp), but only for `KeepAlive`:
+    /// `TryAcquireLock` grants the ttl asked. A `TryAcquireLockResponse`
+    /// carries no lease length, so a client cannot learn that its acquire
+    /// was clamped (no client can then be safe if its first renewal does
+    /// not arrive within the clamp); a clamped renewal it can see in the
+    /// answer, and must honour.
+    ClampRenewals(Duration),
     /// A hostile or broken server: the store behaves as
     /// [`AsAsked`](LeasePolicy::AsAsked), but an owner's `KeepAlive` answers
     /// this raw `lease_length` (any values: 3600 s for a 3 s ttl, 1 ns,
@@ -638,10 +645,12 @@ impl Handler {
         *lock(&self.shared.lease_policy)
     }
 
-    /// The lease the store grants for a requested `ttl` under `policy`.
-    fn granted(policy: LeasePolicy, ttl: Duration) -> Duration {
+    /// The lease the store grants for a requested `ttl` under `policy`
+    /// (`renewal`: for a `KeepAlive`).
+    fn granted(policy: LeasePolicy, ttl: Duration, renewal: bool) -> Duration {
         match policy {
             LeasePolicy::Clamp(d) => ttl.min(d),
+            LeasePolicy::ClampRenewals(d) if renewal => ttl.min(d),
             _ => ttl,
         }
     }
@@ -667,7 +676,7 @@ impl LeaderElectionService for Handler {
     ) -> Result<Response<TryAcquireLockResponse>, Status> {
         self.admit(Rpc::TryAcquireLock).await?;
         let req = request.into_inner();
-        let ttl = Self::granted(self.lease_policy(), self.ttl(req.ttl));
+        let ttl = Self::granted(self.lease_policy(), self.ttl(req.ttl), false);
         let is_leader = self.store().try_acquire(
             &req.service,
             &req.domain,
@@ -719,7 +728,7 @@ impl LeaderElectionService for Handler {
         self.admit(Rpc::KeepAlive).await?;
         let req = request.into_inner();
         let policy = self.lease_policy();
-        let ttl = Self::granted(policy, self.ttl(req.ttl));
+        let ttl = Self::granted(policy, self.ttl(req.ttl), true);
         let granted = self.store().keep_alive(
             &req.service,
             &req.domain,
