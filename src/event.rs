@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -167,6 +167,9 @@ struct TermInner {
     ended: CancellationToken,
     /// The client's published lease: the one deadline of the current term.
     lease: watch::Receiver<LeaseView>,
+    /// A child of `ended` that one watcher task also cancels at the
+    /// deadline; [`LeaderTerm::token`] hands out children of it.
+    by_deadline: OnceLock<CancellationToken>,
 }
 
 /// What the election state publishes after every change: the current term
@@ -219,7 +222,12 @@ impl LeaderTerm {
         lease: watch::Receiver<LeaseView>,
     ) -> Self {
         LeaderTerm {
-            inner: Arc::new(TermInner { id, ended, lease }),
+            inner: Arc::new(TermInner {
+                id,
+                ended,
+                lease,
+                by_deadline: OnceLock::new(),
+            }),
         }
     }
 
@@ -280,23 +288,29 @@ impl LeaderTerm {
     /// A token that is cancelled when the term ends, for APIs that take a
     /// tokio-util [`CancellationToken`]. Cancelling it does not end the term.
     ///
-    /// The deadline is watched by a small task spawned on the runtime this
-    /// is called from; called outside a Tokio runtime, the token is cancelled
-    /// only when the client reports the term lost.
+    /// The deadline is watched by one small task per term, spawned on the
+    /// runtime of the first call made inside a Tokio runtime; until such a
+    /// call, the tokens are cancelled only when the client reports the term
+    /// lost. Dropped tokens cost nothing.
     #[must_use]
     pub fn token(&self) -> CancellationToken {
-        let token = self.inner.ended.child_token();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        if let Some(by_deadline) = self.inner.by_deadline.get() {
+            return by_deadline.child_token();
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.inner.ended.child_token();
+        };
+        let by_deadline = self.inner.by_deadline.get_or_init(|| {
+            let token = self.inner.ended.child_token();
             let inner = self.inner.clone();
             let watched = token.clone();
             runtime.spawn(async move {
-                tokio::select! {
-                    () = inner.ended() => watched.cancel(),
-                    () = watched.cancelled() => {}
-                }
+                inner.ended().await;
+                watched.cancel();
             });
-        }
-        token
+            token
+        });
+        by_deadline.child_token()
     }
 
     /// Runs `work` while the term lasts: `Some(output)` if it finished first,

@@ -188,7 +188,7 @@ pub(crate) fn campaign(
                                     code = ?status.code(),
                                     message = status.message(),
                                     lease_remaining = ?left,
-                                    retry_in = ?wait,
+                                    retry_in = ?wait.unwrap_or(left),
                                     "KeepAlive failed; retrying while the lease lasts"
                                 );
                             }
