@@ -157,6 +157,7 @@ impl QuorumQuestClient {
     /// [`Error::Rpc`] when a call fails or times out (leadership, if held,
     /// lasts until its deadline).
     pub async fn try_acquire_lock(&self) -> Result<bool> {
+        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let session = &self.inner.session;
         let (answer, _) = session.try_acquire().await;
         if !answer.result.map_err(Error::Rpc)? {
@@ -182,6 +183,7 @@ impl QuorumQuestClient {
     /// [`Error::Rpc`] if the release call fails; this client is not leader
     /// either way, and the lock expires after its TTL.
     pub async fn release_lock(&self) -> Result<()> {
+        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let session = &self.inner.session;
         session.stop_keep_alive().await;
         session.release().await
@@ -289,7 +291,7 @@ impl QuorumQuestClient {
             Some(mine.client_id.clone()),
             mine.ttl(),
         )?;
-        let rpc = Rpc::new(self.inner.session.rpc.transport().clone(), Arc::new(scope));
+        let rpc = Rpc::new(self.inner.session.rpc.transport().clone(), Arc::new(scope))?;
         Ok(QuorumQuestClient {
             inner: Arc::new(ClientInner {
                 session: Session::new(rpc, self.inner.session.timing, None),
@@ -552,7 +554,7 @@ impl ClientBuilder {
             Connection::Channel(channel) => Arc::new(Transport::from_channel(channel)),
             Connection::Shared(transport) => transport,
         };
-        let session = Session::new(Rpc::new(transport, Arc::new(scope)), timing, self.seed);
+        let session = Session::new(Rpc::new(transport, Arc::new(scope))?, timing, self.seed);
         if let Some(callbacks) = self.callbacks {
             let mut events = session.subscribe();
             let events = futures::stream::poll_fn(move |cx| events.poll_recv(cx));

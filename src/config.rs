@@ -22,13 +22,16 @@ pub(crate) const MAX_KNOB: Duration = Duration::from_secs(i32::MAX as u64);
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The lock a client campaigns for and the identity it campaigns with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Scope {
     pub(crate) service: String,
     pub(crate) domain: String,
     pub(crate) client_id: String,
     /// The TTL in whole seconds, as sent on the wire.
     pub(crate) ttl_secs: i32,
+    /// A random tag that makes this client's retired-identity names its own
+    /// (`client_id#N.tag`), so they cannot equal another contender's id.
+    tag: u32,
 }
 
 impl Scope {
@@ -53,18 +56,20 @@ impl Scope {
             domain,
             client_id,
             ttl_secs,
+            tag: fastrand::u32(..),
         })
     }
 
     /// The identity sent on the wire for `incarnation`: the client id itself
-    /// first, then `client_id#N` after a release whose outcome was unknown
-    /// (see the state machine's fences), so that no request of an earlier
-    /// incarnation can touch a lock taken by a later one.
+    /// first, then `client_id#N.tag` after a release whose outcome was
+    /// unknown (see the state machine's fences), so that no request of an
+    /// earlier incarnation can touch a lock taken by a later one. The random
+    /// tag keeps the name from equalling another contender's id (`node#1`).
     pub(crate) fn wire_id(&self, incarnation: u32) -> String {
         if incarnation == 0 {
             self.client_id.clone()
         } else {
-            format!("{}#{incarnation}", self.client_id)
+            format!("{}#{incarnation}.{:08x}", self.client_id, self.tag)
         }
     }
 

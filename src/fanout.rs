@@ -156,7 +156,6 @@ impl EventSender {
 
     /// `true` once the receiver was dropped: the subscriber went away and
     /// this sender can be forgotten without waiting for the next event.
-    #[cfg(test)]
     pub(crate) fn receiver_gone(&self) -> bool {
         self.shared.state().receiver_gone
     }

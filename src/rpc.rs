@@ -18,7 +18,7 @@ use crate::event::RpcKind;
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
 use crate::state::Observation;
-use crate::transport::Transport;
+use crate::transport::{Claim, Transport};
 
 /// An RPC's result with the instant its request was sent, the incarnation
 /// of our identity it was sent under, and how many attempts it took.
@@ -143,11 +143,24 @@ pub(crate) fn lease_answer(lease: Option<prost_types::Duration>) -> LeaseAnswer 
 pub(crate) struct Rpc {
     transport: Arc<Transport>,
     scope: Arc<Scope>,
+    /// This client's claim on its scope and identity on the transport.
+    _claim: Arc<Claim>,
 }
 
 impl Rpc {
-    pub(crate) fn new(transport: Arc<Transport>, scope: Arc<Scope>) -> Self {
-        Rpc { transport, scope }
+    /// Calls for `scope` over `transport`.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidParameter` if another live client on `transport` already
+    /// campaigns for the same lock under the same client id.
+    pub(crate) fn new(transport: Arc<Transport>, scope: Arc<Scope>) -> crate::error::Result<Self> {
+        let claim = transport.claim(&scope.service, &scope.domain, &scope.client_id)?;
+        Ok(Rpc {
+            transport,
+            scope,
+            _claim: Arc::new(claim),
+        })
     }
 
     pub(crate) fn scope(&self) -> &Scope {

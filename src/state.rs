@@ -22,7 +22,7 @@
 //!   last release we know the server applied. A release whose outcome is
 //!   unknown (it failed, timed out, was abandoned, or was retried) may still
 //!   reach the server at any later time, so it retires the incarnation: the
-//!   client goes on under a fresh wire identity (`client_id#N`) that no
+//!   client goes on under a fresh wire identity (`client_id#N.tag`) that no
 //!   earlier request names. Refusals are fenced by send instant too: a
 //!   refusal sent before the answer in force is older news and is ignored.
 //!
@@ -173,7 +173,15 @@ impl ElectionState {
         match &self.phase {
             Phase::Leader {
                 basis, deadline, ..
-            } => Some(basis.checked_add(renew_interval).unwrap_or(*deadline)),
+            } => {
+                // Never later than halfway through the lease in force.
+                let half = deadline.saturating_duration_since(*basis) / 2;
+                Some(
+                    basis
+                        .checked_add(renew_interval.min(half))
+                        .unwrap_or(*deadline),
+                )
+            }
             _ => None,
         }
     }

@@ -49,7 +49,8 @@
 //! when it has one. A user-supplied [`Channel`] (`ClientBuilder::channel`) is
 //! used as is and never redialed.
 
-use std::sync::Mutex;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -218,6 +219,28 @@ pub(crate) struct Transport {
     endpoint: Option<Endpoint>,
     redial_after: Duration,
     current: Mutex<Current>,
+    /// The (service, domain, client id) of every live client on this
+    /// connection: two clients with one identity for one lock would both be
+    /// granted it (the server cannot tell them apart).
+    claims: Mutex<HashSet<(String, String, String)>>,
+}
+
+/// A client's claim on its (service, domain, client id) on a [`Transport`];
+/// released when dropped.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    transport: Arc<Transport>,
+    key: (String, String, String),
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.transport
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
 }
 
 #[derive(Debug)]
@@ -274,7 +297,47 @@ impl Transport {
                 channel,
                 dialed_at: Instant::now(),
             }),
+            claims: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Claims `(service, domain, client_id)` on this connection for one
+    /// client.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidParameter` if a live client on this connection already
+    /// campaigns for that lock under that identity: the server would grant
+    /// both, so both would lead.
+    pub(crate) fn claim(
+        self: &Arc<Self>,
+        service: &str,
+        domain: &str,
+        client_id: &str,
+    ) -> Result<Claim> {
+        let key = (
+            service.to_string(),
+            domain.to_string(),
+            client_id.to_string(),
+        );
+        let fresh = self
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
+        if !fresh {
+            return Err(Error::invalid(
+                "domain",
+                format!(
+                    "a client on this connection already campaigns for {service}/{domain} as {client_id:?}; \
+                     two clients with one identity would both be granted the lock: clone that client instead"
+                ),
+            ));
+        }
+        Ok(Claim {
+            transport: self.clone(),
+            key,
+        })
     }
 
     /// The channel to issue the next call on.

@@ -555,3 +555,168 @@ async fn a_server_granting_less_than_the_margin_is_asked_again_only_at_the_retry
         "{calls} acquires in 10 retry periods: no tight loop"
     );
 }
+
+// ----- found by the adversarial review -----
+
+#[tokio::test(start_paused = true)]
+async fn a_second_client_for_the_same_lock_and_identity_on_one_connection_is_refused() {
+    // Two sessions with one identity for one lock would both be granted it
+    // (the server cannot tell them apart): two leaders in one process.
+    let server = server().await;
+    let a = in_memory(&server, 10).build().await.unwrap();
+    match a.for_scope(SERVICE, DOMAIN) {
+        Err(Error::InvalidParameter(m)) => assert!(m.contains("already campaigns"), "{m}"),
+        other => panic!("expected InvalidParameter, got {other:?}"),
+    }
+    let x = a.for_scope("indexer", "shard-7").unwrap();
+    assert!(matches!(
+        a.for_scope("indexer", "shard-7"),
+        Err(Error::InvalidParameter(_))
+    ));
+    match QuorumQuestClient::builder("indexer", "shard-7")
+        .share_connection(&a)
+        .client_id(a.client_id())
+        .build()
+        .await
+    {
+        Err(Error::InvalidParameter(_)) => {}
+        other => panic!("expected InvalidParameter, got {other:?}"),
+    }
+    assert!(x.try_acquire_lock().await.unwrap());
+    // Once the first is gone (its release in the background included: a
+    // release of that identity must not reach the server after a new
+    // client's grant), the scope is free for a new client.
+    drop(x);
+    let start = Instant::now();
+    let y = loop {
+        match a.for_scope("indexer", "shard-7") {
+            Ok(y) => break y,
+            Err(_) if start.elapsed() < 5 * SEC => tokio::time::sleep(ms(10)).await,
+            Err(e) => panic!("the scope stayed claimed: {e}"),
+        }
+    };
+    assert!(y.try_acquire_lock().await.unwrap());
+}
+
+/// After a release whose outcome is unknown, node "node" goes on as
+/// "node#1": exactly the id another contender may legitimately use. The
+/// server then sees one owner for two clients.
+#[tokio::test(start_paused = true)]
+async fn a_retired_identity_never_equals_another_contenders_id() {
+    let server = server().await;
+    let a = in_memory(&server, 10)
+        .client_id("node")
+        .build()
+        .await
+        .unwrap();
+    let b = in_memory(&server, 10)
+        .client_id("node#1")
+        .build()
+        .await
+        .unwrap();
+    assert!(a.try_acquire_lock().await.unwrap());
+    // A release that needs a transport retry: its outcome counts as unknown,
+    // so `a` retires "node" and goes on as "node#1".
+    server.fail_next(
+        1,
+        Some(Rpc::ReleaseLock),
+        tonic::Status::unavailable("reset"),
+    );
+    a.release_lock().await.unwrap();
+    assert!(server.lock(SERVICE, DOMAIN).is_none());
+    assert!(b.try_acquire_lock().await.unwrap(), "b wins the free lock");
+    let a_says = a.try_acquire_lock().await.unwrap();
+    assert!(
+        !(a.is_leader() && b.is_leader()),
+        "a (client_id \"node\") and b (client_id \"node#1\") both lead; a.try_acquire_lock() = {a_says}, \
+         server owner = {:?}",
+        server.lock(SERVICE, DOMAIN).map(|l| l.owner)
+    );
+}
+
+/// `build()` outside a runtime is `Error::NoRuntime`, but the methods of a
+/// built client panic inside tokio when their future is polled by another
+/// executor (a plain thread with `futures::executor::block_on`, e.g. in a
+/// `Drop` impl or a signal-handling thread).
+#[test]
+fn imperative_calls_polled_outside_a_runtime_are_errors_not_panics() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    let client = rt.block_on(over_tcp(&server.url(), 10).build()).unwrap();
+    let outcomes: Vec<(&str, bool)> = ["try_acquire_lock", "release_lock", "stop_keep_alive"]
+        .into_iter()
+        .map(|what| {
+            let c = client.clone();
+            let panicked = std::thread::spawn(move || {
+                futures::executor::block_on(async move {
+                    match what {
+                        "try_acquire_lock" => {
+                            let _ = c.try_acquire_lock().await;
+                        }
+                        "release_lock" => {
+                            let _ = c.release_lock().await;
+                        }
+                        _ => c.stop_keep_alive().await,
+                    }
+                })
+            })
+            .join()
+            .is_err();
+            (what, panicked)
+        })
+        .collect();
+    drop(client);
+    rt.block_on(server.shutdown());
+    let panicked: Vec<_> = outcomes
+        .iter()
+        .filter(|(_, p)| *p)
+        .map(|(w, _)| *w)
+        .collect();
+    assert!(
+        panicked.is_empty(),
+        "panicked outside a runtime: {panicked:?}"
+    );
+}
+
+/// The same for `stop_keep_alive()` while the keep-alive task runs: stopping
+/// it waits with `tokio::time::timeout`, which panics off-runtime.
+#[test]
+fn stop_keep_alive_polled_outside_a_runtime_does_not_panic() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    let client = rt.block_on(over_tcp(&server.url(), 10).build()).unwrap();
+    rt.block_on(client.start_keep_alive()).unwrap();
+    let c = client.clone();
+    let panicked = std::thread::spawn(move || futures::executor::block_on(c.stop_keep_alive()))
+        .join()
+        .is_err();
+    drop(client);
+    rt.block_on(server.shutdown());
+    assert!(!panicked, "stop_keep_alive panicked outside a runtime");
+}
+
+/// A server that renews for less than asked (here 5 s of a 15 s TTL): the
+/// deadline moves to send + 5 s - 1.5 s = 3.5 s, but the next renewal is
+/// still scheduled renew_interval = 5 s after the send, i.e. after the
+/// deadline. Every term ends `Lost { Expired }` although every renewal would
+/// have been granted; the client flaps Elected/Lost every ~4 s for ever.
+#[tokio::test(start_paused = true)]
+async fn a_shorter_lease_is_renewed_before_it_runs_out() {
+    let server = server().await;
+    server.set_lease_policy(LeasePolicy::ClampRenewals(5 * SEC));
+    let client = in_memory(&server, 15).build().await.unwrap();
+    let mut stream = client.leadership();
+    until(&mut stream, 5 * SEC, "Elected", LeadershipEvent::is_elected).await;
+    let start = Instant::now();
+    let lost = tokio::time::timeout(
+        30 * SEC,
+        until(&mut stream, 600 * SEC, "Lost", LeadershipEvent::is_lost),
+    )
+    .await;
+    assert!(
+        lost.is_err(),
+        "lost after {:?} with a server that answers every renewal: {:?}",
+        start.elapsed(),
+        lost.ok()
+    );
+}

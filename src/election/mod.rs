@@ -81,6 +81,11 @@ impl Campaign {
     /// Stops the task and waits until it can no longer touch the state.
     async fn stop(mut self) {
         self.stop.cancel();
+        if tokio::runtime::Handle::try_current().is_err() {
+            // No timer to wait with: make sure it cannot touch the state again.
+            self.task.abort();
+            return;
+        }
         if tokio::time::timeout(STOP_GRACE, &mut self.task)
             .await
             .is_err()
@@ -179,6 +184,7 @@ impl Session {
         if let Some(ev) = shared.election.snapshot(now) {
             tx.send(ev);
         }
+        shared.subscribers.retain(|s| !s.receiver_gone());
         shared.subscribers.push(tx);
         rx
     }

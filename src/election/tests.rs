@@ -25,7 +25,11 @@ async fn session(server: &TestServer) -> Arc<Session> {
     let scope = Scope::new("svc".into(), "dom".into(), None, ttl).unwrap();
     let timing = TimingOverrides::default().resolve(ttl).unwrap();
     let transport = Arc::new(Transport::from_channel(server.in_memory_channel()));
-    Session::new(Rpc::new(transport, Arc::new(scope)), timing, Some(1))
+    Session::new(
+        Rpc::new(transport, Arc::new(scope)).unwrap(),
+        timing,
+        Some(1),
+    )
 }
 
 #[tokio::test(start_paused = true)]

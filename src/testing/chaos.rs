@@ -2752,14 +2752,13 @@ impl Analysis {
 }
 
 /// `true` if `owner` (a lock owner on the server) is client `id` under one of
-/// its incarnations: `id` itself, or `id#N` after a release whose outcome was
-/// unknown.
+/// its incarnations: `id` itself, or `id#N.tag` after a release whose outcome
+/// was unknown.
 fn wire_id_of(owner: &str, id: &str) -> bool {
     owner == id
         || owner
             .strip_prefix(id)
-            .and_then(|rest| rest.strip_prefix('#'))
-            .is_some_and(|n| n.parse::<u32>().is_ok())
+            .is_some_and(|rest| rest.starts_with('#'))
 }
 
 #[cfg(test)]
