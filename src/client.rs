@@ -155,7 +155,11 @@ impl QuorumQuestClient {
     /// # Errors
     ///
     /// [`Error::Rpc`] when a call fails or times out (leadership, if held,
-    /// lasts until its deadline).
+    /// lasts until its deadline). A call that timed out may still have been
+    /// granted on the server: the lock then expires after its TTL, unless
+    /// you call [`release_lock`](Self::release_lock) (the background
+    /// campaign does that by itself). [`Error::NoRuntime`] outside a Tokio
+    /// runtime.
     pub async fn try_acquire_lock(&self) -> Result<bool> {
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let session = &self.inner.session;
