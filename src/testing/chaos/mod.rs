@@ -18,13 +18,17 @@
 //! and its stream consumer run on a current-thread runtime of their own, in
 //! a dedicated OS thread, so that one contender's runtime can be starved
 //! ([`FaultKind::StarvedRuntime`]) while the harness, the network and the
-//! server run on. The relay
-//! forwards every call to the `TestServer`; it exists because
-//! the `TestServer` fixes its connection age when it is built, while the
-//! schedule needs to send GOAWAY on demand: the relay answers the client's
-//! connection exactly as the real server's `MaxConnectionAge` does (a graceful
-//! HTTP/2 GOAWAY, then a hard cut after a grace period if the connection is
-//! still open).
+//! server run on. The relay forwards every call to the `TestServer`; it
+//! exists because the `TestServer` fixes its connection age when it is
+//! built, while the schedule needs to send GOAWAY on demand: the relay
+//! answers the client's connection exactly as the real server's
+//! `MaxConnectionAge` does (a graceful HTTP/2 GOAWAY, then a hard cut after
+//! a grace period if the connection is still open).
+//!
+//! The harness uses nothing but the crate's public API (with the `testing`
+//! feature): [`TestServer`], [`FaultProxy`], [`GoawayRelay`] and
+//! [`QuorumQuestClient`]. A chaos test of your own, for your own
+//! leader-dependent code, can be built the same way.
 //!
 //! # The schedule
 //!
@@ -131,15 +135,6 @@
 //!   resource itself (a compare-and-set or version check) where two writers
 //!   for a few seconds would do harm.
 //!
-//! # Layout
-//!
-//! The harness is written against the crate's public API only (the
-//! `testing` feature included), as a user's own chaos test would be:
-//! `faults` (the kinds and their injection), `schedule` (storms, lanes,
-//! decks), `contender` (a contender's thread, client, stream and
-//! recording), `record` (what the run records), `harness` (set-up, the run,
-//! tear-down), `analysis` (the checks) and `report` (the figures).
-//!
 //! [`TestServer`]: super::TestServer
 //! [`FaultProxy`]: super::FaultProxy
 //! [`GoawayRelay`]: super::GoawayRelay
@@ -153,6 +148,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+// Written against the crate's public API only, as a user's test would be.
+// `faults`: the kinds and their injection; `schedule`: storms, lanes, decks;
+// `contender`: a contender's thread, client, stream and recording; `record`:
+// what the run records; `harness`: set-up, the run, tear-down; `analysis`:
+// the checks; `report`: the figures.
 mod analysis;
 mod contender;
 mod faults;

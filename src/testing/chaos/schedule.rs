@@ -76,7 +76,7 @@ impl Harness {
     }
 
     /// During a calm period: when the next storm begins.
-    pub(super) fn next_storm(&self, now: Instant) -> Option<Instant> {
+    fn next_storm(&self, now: Instant) -> Option<Instant> {
         let ttl = self.config.ttl;
         let storm = self.config.storm.unwrap_or(ttl * 9);
         let calm = self.config.calm.unwrap_or(ttl * 3);
