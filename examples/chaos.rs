@@ -74,17 +74,15 @@ async fn main() -> ExitCode {
     } else {
         args.faults
     };
-    let config = ChaosConfig {
-        seed,
-        contenders: args.contenders,
-        duration: Duration::from_secs(args.duration),
-        ttl: Duration::from_secs(args.ttl),
-        faults,
-        fault_gap: args.fault_gap.map(Duration::from_secs_f64),
-        calm: args.calm.map(Duration::from_secs_f64),
-        progress_every: Some(Duration::from_secs(30)),
-        ..ChaosConfig::default()
-    };
+    let mut config = ChaosConfig::default();
+    config.seed = seed;
+    config.contenders = args.contenders;
+    config.duration = Duration::from_secs(args.duration);
+    config.ttl = Duration::from_secs(args.ttl);
+    config.faults = faults;
+    config.fault_gap = args.fault_gap.map(Duration::from_secs_f64);
+    config.calm = args.calm.map(Duration::from_secs_f64);
+    config.progress_every = Some(Duration::from_secs(30));
     println!(
         "chaos: seed {seed} (replay with --seed {seed}), {} contenders, {} s of faults, ttl {} s",
         config.contenders, args.duration, args.ttl

@@ -59,14 +59,12 @@ async fn run(config: ChaosConfig) -> ChaosReport {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_two_leaders_under_every_kind_of_fault() {
     let seed = seed();
-    let report = run(ChaosConfig {
-        seed,
-        contenders: 5,
-        duration: Duration::from_secs(20),
-        ttl: TTL,
-        ..ChaosConfig::default()
-    })
-    .await;
+    let mut config = ChaosConfig::default();
+    config.seed = seed;
+    config.contenders = 5;
+    config.duration = Duration::from_secs(20);
+    config.ttl = TTL;
+    let report = run(config).await;
     let replay = format!("replay with QQ_CHAOS_SEED={seed}");
 
     assert!(
@@ -134,16 +132,14 @@ async fn a_restart_dropping_the_lock_table_overlaps_for_at_most_one_renewal() {
     let seed = seed();
     let ttl = Duration::from_secs(3);
     let timing = Timing::for_ttl(ttl);
-    let report = run(ChaosConfig {
-        seed,
-        contenders: 5,
-        duration: Duration::from_secs(20),
-        ttl,
-        faults: vec![FaultKind::RestartDroppingLocks],
-        fault_gap: Some(ttl * 2),
-        ..ChaosConfig::default()
-    })
-    .await;
+    let mut config = ChaosConfig::default();
+    config.seed = seed;
+    config.contenders = 5;
+    config.duration = Duration::from_secs(20);
+    config.ttl = ttl;
+    config.faults = vec![FaultKind::RestartDroppingLocks];
+    config.fault_gap = Some(ttl * 2);
+    let report = run(config).await;
     let replay = format!("replay with QQ_CHAOS_SEED={seed}");
 
     assert!(

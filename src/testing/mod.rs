@@ -45,9 +45,11 @@ mod accept;
 pub mod chaos;
 mod cut_io;
 mod proxy;
+mod relay;
 mod server;
 mod store;
 
 pub use proxy::{FaultProxy, ProxyMode};
+pub use relay::GoawayRelay;
 pub use server::{LeasePolicy, Rpc, TestServer, TestServerBuilder, DEFAULT_TTL};
 pub use store::{LockInfo, Tenure, TenureEnd};
