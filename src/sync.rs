@@ -1,0 +1,13 @@
+//! Small synchronisation helpers shared across the crate.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks a std mutex, ignoring poisoning: every critical section guarded
+/// this way is a few statements that leave the data consistent even if a
+/// panic interrupts them, so a poisoned lock still holds usable data.
+// Only the `testing` module uses it so far; `transport.rs` and `fanout.rs`
+// still have their own copies.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
