@@ -115,7 +115,7 @@
 //!   [`ClientBuilder::endpoint`] and [`ClientBuilder::channel`].
 //! - [`CancellationToken`] (from `tokio-util`), returned by
 //!   [`LeaderTerm::token`].
-//! - [`async_trait`], to implement [`Callbacks`].
+//! - [`async_trait`](macro@async_trait), to implement [`Callbacks`].
 //!
 //! # Features
 //!
@@ -125,6 +125,9 @@
 //! [Quorum Quest]: https://github.com/quorum-quest
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+// The crate docs link to the `testing` module, which exists only with the
+// feature (docs.rs builds with all features).
+#![cfg_attr(not(feature = "testing"), allow(rustdoc::broken_intra_doc_links))]
 
 mod backoff;
 mod callbacks;
