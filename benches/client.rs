@@ -124,11 +124,11 @@ async fn shards_ours(server: &TestServer) -> (u64, Duration, u64) {
         .into_iter()
         .map(|mut s| tokio::spawn(async move { while s.next().await.is_some() {} }))
         .collect();
-    let ka0 = server.calls(quorum_quest_client::testing::Rpc::KeepAlive);
+    let ka0 = server.calls(quorum_quest_client::RpcKind::KeepAlive);
     let cpu0 = cpu_time();
     tokio::time::sleep(SHARD_WINDOW).await;
     let cpu = cpu_time().saturating_sub(cpu0);
-    let renewals = server.calls(quorum_quest_client::testing::Rpc::KeepAlive) - ka0;
+    let renewals = server.calls(quorum_quest_client::RpcKind::KeepAlive) - ka0;
     for d in drains {
         d.abort();
     }
@@ -177,11 +177,11 @@ async fn shards_baseline(server: &TestServer) -> (u64, Duration, u64) {
         assert!(rx.await.unwrap_or(false), "baseline shard not elected");
     }
     let rss = rss_bytes().saturating_sub(rss0);
-    let ka0 = server.calls(quorum_quest_client::testing::Rpc::KeepAlive);
+    let ka0 = server.calls(quorum_quest_client::RpcKind::KeepAlive);
     let cpu0 = cpu_time();
     tokio::time::sleep(SHARD_WINDOW).await;
     let cpu = cpu_time().saturating_sub(cpu0);
-    let renewals = server.calls(quorum_quest_client::testing::Rpc::KeepAlive) - ka0;
+    let renewals = server.calls(quorum_quest_client::RpcKind::KeepAlive) - ka0;
     for t in tasks {
         t.abort();
     }

@@ -28,8 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use quorum_quest_client::testing::TestServer;
 use quorum_quest_client::{LeaderTerm, LeadershipEvent, LeadershipStreamExt, QuorumQuestClient};
 use tokio::time::{sleep, timeout, Instant};
@@ -94,7 +93,7 @@ fn describe(event: &LeadershipEvent) -> String {
 
 /// Prints transitions until one matches `wanted`; each must come within `patience`.
 async fn until(
-    events: &mut BoxStream<'static, LeadershipEvent>,
+    events: &mut (impl Stream<Item = LeadershipEvent> + Unpin),
     clock: Clock,
     patience: Duration,
     wanted: impl Fn(&LeadershipEvent) -> bool,
@@ -118,7 +117,7 @@ async fn until(
 }
 
 async fn elected(
-    events: &mut BoxStream<'static, LeadershipEvent>,
+    events: &mut (impl Stream<Item = LeadershipEvent> + Unpin),
     clock: Clock,
     patience: Duration,
 ) -> Result<LeaderTerm, BoxError> {

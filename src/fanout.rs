@@ -79,7 +79,7 @@ impl Shared {
     /// that breaks its invariants if it panics midway (each is a single
     /// push, pop or remove), and a leadership stream must keep working.
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.state)
     }
 }
 

@@ -68,7 +68,7 @@
 //! # fn main() {}
 //! ```
 //!
-//! The documented API, as in the user's README:
+//! The imperative API, for code that polls rather than streams:
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -104,35 +104,67 @@
 //! the first still holds a valid-looking lease. The README's "Guarantees and how
 //! we test them" section measures that window.
 //!
+//! # Re-exports
+//!
+//! Types of other crates that appear in this API are re-exported, so that a
+//! user needs no direct dependency on a matching version:
+//!
+//! - [`tonic`]: [`tonic::Code`] and [`tonic::Status`] appear in
+//!   [`LeadershipEvent::RpcFailed`] and [`Error::Rpc`];
+//!   [`tonic::transport::Endpoint`] and [`tonic::transport::Channel`] in
+//!   [`ClientBuilder::endpoint`] and [`ClientBuilder::channel`].
+//! - [`CancellationToken`] (from `tokio-util`), returned by
+//!   [`LeaderTerm::token`].
+//! - [`async_trait`](macro@async_trait), to implement [`Callbacks`].
+//!
+//! # Features
+//!
+//! - `testing`: the [`testing`] module, an in-process server and a
+//!   fault-injecting proxy for tests of leader-dependent code.
+//!
 //! [Quorum Quest]: https://github.com/quorum-quest
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// The crate docs link to the `testing` module, which exists only with the
+// feature (docs.rs builds with all features).
+#![cfg_attr(not(feature = "testing"), allow(rustdoc::broken_intra_doc_links))]
 
 mod backoff;
 mod callbacks;
 mod client;
 mod config;
 mod election;
-pub mod error;
+mod error;
 mod event;
 mod ext;
 mod fanout;
-pub mod proto;
 mod rpc;
 mod state;
+mod sync;
 mod time;
 mod transport;
 
+// The generated protobuf and gRPC code. Not covered by semver: it follows the
+// wire contract and the code generator. Public only for this crate's tests and
+// for the `testing` feature (whose server implements the generated trait).
+#[doc(hidden)]
+pub mod proto;
+
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 pub use async_trait::async_trait;
+pub use tokio_util::sync::CancellationToken;
+pub use tonic;
+
 pub use callbacks::{drive_callbacks, Callbacks, NoOpCallbacks};
 pub use client::{ClientBuilder, QuorumQuestClient, DEFAULT_ADDRESS, DEFAULT_TTL};
 pub use config::Timing;
 pub use election::Leadership;
 pub use error::{Error, Result};
 pub use event::{LeaderTerm, LeadershipEvent, LossReason, RpcKind, TermEnded};
-pub use ext::LeadershipStreamExt;
+pub use ext::{LeaderChanges, LeadershipStreamExt, Transitions, UntilLost};
 
 /// The README's Rust examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

@@ -1,5 +1,10 @@
 //! Code generated from `proto/quorum_quest_api.proto` (package
-//! `quorum.quest.api.v1`): messages, the tonic client and the server trait.
+//! `quorum.quest.api.v1`): messages and the tonic client, plus the server
+//! trait with the `testing` feature.
+//!
+//! **Not covered by semver**: this module follows the wire contract and the
+//! code generator (tonic, prost), and may change in any release. It is public
+//! for this crate's tests and for the `testing` feature.
 //!
 //! ```
 //! use quorum_quest_client::proto::TryAcquireLockRequest;

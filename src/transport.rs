@@ -235,11 +235,7 @@ pub(crate) struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.transport
-            .claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+        crate::sync::lock(&self.transport.claims).remove(&self.key);
     }
 }
 
@@ -320,11 +316,7 @@ impl Transport {
             domain.to_string(),
             client_id.to_string(),
         );
-        let fresh = self
-            .claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone());
+        let fresh = crate::sync::lock(&self.claims).insert(key.clone());
         if !fresh {
             return Err(Error::invalid(
                 "domain",
@@ -360,7 +352,7 @@ impl Transport {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.current)
     }
 }
 

@@ -9,19 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::*;
-use quorum_quest_client::testing::{FaultProxy, ProxyMode, Rpc, TestServer};
-use quorum_quest_client::{Callbacks, Error, QuorumQuestClient};
+use quorum_quest_client::testing::{FaultProxy, ProxyMode};
+use quorum_quest_client::{Callbacks, Error, QuorumQuestClient, RpcKind};
 use tokio::time::Instant;
-
-const SEC: Duration = Duration::from_secs(1);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-async fn server() -> TestServer {
-    TestServer::start().await.expect("test server starts")
-}
 
 /// Records callbacks in order and checks they never overlap.
 #[derive(Default)]
@@ -155,14 +145,14 @@ async fn keep_alive_keeps_the_lock_and_cannot_run_twice() {
     ));
     tokio::time::sleep(60 * SEC).await;
     assert!(client.is_leader());
-    assert!(server.calls(Rpc::KeepAlive) >= 55);
+    assert!(server.calls(RpcKind::KeepAlive) >= 55);
     client.stop_keep_alive().await;
     assert!(!client.is_keep_alive_running());
     // Stopped: the lease runs out by itself (ttl 3 s less the 300 ms margin).
-    let calls = server.calls(Rpc::KeepAlive);
+    let calls = server.calls(RpcKind::KeepAlive);
     tokio::time::sleep(3 * SEC).await;
     assert!(!client.is_leader());
-    assert_eq!(server.calls(Rpc::KeepAlive), calls);
+    assert_eq!(server.calls(RpcKind::KeepAlive), calls);
     // And it can be started again.
     client.start_keep_alive().await.unwrap();
     eventually(5 * SEC, "leader again", || client.is_leader()).await;
@@ -263,10 +253,10 @@ async fn stop_keep_alive_returns_promptly_during_a_partition() {
     client.start_keep_alive().await.unwrap();
     proxy.set_mode(ProxyMode::Blackhole);
     // Let a renewal get stuck in the partition (renew interval 1 s).
-    let calls = server.calls(Rpc::KeepAlive);
+    let calls = server.calls(RpcKind::KeepAlive);
     tokio::time::sleep(ms(1500)).await;
     assert_eq!(
-        server.calls(Rpc::KeepAlive),
+        server.calls(RpcKind::KeepAlive),
         calls,
         "nothing gets through the partition"
     );

@@ -8,19 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use quorum_quest_client::testing::{Rpc, TestServer};
 use quorum_quest_client::LeadershipEvent;
+use quorum_quest_client::RpcKind;
 use tokio::time::Instant;
-
-const SEC: Duration = Duration::from_secs(1);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-async fn server() -> TestServer {
-    TestServer::start().await.expect("test server starts")
-}
 
 /// Many tasks hammer one client's imperative API (try_acquire_lock,
 /// release_lock, start/stop_keep_alive, streams created and dropped) while
@@ -122,7 +112,7 @@ async fn concurrent_imperative_use_never_gives_two_leaders() {
         }
         eprintln!(
             "seed {seed}: a led {led_a} samples, b led {led_b}, releases {}",
-            server.calls(Rpc::ReleaseLock)
+            server.calls(RpcKind::ReleaseLock)
         );
         stop.cancel();
         for w in workers {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
 use quorum_quest_client::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
-use quorum_quest_client::testing::{FaultProxy, ProxyMode, Rpc, TenureEnd, TestServer};
+use quorum_quest_client::testing::{FaultProxy, ProxyMode, TenureEnd, TestServer};
+use quorum_quest_client::RpcKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -87,7 +88,7 @@ async fn pass_mode_forwards_calls() {
         .into_inner();
     assert_eq!(lease.lease_length.unwrap().seconds, 60);
     assert_eq!(proxy.connections_accepted(), 1);
-    assert_eq!(server.calls(Rpc::TryAcquireLock), 1);
+    assert_eq!(server.calls(RpcKind::TryAcquireLock), 1);
     proxy.shutdown().await;
     server.shutdown().await;
 }
@@ -121,7 +122,7 @@ async fn blackhole_makes_calls_time_out_until_pass() {
         "deadline exceeded: {err}"
     );
     assert_eq!(
-        server.calls(Rpc::KeepAlive),
+        server.calls(RpcKind::KeepAlive),
         0,
         "nothing reached the server"
     );
@@ -219,7 +220,7 @@ async fn reset_cuts_a_call_in_flight() {
     let mut c2 = c.clone();
     let call = tokio::spawn(async move { c2.try_acquire_lock(acquire_req("a")).await });
     let deadline = Instant::now() + SOON;
-    while server.calls(Rpc::TryAcquireLock) == 0 {
+    while server.calls(RpcKind::TryAcquireLock) == 0 {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -333,7 +334,7 @@ async fn hold_live_delivers_a_stale_release_after_the_client_moved_on() {
     )
     .await;
     assert!(gave_up.is_err(), "the release must hang while held");
-    assert_eq!(server.calls(Rpc::ReleaseLock), 0, "held: not delivered");
+    assert_eq!(server.calls(RpcKind::ReleaseLock), 0, "held: not delivered");
     // The client cuts connection 1.
     drop(first);
 
@@ -352,12 +353,12 @@ async fn hold_live_delivers_a_stale_release_after_the_client_moved_on() {
     let acquired_again = Instant::now();
     assert_eq!(proxy.connections_accepted(), 2);
     assert_eq!(server.tenures().len(), 2);
-    assert_eq!(server.calls(Rpc::ReleaseLock), 0);
+    assert_eq!(server.calls(RpcKind::ReleaseLock), 0);
 
     // The held release now reaches the server and ends the new tenure.
     proxy.deliver_held();
     wait_until("the held release reached the server", || {
-        server.calls(Rpc::ReleaseLock) == 1
+        server.calls(RpcKind::ReleaseLock) == 1
     })
     .await;
     wait_until("the lock is gone", || server.lock("svc", "dom").is_none()).await;

@@ -3,21 +3,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-use quorum_quest_client::testing::TestServer;
 use quorum_quest_client::LeadershipEvent;
-
-const SEC: Duration = Duration::from_secs(1);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-async fn server() -> TestServer {
-    TestServer::start().await.expect("test server starts")
-}
 
 /// Live heap bytes, to measure leaks without depending on RSS.
 struct Counting;

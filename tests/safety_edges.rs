@@ -13,26 +13,11 @@ use std::time::Duration;
 
 use common::*;
 use futures::{FutureExt, StreamExt};
-use quorum_quest_client::testing::{FaultProxy, LeasePolicy, Rpc, TestServer};
+use quorum_quest_client::testing::{FaultProxy, LeasePolicy, TestServer};
 use quorum_quest_client::{
-    Callbacks, Error, LeadershipEvent, LossReason, NoOpCallbacks, QuorumQuestClient,
+    Callbacks, Error, LeadershipEvent, LossReason, NoOpCallbacks, QuorumQuestClient, RpcKind,
 };
 use tokio::time::Instant;
-
-const SEC: Duration = Duration::from_secs(1);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-async fn server() -> TestServer {
-    TestServer::start().await.expect("test server starts")
-}
-
-/// Waits (on the paused or real clock) until `cond` holds.
-async fn wait_for(within: Duration, what: &str, cond: impl FnMut() -> bool) {
-    eventually(within, what, cond).await;
-}
 
 // ----- 1. a release whose outcome is unknown -----
 
@@ -64,8 +49,8 @@ async fn a_release_whose_outcome_is_unknown_cannot_end_a_later_term() {
     assert!(a.is_leader());
     // The old release reaches the server now.
     proxy.deliver_held();
-    wait_for(10 * SEC, "the held release reaches the server", || {
-        server.calls(Rpc::ReleaseLock) >= 1
+    eventually(10 * SEC, "the held release reaches the server", || {
+        server.calls(RpcKind::ReleaseLock) >= 1
     })
     .await;
     tokio::time::sleep(ms(300)).await;
@@ -394,7 +379,7 @@ async fn a_permanent_error_is_surfaced_and_retried_only_at_the_retry_period() {
     let server = server().await;
     server.fail_next(
         1000,
-        Some(Rpc::TryAcquireLock),
+        Some(RpcKind::TryAcquireLock),
         tonic::Status::permission_denied("no"),
     );
     let client = in_memory(&server, 3).build().await.unwrap();
@@ -406,9 +391,9 @@ async fn a_permanent_error_is_surfaced_and_retried_only_at_the_retry_period() {
         }
         other => panic!("expected RpcFailed, got {other:?}"),
     }
-    let before = server.calls(Rpc::TryAcquireLock);
+    let before = server.calls(RpcKind::TryAcquireLock);
     tokio::time::sleep(period * 10).await;
-    let calls = server.calls(Rpc::TryAcquireLock) - before;
+    let calls = server.calls(RpcKind::TryAcquireLock) - before;
     assert!(
         (9..=11).contains(&calls),
         "{calls} attempts in 10 retry periods: a permanent error waits the period"
@@ -423,13 +408,13 @@ async fn a_leader_retries_with_a_minimum_spacing_as_its_lease_runs_out() {
     next(&mut stream, 5 * SEC, "Elected").await;
     server.fail_next(
         1000,
-        Some(Rpc::KeepAlive),
+        Some(RpcKind::KeepAlive),
         tonic::Status::resource_exhausted("busy"),
     );
-    let before = server.calls(Rpc::KeepAlive);
+    let before = server.calls(RpcKind::KeepAlive);
     let lost = until(&mut stream, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
     assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
-    let calls = server.calls(Rpc::KeepAlive) - before;
+    let calls = server.calls(RpcKind::KeepAlive) - before;
     // About 2 s of lease left at the first failure: a handful of retries,
     // at least 50 ms apart, not a burst as the deadline nears.
     assert!(
@@ -549,7 +534,7 @@ async fn a_server_granting_less_than_the_margin_is_asked_again_only_at_the_retry
         _ = tokio::time::sleep(period * 10) => {}
     }
     assert!(!client.is_leader());
-    let calls = server.calls(Rpc::TryAcquireLock);
+    let calls = server.calls(RpcKind::TryAcquireLock);
     assert!(
         (8..=12).contains(&calls),
         "{calls} acquires in 10 retry periods: no tight loop"
@@ -619,7 +604,7 @@ async fn a_retired_identity_never_equals_another_contenders_id() {
     // so `a` retires "node" and goes on as "node#1".
     server.fail_next(
         1,
-        Some(Rpc::ReleaseLock),
+        Some(RpcKind::ReleaseLock),
         tonic::Status::unavailable("reset"),
     );
     a.release_lock().await.unwrap();

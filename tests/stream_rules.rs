@@ -5,23 +5,11 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use futures::StreamExt;
-use quorum_quest_client::testing::{FaultProxy, ProxyMode, Rpc, TestServer};
-use quorum_quest_client::{LeadershipEvent, LossReason, QuorumQuestClient};
+use quorum_quest_client::testing::{FaultProxy, ProxyMode, TestServer};
+use quorum_quest_client::{LeadershipEvent, LossReason, QuorumQuestClient, RpcKind};
 use tokio::time::Instant;
-
-const SEC: Duration = Duration::from_secs(1);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-async fn server() -> TestServer {
-    TestServer::start().await.expect("test server starts")
-}
 
 #[tokio::test(start_paused = true)]
 async fn leader_is_elected_then_renews_every_renew_interval() {
@@ -103,7 +91,7 @@ async fn a_burst_of_unavailable_while_the_lease_is_valid_costs_nothing() {
     // Nine refusals: three calls, each tried three times by the client.
     server.fail_next(
         9,
-        Some(Rpc::KeepAlive),
+        Some(RpcKind::KeepAlive),
         tonic::Status::unavailable("injected"),
     );
     let mut failures = 0;
@@ -209,7 +197,7 @@ async fn follower_is_reported_once_not_on_every_retry() {
         "no further event while nothing changes: {quiet:?}"
     );
     // It kept trying all along (retry period 1 s, jittered by ±20 %).
-    let tries = server.calls(Rpc::TryAcquireLock);
+    let tries = server.calls(RpcKind::TryAcquireLock);
     assert!((8..=14).contains(&tries), "tries in 10 s: {tries}");
 }
 
@@ -228,7 +216,7 @@ async fn dropping_the_stream_while_leader_releases_the_lock() {
     .await;
     assert!(term.is_ended());
     assert!(!client.is_leader());
-    assert_eq!(server.calls(Rpc::ReleaseLock), 1);
+    assert_eq!(server.calls(RpcKind::ReleaseLock), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -243,16 +231,16 @@ async fn resign_returns_after_the_server_released_the_lock() {
     assert!(server.lock(SERVICE, DOMAIN).is_none());
     assert!(term.is_ended());
     // The campaign is over: nothing renews or re-acquires afterwards.
-    let calls = server.calls(Rpc::TryAcquireLock) + server.calls(Rpc::KeepAlive);
+    let calls = server.calls(RpcKind::TryAcquireLock) + server.calls(RpcKind::KeepAlive);
     tokio::time::sleep(30 * SEC).await;
     assert_eq!(
-        server.calls(Rpc::TryAcquireLock) + server.calls(Rpc::KeepAlive),
+        server.calls(RpcKind::TryAcquireLock) + server.calls(RpcKind::KeepAlive),
         calls
     );
     // Already released: dropping the client sends no second release.
     drop(client);
     tokio::time::sleep(SEC).await;
-    assert_eq!(server.calls(Rpc::ReleaseLock), 1);
+    assert_eq!(server.calls(RpcKind::ReleaseLock), 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
 use quorum_quest_client::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
-use quorum_quest_client::testing::{LeasePolicy, Rpc, TenureEnd, TestServer};
+use quorum_quest_client::testing::{LeasePolicy, TenureEnd, TestServer};
+use quorum_quest_client::RpcKind;
 use tokio::time::{timeout, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -444,7 +445,7 @@ async fn pause_makes_calls_hang_until_resume() {
     let mut c2 = c.clone();
     let mut call = tokio::spawn(async move { acquire(&mut c2, "a", 30).await });
     wait_until("the call to reach the server", || {
-        server.calls(Rpc::TryAcquireLock) == 1
+        server.calls(RpcKind::TryAcquireLock) == 1
     })
     .await;
     assert!(
@@ -486,7 +487,7 @@ async fn fail_next_fails_n_calls_then_answers_normally() {
         "failed calls do not touch the store"
     );
     assert!(acquire(&mut c, "a", 30).await);
-    assert_eq!(server.calls(Rpc::TryAcquireLock), 3);
+    assert_eq!(server.calls(RpcKind::TryAcquireLock), 3);
     server.shutdown().await;
 }
 
@@ -494,7 +495,7 @@ async fn fail_next_fails_n_calls_then_answers_normally() {
 async fn fail_next_can_target_one_rpc() {
     let server = TestServer::start().await.unwrap();
     let mut c = connect(&server).await;
-    server.fail_next(1, Some(Rpc::KeepAlive), tonic::Status::internal("boom"));
+    server.fail_next(1, Some(RpcKind::KeepAlive), tonic::Status::internal("boom"));
     assert!(
         acquire(&mut c, "a", 30).await,
         "other RPCs are not affected"
@@ -577,7 +578,7 @@ async fn max_connection_age_recycles_connections_and_loses_no_call() {
         "{retried} retries for {connections} connections"
     );
     assert_eq!(
-        server.calls(Rpc::KeepAlive),
+        server.calls(RpcKind::KeepAlive),
         answered,
         "no failed attempt reached the server"
     );
@@ -609,7 +610,7 @@ async fn shutdown_cuts_calls_hanging_in_pause() {
     let mut c2 = c.clone();
     let call = tokio::spawn(async move { c2.try_acquire_lock(acquire_req("a", 30)).await });
     wait_until("the call to reach the server", || {
-        server.calls(Rpc::TryAcquireLock) == 1
+        server.calls(RpcKind::TryAcquireLock) == 1
     })
     .await;
     timeout(SOON, server.shutdown())
@@ -682,19 +683,23 @@ async fn restart_dropping_locks_clears_the_table() {
 async fn calls_counts_every_call_per_rpc() {
     let server = TestServer::start().await.unwrap();
     let mut c = connect(&server).await;
-    for rpc in [Rpc::TryAcquireLock, Rpc::KeepAlive, Rpc::ReleaseLock] {
+    for rpc in [
+        RpcKind::TryAcquireLock,
+        RpcKind::KeepAlive,
+        RpcKind::ReleaseLock,
+    ] {
         assert_eq!(server.calls(rpc), 0);
     }
     assert!(acquire(&mut c, "a", 30).await);
     assert!(!acquire(&mut c, "b", 30).await);
-    server.fail_next(1, Some(Rpc::KeepAlive), tonic::Status::unavailable("x"));
+    server.fail_next(1, Some(RpcKind::KeepAlive), tonic::Status::unavailable("x"));
     assert!(c.keep_alive(keep_alive_req("a", 30)).await.is_err());
     keep_alive(&mut c, "a", 30).await;
     keep_alive(&mut c, "b", 30).await;
     release(&mut c, "a").await;
-    assert_eq!(server.calls(Rpc::TryAcquireLock), 2);
-    assert_eq!(server.calls(Rpc::KeepAlive), 3);
-    assert_eq!(server.calls(Rpc::ReleaseLock), 1);
+    assert_eq!(server.calls(RpcKind::TryAcquireLock), 2);
+    assert_eq!(server.calls(RpcKind::KeepAlive), 3);
+    assert_eq!(server.calls(RpcKind::ReleaseLock), 1);
     server.shutdown().await;
 }
 
@@ -811,7 +816,7 @@ async fn no_task_outlives_shutdown() {
     let mut c2 = c.clone();
     let hanging = tokio::spawn(async move { c2.try_acquire_lock(acquire_req("b", 30)).await });
     wait_until("the call to hang", || {
-        server.calls(Rpc::TryAcquireLock) == 3
+        server.calls(RpcKind::TryAcquireLock) == 3
     })
     .await;
     server.shutdown().await;
@@ -998,13 +1003,13 @@ async fn refusal_delay_holds_back_refusals_decided_on_arrival() {
     };
     // Under paused time: yield (no clock advance) until both arrived.
     for _ in 0..10_000 {
-        if server.calls(Rpc::TryAcquireLock) == 2 && server.calls(Rpc::KeepAlive) == 2 {
+        if server.calls(RpcKind::TryAcquireLock) == 2 && server.calls(RpcKind::KeepAlive) == 2 {
             break;
         }
         tokio::task::yield_now().await;
     }
-    assert_eq!(server.calls(Rpc::TryAcquireLock), 2);
-    assert_eq!(server.calls(Rpc::KeepAlive), 2);
+    assert_eq!(server.calls(RpcKind::TryAcquireLock), 2);
+    assert_eq!(server.calls(RpcKind::KeepAlive), 2);
     assert_eq!(Instant::now(), t0, "no time passed yet");
 
     // Meanwhile, the lock changes hands: a releases and b acquires, on the

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, DOMAIN, SERVICE};
+use common::{eventually, ms, server, DOMAIN, SEC, SERVICE};
 use quorum_quest_client::testing::{FaultProxy, ProxyMode, TestServer};
 use quorum_quest_client::{ClientBuilder, Error, QuorumQuestClient};
 use tokio::net::TcpListener;
@@ -15,16 +15,11 @@ use tokio::time::{timeout, Instant};
 use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic::Code;
 
-const SEC: Duration = Duration::from_secs(1);
 /// A generous bound for anything that should take well under a second.
 const SOON: Duration = Duration::from_secs(10);
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
 async fn server_and_proxy() -> (TestServer, FaultProxy) {
-    let server = TestServer::start().await.expect("test server starts");
+    let server = server().await;
     let proxy = FaultProxy::start(server.addr())
         .await
         .expect("fault proxy starts");

@@ -34,6 +34,7 @@ use crate::event::{LeadershipEvent, LeaseView};
 use crate::fanout::{self, EventReceiver, EventSender};
 use crate::rpc::{Answer, LeaseAnswer, Rpc};
 use crate::state::{ElectionState, Observation};
+use crate::sync::lock;
 
 pub use stream::Leadership;
 
@@ -95,12 +96,6 @@ impl Campaign {
             let _ = (&mut self.task).await;
         }
     }
-}
-
-/// Locks a std mutex, ignoring poisoning: every critical section here leaves
-/// the data consistent (the state machine's `apply` does not panic).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Session {

@@ -17,25 +17,31 @@
 //! - [`FaultProxy`] sits between a client and a server and can black-hole
 //!   or reset the connections.
 //!
+//! A test of your own code drives a real [`QuorumQuestClient`](crate::QuorumQuestClient)
+//! against a `TestServer`, and plays the other nodes and the faults through
+//! the server's controls:
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
-//! use quorum_quest_client::proto::TryAcquireLockRequest;
-//! use quorum_quest_client::testing::{FaultProxy, TestServer};
+//! use std::time::Duration;
+//! use quorum_quest_client::testing::TestServer;
+//! use quorum_quest_client::QuorumQuestClient;
 //!
 //! let server = TestServer::start().await?;
-//! let proxy = FaultProxy::start(server.addr()).await?;
-//! let mut client = LeaderElectionServiceClient::connect(proxy.url()).await?;
-//! let request = TryAcquireLockRequest {
-//!     service: "billing".into(),
-//!     domain: "eu".into(),
-//!     client_id: "node-1".into(),
-//!     ttl: 10,
-//! };
-//! assert!(client.try_acquire_lock(request).await?.into_inner().is_leader);
-//! assert_eq!(server.tenures().len(), 1);
-//! # proxy.shutdown().await;
+//! let client = QuorumQuestClient::builder("billing", "eu")
+//!     .address(server.url())
+//!     .ttl(Duration::from_secs(5))
+//!     .build()
+//!     .await?;
+//! assert!(client.try_acquire_lock().await?);
+//! let owner = server.lock("billing", "eu").map(|l| l.owner);
+//! assert_eq!(owner.as_deref(), Some(client.client_id()));
+//!
+//! // Another node takes the lock; the client learns it on its next call.
+//! server.set_owner("billing", "eu", "node-2", Duration::from_secs(30));
+//! assert!(!client.try_acquire_lock().await?);
+//! assert!(!client.is_leader());
 //! # server.shutdown().await;
 //! # Ok(())
 //! # }
@@ -47,9 +53,10 @@ mod cut_io;
 mod proxy;
 mod relay;
 mod server;
+mod shutdown;
 mod store;
 
 pub use proxy::{FaultProxy, ProxyMode};
 pub use relay::GoawayRelay;
-pub use server::{LeasePolicy, Rpc, TestServer, TestServerBuilder, DEFAULT_TTL};
+pub use server::{LeasePolicy, TestServer, TestServerBuilder, SERVER_DEFAULT_TTL};
 pub use store::{LockInfo, Tenure, TenureEnd};

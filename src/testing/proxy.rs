@@ -19,9 +19,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::accept::accept_until;
-
-/// How long `shutdown` waits for the proxy's tasks before aborting them.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+use super::shutdown::cancel_and_join;
 
 /// How many bytes a held connection buffers from its client at most (beyond
 /// this, the rest waits in the kernel's socket buffers).
@@ -36,12 +34,6 @@ const REPLAY_GAP_MAX: Duration = Duration::from_millis(100);
 const HELD_LINGER: Duration = Duration::from_secs(3);
 
 /// What a [`FaultProxy`] does with traffic.
-///
-/// ```
-/// use quorum_quest_client::testing::ProxyMode;
-///
-/// assert_ne!(ProxyMode::Pass, ProxyMode::Blackhole);
-/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProxyMode {
     /// Bytes flow both ways.
@@ -130,20 +122,6 @@ impl fmt::Debug for FaultProxy {
 impl FaultProxy {
     /// Starts a proxy on `127.0.0.1` (a free port) forwarding to `target`,
     /// in [`ProxyMode::Pass`].
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{FaultProxy, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// let proxy = FaultProxy::start(server.addr()).await?;
-    /// assert_ne!(proxy.addr(), server.addr());
-    /// # proxy.shutdown().await;
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn start(target: SocketAddr) -> io::Result<FaultProxy> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
@@ -176,79 +154,22 @@ impl FaultProxy {
     }
 
     /// The address the proxy listens on.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{FaultProxy, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// let proxy = FaultProxy::start(server.addr()).await?;
-    /// assert!(proxy.addr().ip().is_loopback());
-    /// # proxy.shutdown().await;
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
     }
 
     /// The address to give a client: `http://127.0.0.1:PORT`.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{FaultProxy, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// let proxy = FaultProxy::start(server.addr()).await?;
-    /// assert_eq!(proxy.url(), format!("http://{}", proxy.addr()));
-    /// # proxy.shutdown().await;
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn url(&self) -> String {
         format!("http://{}", self.inner.addr)
     }
 
     /// Switches the mode; live connections follow at once.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{FaultProxy, ProxyMode, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// let proxy = FaultProxy::start(server.addr()).await?;
-    /// proxy.set_mode(ProxyMode::Blackhole);
-    /// assert_eq!(proxy.mode(), ProxyMode::Blackhole);
-    /// # proxy.shutdown().await;
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn set_mode(&self, mode: ProxyMode) {
         let old = self.inner.mode.send_replace(mode);
         tracing::info!(addr = %self.inner.addr, ?old, new = ?mode, "fault proxy mode");
     }
 
     /// The current mode.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{FaultProxy, ProxyMode, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// let proxy = FaultProxy::start(server.addr()).await?;
-    /// assert_eq!(proxy.mode(), ProxyMode::Pass);
-    /// # proxy.shutdown().await;
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn mode(&self) -> ProxyMode {
         *self.inner.mode.borrow()
     }
@@ -260,23 +181,6 @@ impl FaultProxy {
     /// [mode](ProxyMode)). Their calls hang, so a client times out and dials
     /// a new connection, which works. Calling it again adds the connections
     /// opened since. [`deliver_held`](Self::deliver_held) ends it.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{FaultProxy, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// let proxy = FaultProxy::start(server.addr()).await?;
-    /// proxy.hold_live();
-    /// assert!(proxy.is_holding());
-    /// proxy.deliver_held();
-    /// assert!(!proxy.is_holding());
-    /// # proxy.shutdown().await;
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn hold_live(&self) {
         let below = self.inner.accepted.load(Ordering::SeqCst);
         self.inner.hold.send_replace(Some(below));
@@ -301,7 +205,8 @@ impl FaultProxy {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
     /// use quorum_quest_client::proto::ReleaseLockRequest;
-    /// use quorum_quest_client::testing::{FaultProxy, Rpc, TestServer};
+    /// use quorum_quest_client::testing::{FaultProxy, TestServer};
+    /// use quorum_quest_client::RpcKind;
     ///
     /// let server = TestServer::start().await?;
     /// let proxy = FaultProxy::start(server.addr()).await?;
@@ -312,7 +217,7 @@ impl FaultProxy {
     /// tokio::task::yield_now().await;
     /// proxy.deliver_held();
     /// assert!(call.await?.is_ok());
-    /// assert_eq!(server.calls(Rpc::ReleaseLock), 1);
+    /// assert_eq!(server.calls(RpcKind::ReleaseLock), 1);
     /// # proxy.shutdown().await;
     /// # server.shutdown().await;
     /// # Ok(())
@@ -324,73 +229,20 @@ impl FaultProxy {
     }
 
     /// Whether a [`hold_live`](Self::hold_live) is in force.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{FaultProxy, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// let proxy = FaultProxy::start(server.addr()).await?;
-    /// assert!(!proxy.is_holding());
-    /// # proxy.shutdown().await;
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn is_holding(&self) -> bool {
         self.inner.hold.borrow().is_some()
     }
 
     /// How many client connections the proxy has accepted (in any mode).
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{FaultProxy, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// let proxy = FaultProxy::start(server.addr()).await?;
-    /// assert_eq!(proxy.connections_accepted(), 0);
-    /// # proxy.shutdown().await;
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn connections_accepted(&self) -> u64 {
         self.inner.accepted.load(Ordering::Relaxed)
     }
 
     /// Stops the proxy: closes the listener and cuts every connection, then
     /// waits for its tasks to end. Idempotent.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{FaultProxy, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// let proxy = FaultProxy::start(server.addr()).await?;
-    /// proxy.shutdown().await;
-    /// assert!(tokio::net::TcpStream::connect(proxy.addr()).await.is_err());
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn shutdown(&self) {
-        self.inner.stop.cancel();
         let task = self.inner.task.lock().await.take();
-        if let Some(mut task) = task {
-            if tokio::time::timeout(SHUTDOWN_WAIT, &mut task)
-                .await
-                .is_err()
-            {
-                tracing::warn!("fault proxy did not stop in time; aborting it");
-                task.abort();
-                // Resolves at once; after it the task's sockets are closed.
-                let _ = task.await;
-            }
-        }
+        cancel_and_join(&self.inner.stop, task, "fault proxy").await;
     }
 }
 

@@ -24,6 +24,7 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status};
 
 use super::cut_io::CutIo;
+use super::shutdown::cancel_and_join;
 use super::store::{LockInfo, Store, Tenure};
 use crate::proto::leader_election_service_server::{
     LeaderElectionService, LeaderElectionServiceServer,
@@ -32,71 +33,23 @@ use crate::proto::{
     KeepAliveRequest, KeepAliveResponse, ReleaseLockRequest, ReleaseLockResponse,
     TryAcquireLockRequest, TryAcquireLockResponse,
 };
+use crate::sync::lock;
+use crate::RpcKind;
 
 /// The server's default lease when a request carries `ttl <= 0` (the value in
 /// the real server's sample configuration); change it with
 /// [`TestServerBuilder::default_ttl`].
-///
-/// ```
-/// use std::time::Duration;
-/// use quorum_quest_client::testing::DEFAULT_TTL;
-///
-/// assert_eq!(DEFAULT_TTL, Duration::from_secs(15));
-/// ```
-pub const DEFAULT_TTL: Duration = Duration::from_secs(15);
+pub const SERVER_DEFAULT_TTL: Duration = Duration::from_secs(15);
 
 /// How long an in-memory connection's pipe buffers, each way.
 const DUPLEX_BUFFER: usize = 64 * 1024;
 
-/// How long `shutdown` waits for the serving tasks before aborting them.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
-
-/// One of the three RPCs, to filter [`TestServer::fail_next`] and to read
-/// [`TestServer::calls`].
-///
-/// ```
-/// use quorum_quest_client::testing::Rpc;
-///
-/// assert_eq!(Rpc::KeepAlive.name(), "KeepAlive");
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Rpc {
-    /// `TryAcquireLock`.
-    TryAcquireLock,
-    /// `KeepAlive`.
-    KeepAlive,
-    /// `ReleaseLock`.
-    ReleaseLock,
-}
-
-impl Rpc {
-    /// The RPC's method name on the wire.
-    ///
-    /// ```
-    /// use quorum_quest_client::testing::Rpc;
-    ///
-    /// assert_eq!(Rpc::TryAcquireLock.name(), "TryAcquireLock");
-    /// ```
-    pub fn name(self) -> &'static str {
-        match self {
-            Rpc::TryAcquireLock => "TryAcquireLock",
-            Rpc::KeepAlive => "KeepAlive",
-            Rpc::ReleaseLock => "ReleaseLock",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            Rpc::TryAcquireLock => 0,
-            Rpc::KeepAlive => 1,
-            Rpc::ReleaseLock => 2,
-        }
-    }
-}
-
-impl fmt::Display for Rpc {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+/// Where [`TestServer::calls`] counts calls of `rpc`, in `Shared::calls`.
+fn call_index(rpc: RpcKind) -> usize {
+    match rpc {
+        RpcKind::TryAcquireLock => 0,
+        RpcKind::KeepAlive => 1,
+        RpcKind::ReleaseLock => 2,
     }
 }
 
@@ -152,7 +105,7 @@ pub enum LeasePolicy {
 #[derive(Debug)]
 struct FailRule {
     remaining: usize,
-    rpc: Option<Rpc>,
+    rpc: Option<RpcKind>,
     code: Code,
     message: String,
 }
@@ -171,12 +124,6 @@ struct Shared {
     /// Where the in-memory connector hands new connections; `None` while the
     /// server is down.
     memory: Mutex<Option<mpsc::UnboundedSender<DuplexStream>>>,
-}
-
-/// Locks a std mutex, ignoring poisoning (the data stays consistent: every
-/// critical section here is a few non-panicking statements).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Connection settings, fixed for the server's life.
@@ -262,7 +209,7 @@ impl fmt::Debug for TestServer {
 
 /// Configures a [`TestServer`] before it starts; see [`TestServer::builder`].
 ///
-/// ```
+/// ```no_run
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> std::io::Result<()> {
 /// use std::time::Duration;
@@ -294,7 +241,7 @@ impl Default for TestServerBuilder {
     fn default() -> Self {
         TestServerBuilder {
             port: 0,
-            default_ttl: DEFAULT_TTL,
+            default_ttl: SERVER_DEFAULT_TTL,
             max_connection_age: None,
             max_connection_age_grace: None,
             latency: Duration::ZERO,
@@ -306,27 +253,12 @@ impl Default for TestServerBuilder {
 
 impl TestServerBuilder {
     /// The TCP port to listen on, on `127.0.0.1` (default 0: any free port).
-    ///
-    /// ```
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let builder = TestServer::builder().port(5050);
-    /// # let _ = builder;
-    /// ```
     pub fn port(mut self, port: u16) -> Self {
         self.port = port;
         self
     }
 
     /// The lease granted when a request carries `ttl <= 0` (default 15 s).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let builder = TestServer::builder().default_ttl(Duration::from_secs(3));
-    /// # let _ = builder;
-    /// ```
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.default_ttl = ttl;
         self
@@ -337,14 +269,6 @@ impl TestServerBuilder {
     /// (calls in flight finish, new calls must go to a new connection) and is
     /// cut outright `max_connection_age_grace` later (default 1 s) if still open.
     /// Default: connections live forever.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let builder = TestServer::builder().max_connection_age(Duration::from_secs(30));
-    /// # let _ = builder;
-    /// ```
     pub fn max_connection_age(mut self, age: Duration) -> Self {
         self.max_connection_age = Some(age);
         self
@@ -352,30 +276,12 @@ impl TestServerBuilder {
 
     /// How long a connection may stay open after its GOAWAY (see
     /// [`max_connection_age`](Self::max_connection_age)); default 1 s.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let builder = TestServer::builder()
-    ///     .max_connection_age(Duration::from_secs(30))
-    ///     .max_connection_age_grace(Duration::from_secs(10));
-    /// # let _ = builder;
-    /// ```
     pub fn max_connection_age_grace(mut self, grace: Duration) -> Self {
         self.max_connection_age_grace = Some(grace);
         self
     }
 
     /// Initial added latency, as [`TestServer::set_latency`] (default none).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let builder = TestServer::builder().latency(Duration::from_millis(20));
-    /// # let _ = builder;
-    /// ```
     pub fn latency(mut self, latency: Duration) -> Self {
         self.latency = latency;
         self
@@ -383,14 +289,6 @@ impl TestServerBuilder {
 
     /// Initial lease policy, as [`TestServer::set_lease_policy`] (default
     /// [`LeasePolicy::AsAsked`]).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::{LeasePolicy, TestServer};
-    ///
-    /// let builder = TestServer::builder().lease_policy(LeasePolicy::Clamp(Duration::from_secs(1)));
-    /// # let _ = builder;
-    /// ```
     pub fn lease_policy(mut self, policy: LeasePolicy) -> Self {
         self.lease_policy = policy;
         self
@@ -398,32 +296,12 @@ impl TestServerBuilder {
 
     /// Initial refusal delay, as [`TestServer::set_refusal_delay`] (default
     /// none).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let builder = TestServer::builder().refusal_delay(Duration::from_millis(500));
-    /// # let _ = builder;
-    /// ```
     pub fn refusal_delay(mut self, delay: Duration) -> Self {
         self.refusal_delay = delay;
         self
     }
 
     /// Binds `127.0.0.1:port` and starts serving.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::builder().start().await?;
-    /// assert_ne!(server.addr().port(), 0);
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn start(self) -> io::Result<TestServer> {
         let (paused, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -586,8 +464,8 @@ fn unavailable() -> Status {
 impl Handler {
     /// Everything that happens before a call touches the store: count it,
     /// hang while paused, answer an injected failure.
-    async fn admit(&self, rpc: Rpc) -> Result<(), Status> {
-        self.shared.calls[rpc.index()].fetch_add(1, Ordering::Relaxed);
+    async fn admit(&self, rpc: RpcKind) -> Result<(), Status> {
+        self.shared.calls[call_index(rpc)].fetch_add(1, Ordering::Relaxed);
         let mut paused = self.shared.paused.subscribe();
         tokio::select! {
             r = paused.wait_for(|p| !*p) => {
@@ -610,7 +488,7 @@ impl Handler {
             hit
         };
         if let Some(status) = injected {
-            tracing::info!(rpc = rpc.name(), code = ?status.code(), "injected failure");
+            tracing::info!(?rpc, code = ?status.code(), "injected failure");
             self.delay().await?;
             return Err(status);
         }
@@ -674,7 +552,7 @@ impl LeaderElectionService for Handler {
         &self,
         request: Request<TryAcquireLockRequest>,
     ) -> Result<Response<TryAcquireLockResponse>, Status> {
-        self.admit(Rpc::TryAcquireLock).await?;
+        self.admit(RpcKind::TryAcquireLock).await?;
         let req = request.into_inner();
         let ttl = Self::granted(self.lease_policy(), self.ttl(req.ttl), false);
         let is_leader = self.store().try_acquire(
@@ -704,7 +582,7 @@ impl LeaderElectionService for Handler {
         &self,
         request: Request<ReleaseLockRequest>,
     ) -> Result<Response<ReleaseLockResponse>, Status> {
-        self.admit(Rpc::ReleaseLock).await?;
+        self.admit(RpcKind::ReleaseLock).await?;
         let req = request.into_inner();
         let released =
             self.store()
@@ -725,7 +603,7 @@ impl LeaderElectionService for Handler {
         &self,
         request: Request<KeepAliveRequest>,
     ) -> Result<Response<KeepAliveResponse>, Status> {
-        self.admit(Rpc::KeepAlive).await?;
+        self.admit(RpcKind::KeepAlive).await?;
         let req = request.into_inner();
         let policy = self.lease_policy();
         let ttl = Self::granted(policy, self.ttl(req.ttl), true);
@@ -770,72 +648,21 @@ impl LeaderElectionService for Handler {
 impl TestServer {
     /// Starts a server on `127.0.0.1` on a free port, with the default 15 s
     /// lease for `ttl <= 0`.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert!(server.addr().ip().is_loopback());
-    /// server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn start() -> io::Result<TestServer> {
         TestServerBuilder::default().start().await
     }
 
     /// A builder to set the port, default ttl, connection age or latency.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::builder()
-    ///     .default_ttl(Duration::from_secs(2))
-    ///     .start()
-    ///     .await?;
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn builder() -> TestServerBuilder {
         TestServerBuilder::default()
     }
 
     /// The address to give a client: `http://127.0.0.1:PORT`.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert_eq!(server.url(), format!("http://{}", server.addr()));
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn url(&self) -> String {
         format!("http://{}", self.inner.addr)
     }
 
     /// The socket address the server listens on (the same across restarts).
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert!(server.addr().ip().is_loopback());
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
     }
@@ -897,21 +724,6 @@ impl TestServer {
     /// Removes the lock now, whoever owns it (its tenure ends with
     /// [`TenureEnd::ForceExpired`](super::TenureEnd::ForceExpired)). The owner
     /// learns it only on its next call.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// server.set_owner("s", "d", "node-1", Duration::from_secs(30));
-    /// server.force_expire("s", "d");
-    /// assert!(server.lock("s", "d").is_none());
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn force_expire(&self, service: &str, domain: &str) {
         let removed = lock(&self.inner.shared.store).force_expire(service, domain, Instant::now());
         tracing::info!(service, domain, removed, "force_expire");
@@ -931,6 +743,8 @@ impl TestServer {
     /// let server = TestServer::start().await?;
     /// server.set_owner("s", "d", "intruder", Duration::from_secs(30));
     /// assert_eq!(server.lock("s", "d").map(|l| l.owner), Some("intruder".to_string()));
+    /// server.force_expire("s", "d");
+    /// assert!(server.lock("s", "d").is_none());
     /// # server.shutdown().await;
     /// # Ok(())
     /// # }
@@ -942,22 +756,6 @@ impl TestServer {
 
     /// The live owner of a lock and its remaining time; `None` if the lock
     /// is free or expired.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert!(server.lock("s", "d").is_none());
-    /// server.set_owner("s", "d", "node-1", Duration::from_secs(30));
-    /// let info = server.lock("s", "d").expect("held");
-    /// assert!(info.remaining <= Duration::from_secs(30));
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn lock(&self, service: &str, domain: &str) -> Option<LockInfo> {
         lock(&self.inner.shared.store).lock(service, domain, Instant::now())
     }
@@ -986,38 +784,12 @@ impl TestServer {
     }
 
     /// Ends a [`pause`](Self::pause): the hanging calls proceed.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// server.pause();
-    /// server.resume();
-    /// assert!(!server.is_paused());
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn resume(&self) {
         self.inner.shared.paused.send_replace(false);
         tracing::info!("resumed");
     }
 
     /// Whether the server is [paused](Self::pause).
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert!(!server.is_paused());
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn is_paused(&self) -> bool {
         *self.inner.shared.paused.borrow()
     }
@@ -1033,19 +805,21 @@ impl TestServer {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
     /// use quorum_quest_client::proto::ReleaseLockRequest;
-    /// use quorum_quest_client::testing::{Rpc, TestServer};
+    /// use quorum_quest_client::testing::TestServer;
+    /// use quorum_quest_client::RpcKind;
     ///
     /// let server = TestServer::start().await?;
-    /// server.fail_next(1, Some(Rpc::ReleaseLock), tonic::Status::unavailable("injected"));
+    /// server.fail_next(1, Some(RpcKind::ReleaseLock), tonic::Status::unavailable("injected"));
     /// let mut client = LeaderElectionServiceClient::connect(server.url()).await?;
     /// let err = client.release_lock(ReleaseLockRequest::default()).await.unwrap_err();
     /// assert_eq!(err.code(), tonic::Code::Unavailable);
     /// assert!(client.release_lock(ReleaseLockRequest::default()).await.is_ok());
+    /// assert_eq!(server.calls(RpcKind::ReleaseLock), 2); // failed calls count too
     /// # server.shutdown().await;
     /// # Ok(())
     /// # }
     /// ```
-    pub fn fail_next(&self, n: usize, rpc: Option<Rpc>, status: Status) {
+    pub fn fail_next(&self, n: usize, rpc: Option<RpcKind>, status: Status) {
         if n == 0 {
             return;
         }
@@ -1060,20 +834,6 @@ impl TestServer {
     /// Adds `latency` before each answer (`Duration::ZERO` turns it off).
     /// The call acts on the locks first, then waits: a client that gives up
     /// early may still have changed the server's state, as on a real network.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// server.set_latency(Duration::from_millis(200));
-    /// server.set_latency(Duration::ZERO);
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn set_latency(&self, latency: Duration) {
         *lock(&self.inner.shared.latency) = latency;
     }
@@ -1118,20 +878,6 @@ impl TestServer {
     }
 
     /// The current [`LeasePolicy`].
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{LeasePolicy, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert_eq!(server.lease_policy(), LeasePolicy::AsAsked);
-    /// server.set_lease_policy(LeasePolicy::Missing);
-    /// assert_eq!(server.lease_policy(), LeasePolicy::Missing);
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn lease_policy(&self) -> LeasePolicy {
         *lock(&self.inner.shared.lease_policy)
     }
@@ -1145,7 +891,7 @@ impl TestServer {
     /// a refusal that was decided before it: an old answer arriving after a
     /// newer one.
     ///
-    /// ```
+    /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> std::io::Result<()> {
     /// use std::time::Duration;
@@ -1166,57 +912,20 @@ impl TestServer {
 
     /// The current refusal delay (see
     /// [`set_refusal_delay`](Self::set_refusal_delay)).
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert_eq!(server.refusal_delay(), Duration::ZERO);
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn refusal_delay(&self) -> Duration {
         *lock(&self.inner.shared.refusal_delay)
     }
 
     /// How many calls of `rpc` the server has received, including failed,
     /// hanging and interrupted ones (not reset by restart).
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::{Rpc, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert_eq!(server.calls(Rpc::TryAcquireLock), 0);
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn calls(&self, rpc: Rpc) -> u64 {
-        self.inner.shared.calls[rpc.index()].load(Ordering::Relaxed)
+    pub fn calls(&self, rpc: RpcKind) -> u64 {
+        self.inner.shared.calls[call_index(rpc)].load(Ordering::Relaxed)
     }
 
     /// How many connections (TCP and in-memory) the server has accepted since
     /// it started (not reset by restart). With
     /// [`max_connection_age`](TestServerBuilder::max_connection_age) it shows
     /// clients reconnecting.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert_eq!(server.connections_accepted(), 0);
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn connections_accepted(&self) -> u64 {
         self.inner.shared.connections.load(Ordering::Relaxed)
     }
@@ -1224,41 +933,12 @@ impl TestServer {
     /// The full ownership history, oldest first (expired locks are observed
     /// first, so a lease that ran out shows as
     /// [`TenureEnd::Expired`](super::TenureEnd::Expired)).
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use std::time::Duration;
-    /// use quorum_quest_client::testing::{TenureEnd, TestServer};
-    ///
-    /// let server = TestServer::start().await?;
-    /// server.set_owner("s", "d", "node-1", Duration::from_secs(30));
-    /// server.force_expire("s", "d");
-    /// let history = server.tenures();
-    /// assert_eq!(history[0].ended_by, TenureEnd::ForceExpired);
-    /// # server.shutdown().await;
-    /// # Ok(())
-    /// # }
-    /// ```
     pub fn tenures(&self) -> Vec<Tenure> {
         lock(&self.inner.shared.store).tenures(Instant::now())
     }
 
     /// Whether the server is serving (false after [`shutdown`](Self::shutdown)
     /// until [`restart`](Self::restart)).
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// assert!(server.is_serving().await);
-    /// server.shutdown().await;
-    /// assert!(!server.is_serving().await);
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn is_serving(&self) -> bool {
         self.inner.generation.lock().await.is_some()
     }
@@ -1266,19 +946,6 @@ impl TestServer {
     /// Stops serving: closes the listener and cuts every connection at once
     /// (calls in flight, hanging or not, fail on the client side). The lock
     /// table and all controls are kept. Idempotent.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> std::io::Result<()> {
-    /// use quorum_quest_client::testing::TestServer;
-    ///
-    /// let server = TestServer::start().await?;
-    /// server.shutdown().await;
-    /// server.shutdown().await;
-    /// assert!(tokio::net::TcpStream::connect(server.addr()).await.is_err());
-    /// # Ok(())
-    /// # }
-    /// ```
     pub async fn shutdown(&self) {
         let mut generation = self.inner.generation.lock().await;
         if let Some(generation) = generation.take() {
@@ -1288,18 +955,7 @@ impl TestServer {
 
     async fn stop(&self, generation: Generation) {
         *lock(&self.inner.shared.memory) = None;
-        generation.stop.cancel();
-        for mut task in generation.tasks {
-            if tokio::time::timeout(SHUTDOWN_WAIT, &mut task)
-                .await
-                .is_err()
-            {
-                tracing::warn!("test server task did not stop in time; aborting it");
-                task.abort();
-                // Resolves at once; after it the task's sockets are closed.
-                let _ = task.await;
-            }
-        }
+        cancel_and_join(&generation.stop, generation.tasks, "test server task").await;
         tracing::info!(addr = %self.inner.addr, "test server shut down");
     }
 

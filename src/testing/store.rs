@@ -33,13 +33,6 @@ pub struct LockInfo {
 }
 
 /// How a [`Tenure`] ended.
-///
-/// ```
-/// use quorum_quest_client::testing::TenureEnd;
-///
-/// let end = TenureEnd::Released;
-/// assert_ne!(end, TenureEnd::Running);
-/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum TenureEnd {

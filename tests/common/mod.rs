@@ -10,6 +10,17 @@ use quorum_quest_client::{ClientBuilder, LeadershipEvent, LossReason, QuorumQues
 pub const SERVICE: &str = "svc";
 pub const DOMAIN: &str = "dom";
 
+pub const SEC: Duration = Duration::from_secs(1);
+
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A TestServer on a free loopback port.
+pub async fn server() -> TestServer {
+    TestServer::start().await.expect("test server starts")
+}
+
 /// A builder for a client on `server` over in-memory pipes (for paused time).
 pub fn in_memory(server: &TestServer, ttl_secs: u64) -> ClientBuilder {
     QuorumQuestClient::builder(SERVICE, DOMAIN)

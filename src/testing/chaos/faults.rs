@@ -13,7 +13,8 @@ use super::contender::Command;
 use super::harness::Harness;
 use super::schedule::Draw;
 use super::SETTLE_WAIT;
-use crate::testing::{LeasePolicy, ProxyMode, Rpc};
+use crate::testing::{LeasePolicy, ProxyMode};
+use crate::RpcKind;
 
 /// One kind of fault the schedule injects.
 ///
@@ -318,7 +319,7 @@ impl Harness {
             }
             FaultKind::Unavailable => {
                 let n = 1 + (d.a * 4.0) as usize;
-                let rpc = (d.b >= 0.5).then_some(Rpc::KeepAlive);
+                let rpc = (d.b >= 0.5).then_some(RpcKind::KeepAlive);
                 self.server
                     .fail_next(n, rpc, Status::unavailable("chaos: injected UNAVAILABLE"));
                 // The burst is used up by the next calls; count a TTL for it.

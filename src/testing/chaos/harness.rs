@@ -15,7 +15,8 @@ use super::record::{FaultRec, Record, Shared};
 use super::{
     dedup, lock, ChaosConfig, ChaosReport, FaultKind, DOMAIN, OVERRUN, SERVICE, SETTLE_WAIT,
 };
-use crate::testing::{FaultProxy, GoawayRelay, LeasePolicy, ProxyMode, Rpc, Tenure, TestServer};
+use crate::testing::{FaultProxy, GoawayRelay, LeasePolicy, ProxyMode, Tenure, TestServer};
+use crate::RpcKind;
 use crate::Timing;
 
 /// The run's state, shared by the schedule's lanes.
@@ -341,7 +342,7 @@ impl Harness {
         // Tear down: the clients first (a dropped client releases in the
         // background: wait, bounded, until those calls reached the server),
         // then the network, then the server.
-        let releases = self.server.calls(Rpc::ReleaseLock) + self.contenders.len() as u64;
+        let releases = self.server.calls(RpcKind::ReleaseLock) + self.contenders.len() as u64;
         let mut network = Vec::with_capacity(self.contenders.len());
         let mut threads = Vec::with_capacity(self.contenders.len());
         for mut c in self.contenders {
@@ -353,7 +354,7 @@ impl Harness {
             threads.push(c.thread);
         }
         let deadline = Instant::now() + Duration::from_secs(2);
-        while self.server.calls(Rpc::ReleaseLock) < releases && Instant::now() < deadline {
+        while self.server.calls(RpcKind::ReleaseLock) < releases && Instant::now() < deadline {
             sleep(Duration::from_millis(10)).await;
         }
         for t in &mut threads {

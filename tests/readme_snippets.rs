@@ -1,6 +1,6 @@
-//! The user's README snippets, unchanged, run against a TestServer listening
-//! on the address they name (localhost:5050). Each module holds one snippet
-//! as the seed README has it; only a wrapping function signature (and a
+//! The snippets of the original Quorum Quest client README, unchanged, run
+//! against a TestServer listening on the address they name (localhost:5050).
+//! Each module holds one snippet as that README has it; only a wrapping function signature (and a
 //! trailing `Ok(client)`) is added so that it can be called and checked, plus
 //! the imports the thread-safety snippet assumes.
 #![cfg(feature = "testing")]
@@ -8,7 +8,7 @@
 
 use quorum_quest_client::testing::TestServer;
 
-// Kept exactly as the user wrote them, spacing included.
+// Kept exactly as that README has them, spacing included.
 #[rustfmt::skip]
 mod basic {
 use std::time::Duration;
@@ -135,7 +135,7 @@ use thread_safety::thread_safety;
 
 /// All snippets share port 5050, so they run in one test, one after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seed_readme_snippets_work_as_their_comments_say() {
+async fn the_original_readme_snippets_work_as_their_comments_say() {
     let server = TestServer::builder()
         .port(5050)
         .start()
