@@ -176,11 +176,12 @@ impl Timing {
             }
             check_max(param, value)?;
         }
-        if self.safety_margin >= ttl {
+        if ttl.saturating_sub(self.safety_margin) < crate::state::MIN_USABLE_LEASE {
             return Err(Error::invalid(
                 "safety_margin",
                 format!(
-                    "must be smaller than the ttl (got {:?} with ttl {ttl:?})",
+                    "must leave at least {:?} of the ttl (got {:?} with ttl {ttl:?})",
+                    crate::state::MIN_USABLE_LEASE,
                     self.safety_margin
                 ),
             ));

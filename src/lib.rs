@@ -138,6 +138,7 @@ mod error;
 mod event;
 mod ext;
 mod fanout;
+mod identity;
 mod rpc;
 mod state;
 mod sync;

@@ -15,10 +15,11 @@ use tonic::{Request, Response, Status};
 use crate::backoff::{classify, Class, TRANSPORT_ATTEMPTS, TRANSPORT_RETRY_PAUSE};
 use crate::config::Scope;
 use crate::event::RpcKind;
+use crate::identity::Claim;
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
 use crate::state::Observation;
-use crate::transport::{Claim, Transport};
+use crate::transport::Transport;
 
 /// An RPC's result with the instant its request was sent, the incarnation
 /// of our identity it was sent under, and how many attempts it took.
@@ -155,7 +156,12 @@ impl Rpc {
     /// `InvalidParameter` if another live client on `transport` already
     /// campaigns for the same lock under the same client id.
     pub(crate) fn new(transport: Arc<Transport>, scope: Arc<Scope>) -> crate::error::Result<Self> {
-        let claim = transport.claim(&scope.service, &scope.domain, &scope.client_id)?;
+        let claim = Claim::new(
+            transport.name(),
+            &scope.service,
+            &scope.domain,
+            &scope.client_id,
+        )?;
         Ok(Rpc {
             transport,
             scope,
@@ -165,6 +171,11 @@ impl Rpc {
 
     pub(crate) fn scope(&self) -> &Scope {
         &self.scope
+    }
+
+    /// This client's claim on its lock and identity.
+    pub(crate) fn claim(&self) -> &Claim {
+        &self._claim
     }
 
     pub(crate) fn transport(&self) -> &Arc<Transport> {

@@ -35,6 +35,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::MIN_SPACING;
+
+/// The least a lease must leave after the safety margin for this client to
+/// lead on it: room for a renewal and its answer at the minimum spacing.
+pub(crate) const MIN_USABLE_LEASE: Duration = Duration::from_millis(100);
 use crate::event::{CurrentTerm, LeaderTerm, LeadershipEvent, LeaseView, LossReason, RpcKind};
 
 /// What the I/O layer saw.
@@ -125,17 +130,30 @@ pub(crate) struct ElectionState {
 }
 
 impl ElectionState {
+    #[cfg(test)]
     pub(crate) fn new(
         ttl: Duration,
         safety_margin: Duration,
         lease: watch::Receiver<LeaseView>,
+    ) -> Self {
+        Self::starting_at(ttl, safety_margin, lease, 0)
+    }
+
+    /// A state whose first requests go out under `incarnation` (1 when an
+    /// earlier client of this identity may have left a stale release of the
+    /// bare id behind).
+    pub(crate) fn starting_at(
+        ttl: Duration,
+        safety_margin: Duration,
+        lease: watch::Receiver<LeaseView>,
+        incarnation: u32,
     ) -> Self {
         ElectionState {
             phase: Phase::Unknown,
             margin: safety_margin,
             ttl,
             last_term: 0,
-            incarnation: 0,
+            incarnation,
             releasing: 0,
             fence: None,
             acquires_sent: 0,
@@ -174,13 +192,12 @@ impl ElectionState {
             Phase::Leader {
                 basis, deadline, ..
             } => {
-                // Never later than halfway through the lease in force.
+                // Never later than halfway through the lease in force, and
+                // never sooner than the minimum spacing between two calls
+                // (a lease barely over the margin must not renew in a loop).
                 let half = deadline.saturating_duration_since(*basis) / 2;
-                Some(
-                    basis
-                        .checked_add(renew_interval.min(half))
-                        .unwrap_or(*deadline),
-                )
+                let wait = renew_interval.min(half).max(MIN_SPACING);
+                Some(basis.checked_add(wait).unwrap_or(*deadline))
             }
             _ => None,
         }
@@ -197,6 +214,13 @@ impl ElectionState {
     /// `true` between a grant and the answer that confirms it.
     pub(crate) fn is_granted(&self) -> bool {
         matches!(self.phase, Phase::Granted { .. })
+    }
+
+    /// `true` if a request naming the bare client id may still change the
+    /// server's lock after this state is gone: it moved past incarnation 0
+    /// (a release of it was unsettled) or a release is still in flight.
+    pub(crate) fn leaves_bare_id_unsafe(&self) -> bool {
+        self.incarnation > 0 || self.releasing > 0
     }
 
     /// The incarnation requests are sent under now.
@@ -451,11 +475,14 @@ impl ElectionState {
     }
 
     /// The safe deadline for a lease answered to a request sent at `sent_at`:
-    /// never more than the TTL asked for, less the margin. `None` if nothing
-    /// is left after the margin (or the instant is out of range).
+    /// never more than the TTL asked for, less the margin. `None` if less
+    /// than [`MIN_USABLE_LEASE`] is left after the margin (or the instant is
+    /// out of range).
     fn deadline_for(&self, sent_at: Instant, lease: Duration) -> Option<Instant> {
         let usable = lease.min(self.ttl).checked_sub(self.margin)?;
-        if usable.is_zero() {
+        if usable < MIN_USABLE_LEASE {
+            // Too short to renew in time (two calls at the minimum spacing):
+            // leading on it would only flap.
             return None;
         }
         sent_at.checked_add(usable)

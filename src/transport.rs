@@ -49,8 +49,7 @@
 //! when it has one. A user-supplied [`Channel`] (`ClientBuilder::channel`) is
 //! used as is and never redialed.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -212,6 +211,9 @@ pub(crate) fn is_timeout(
         && now.saturating_duration_since(started) >= budget
 }
 
+/// Numbers the channels users hand us, to name them in the identity registry.
+static CHANNELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// One shared connection to the server.
 #[derive(Debug)]
 pub(crate) struct Transport {
@@ -219,24 +221,9 @@ pub(crate) struct Transport {
     endpoint: Option<Endpoint>,
     redial_after: Duration,
     current: Mutex<Current>,
-    /// The (service, domain, client id) of every live client on this
-    /// connection: two clients with one identity for one lock would both be
-    /// granted it (the server cannot tell them apart).
-    claims: Mutex<HashSet<(String, String, String)>>,
-}
-
-/// A client's claim on its (service, domain, client id) on a [`Transport`];
-/// released when dropped.
-#[derive(Debug)]
-pub(crate) struct Claim {
-    transport: Arc<Transport>,
-    key: (String, String, String),
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        crate::sync::lock(&self.transport.claims).remove(&self.key);
-    }
+    /// What names this connection in the identity registry: the endpoint's
+    /// URI, or a number of its own for a channel the user handed us.
+    name: String,
 }
 
 #[derive(Debug)]
@@ -286,6 +273,7 @@ impl Transport {
     }
 
     fn with_channel(endpoint: Option<Endpoint>, channel: Channel, redial_after: Duration) -> Self {
+        let endpoint_name = endpoint.as_ref().map(|e| e.uri().to_string());
         Transport {
             endpoint,
             redial_after,
@@ -293,43 +281,20 @@ impl Transport {
                 channel,
                 dialed_at: Instant::now(),
             }),
-            claims: Mutex::new(HashSet::new()),
+            name: match &endpoint_name {
+                Some(uri) => uri.clone(),
+                None => format!(
+                    "channel-{}",
+                    CHANNELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ),
+            },
         }
     }
 
-    /// Claims `(service, domain, client_id)` on this connection for one
-    /// client.
-    ///
-    /// # Errors
-    ///
-    /// `InvalidParameter` if a live client on this connection already
-    /// campaigns for that lock under that identity: the server would grant
-    /// both, so both would lead.
-    pub(crate) fn claim(
-        self: &Arc<Self>,
-        service: &str,
-        domain: &str,
-        client_id: &str,
-    ) -> Result<Claim> {
-        let key = (
-            service.to_string(),
-            domain.to_string(),
-            client_id.to_string(),
-        );
-        let fresh = crate::sync::lock(&self.claims).insert(key.clone());
-        if !fresh {
-            return Err(Error::invalid(
-                "domain",
-                format!(
-                    "a client on this connection already campaigns for {service}/{domain} as {client_id:?}; \
-                     two clients with one identity would both be granted the lock: clone that client instead"
-                ),
-            ));
-        }
-        Ok(Claim {
-            transport: self.clone(),
-            key,
-        })
+    /// What names this connection in the identity registry
+    /// ([`crate::identity`]).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
     }
 
     /// The channel to issue the next call on.

@@ -26,7 +26,7 @@ async fn a_release_whose_outcome_is_unknown_cannot_end_a_later_term() {
     let server = server().await;
     let proxy = FaultProxy::start(server.addr()).await.unwrap();
     let a = over_tcp(&proxy.url(), 10)
-        .client_id("node-a")
+        .client_id("node-release")
         .rpc_timeout(SEC)
         .build()
         .await
@@ -58,12 +58,15 @@ async fn a_release_whose_outcome_is_unknown_cannot_end_a_later_term() {
     // It could not end A's new term: B is refused while A leads.
     let lock = server.lock(SERVICE, DOMAIN).expect("A's lock survives");
     assert!(
-        lock.owner.starts_with("node-a"),
+        lock.owner.starts_with("node-release"),
         "owner {:?}: the stale release deleted A's new lock",
         lock.owner
     );
-    assert_ne!(lock.owner, "node-a", "A went on under a fresh incarnation");
-    assert_eq!(a.client_id(), "node-a", "client_id() is unchanged");
+    assert_ne!(
+        lock.owner, "node-release",
+        "A went on under a fresh incarnation"
+    );
+    assert_eq!(a.client_id(), "node-release", "client_id() is unchanged");
     assert!(!b.try_acquire_lock().await.unwrap(), "two leaders");
     assert!(a.is_leader());
     proxy.shutdown().await;
@@ -238,7 +241,7 @@ async fn leader_work_stops_by_the_deadline_when_the_campaign_runtime_is_blocked(
 async fn a_refusal_decided_before_a_newer_grant_does_not_end_that_term() {
     let server = server().await;
     let client = in_memory(&server, 10)
-        .client_id("node-a")
+        .client_id("node-refusal")
         .build()
         .await
         .unwrap();
@@ -265,7 +268,7 @@ async fn a_refusal_decided_before_a_newer_grant_does_not_end_that_term() {
         stream.next().now_or_never().is_none(),
         "no Lost for a stale refusal"
     );
-    assert_eq!(server.lock(SERVICE, DOMAIN).unwrap().owner, "node-a");
+    assert_eq!(server.lock(SERVICE, DOMAIN).unwrap().owner, "node-refusal");
 }
 
 // ----- 5. hostile values never panic -----
@@ -484,7 +487,7 @@ async fn an_acquire_answered_too_late_does_not_leave_the_lock_held_for_nobody() 
     // Every answer comes 2 s late: A (1 s timeout) never learns of a grant.
     server.set_latency(2 * SEC);
     let a = in_memory(&server, 10)
-        .client_id("node-a")
+        .client_id("node-slow")
         .rpc_timeout(SEC)
         .build()
         .await
@@ -500,7 +503,7 @@ async fn an_acquire_answered_too_late_does_not_leave_the_lock_held_for_nobody() 
     eventually(10 * SEC, "A holds the lock on the server", || {
         server
             .lock(SERVICE, DOMAIN)
-            .is_some_and(|l| l.owner.starts_with("node-a"))
+            .is_some_and(|l| l.owner.starts_with("node-slow"))
     })
     .await;
     let start = Instant::now();
@@ -583,8 +586,9 @@ async fn a_second_client_for_the_same_lock_and_identity_on_one_connection_is_ref
     assert!(y.try_acquire_lock().await.unwrap());
 }
 
-/// After a release whose outcome is unknown, node "node" goes on as
-/// "node#1": exactly the id another contender may legitimately use. The
+/// After a release whose outcome is unknown, node "node" goes on under a
+/// fresh identity, which must never be exactly the id another contender may
+/// legitimately use ("node#1", which it was at first). The
 /// server then sees one owner for two clients.
 #[tokio::test(start_paused = true)]
 async fn a_retired_identity_never_equals_another_contenders_id() {
@@ -601,7 +605,7 @@ async fn a_retired_identity_never_equals_another_contenders_id() {
         .unwrap();
     assert!(a.try_acquire_lock().await.unwrap());
     // A release that needs a transport retry: its outcome counts as unknown,
-    // so `a` retires "node" and goes on as "node#1".
+    // so `a` retires "node" and goes on as "node#1.<tag>".
     server.fail_next(
         1,
         Some(RpcKind::ReleaseLock),
@@ -704,4 +708,102 @@ async fn a_shorter_lease_is_renewed_before_it_runs_out() {
         start.elapsed(),
         lost.ok()
     );
+}
+
+// ----- found by the second adversarial review -----
+
+/// A client dropped while leader releases in the background; the release is
+/// held on the network and times out, so the client's session ends while
+/// the request is still on its way. A new client of this process with the
+/// same id (here by another address of the same server) must not re-enter
+/// the old lock, which the stale release would then delete under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_with_the_same_id_cannot_be_ended_by_its_predecessors_stale_release() {
+    let server = server().await;
+    let proxy = FaultProxy::start(server.addr()).await.unwrap();
+    let a = over_tcp(&proxy.url(), 10)
+        .client_id("node-stale")
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let b = over_tcp(&server.url(), 10)
+        .client_id("node-b")
+        .build()
+        .await
+        .unwrap();
+    assert!(a.try_acquire_lock().await.unwrap());
+    proxy.hold_live();
+    drop(a); // its background release is held and times out after 1 s
+    tokio::time::sleep(3 * SEC).await;
+    assert_eq!(server.calls(RpcKind::ReleaseLock), 0, "the release is held");
+
+    let a2 = over_tcp(&server.url(), 10)
+        .client_id("node-stale")
+        .build()
+        .await
+        .unwrap();
+    assert!(
+        !a2.try_acquire_lock().await.unwrap(),
+        "a2 must not re-enter a lock that a stale release can delete"
+    );
+    proxy.deliver_held();
+    eventually(10 * SEC, "the held release reaches the server", || {
+        server.calls(RpcKind::ReleaseLock) >= 1
+    })
+    .await;
+    tokio::time::sleep(ms(300)).await;
+    // The lock is free now: whoever takes it is the only leader.
+    let a2_leads = a2.try_acquire_lock().await.unwrap();
+    let b_leads = b.try_acquire_lock().await.unwrap();
+    assert!(
+        a2_leads != b_leads,
+        "exactly one leads: a2 {a2_leads}, b {b_leads}"
+    );
+    assert!(!(a2.is_leader() && b.is_leader()), "two leaders");
+    assert_eq!(a2.client_id(), "node-stale");
+    proxy.shutdown().await;
+}
+
+/// A server answering a lease just over the safety margin: the renewal must
+/// keep a minimum spacing (under paused time a zero wait never lets the
+/// clock advance).
+#[test]
+fn a_lease_just_over_the_margin_does_not_renew_in_a_loop() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let watched = Arc::new(std::sync::Mutex::new(None::<TestServer>));
+    let watched2 = watched.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let server = server().await;
+            server.set_lease_policy(LeasePolicy::Answer {
+                seconds: 1,
+                nanos: 1,
+            });
+            *watched2.lock().unwrap() = Some(server.clone());
+            let client = in_memory(&server, 10).build().await.unwrap();
+            let mut l = client.leadership();
+            let t0 = Instant::now();
+            while t0.elapsed() < 3 * SEC {
+                let _ = tokio::time::timeout(SEC, l.next()).await;
+            }
+            tx.send(server.calls(RpcKind::KeepAlive)).unwrap();
+        });
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(n) => assert!(n < 100, "{n} KeepAlives in 3 virtual seconds"),
+        Err(_) => {
+            let n = watched
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|s| s.calls(RpcKind::KeepAlive));
+            panic!("hang: 3 virtual seconds did not pass in 60 s; KeepAlives so far: {n:?}");
+        }
+    }
 }

@@ -102,11 +102,12 @@ impl Session {
     pub(crate) fn new(rpc: Rpc, timing: Timing, seed: Option<u64>) -> Arc<Self> {
         let (lease, lease_rx) = watch::channel(LeaseView::default());
         let ttl = rpc.scope().ttl();
+        let start = rpc.claim().start();
         let session = Arc::new(Session {
             rpc,
             timing,
             shared: Mutex::new(Shared {
-                election: ElectionState::new(ttl, timing.safety_margin, lease_rx),
+                election: ElectionState::starting_at(ttl, timing.safety_margin, lease_rx, start),
                 subscribers: Vec::new(),
             }),
             control: Mutex::new(Control::default()),
@@ -383,6 +384,16 @@ impl Session {
     /// `false` when the server cannot hold a lock for our identity.
     fn may_own_lock(&self) -> bool {
         self.shared().election.may_own_lock()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The claim on this lock and identity is given back right after:
+        // tell it whether a later client may reuse the bare client id.
+        if self.shared().election.leaves_bare_id_unsafe() {
+            self.rpc.claim().retire_bare_id();
+        }
     }
 }
 
