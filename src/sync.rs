@@ -8,3 +8,24 @@ use std::sync::{Mutex, MutexGuard};
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Cancels `stop`, then waits up to `grace` for each task to end; a task
+/// still running after that is aborted and awaited (so its sockets and its
+/// hold on shared state are gone when this returns). `what` names the
+/// tasks in the warning.
+pub(crate) async fn cancel_and_join(
+    stop: &tokio_util::sync::CancellationToken,
+    tasks: impl IntoIterator<Item = tokio::task::JoinHandle<()>>,
+    grace: std::time::Duration,
+    what: &str,
+) {
+    stop.cancel();
+    for mut task in tasks {
+        if tokio::time::timeout(grace, &mut task).await.is_err() {
+            tracing::warn!("{what} did not stop within {grace:?}; aborting it");
+            task.abort();
+            // Resolves at once; after it the task is gone.
+            let _ = task.await;
+        }
+    }
+}

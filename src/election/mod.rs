@@ -34,7 +34,7 @@ use crate::event::{LeadershipEvent, LeaseView};
 use crate::fanout::{self, EventReceiver, EventSender};
 use crate::rpc::{Answer, LeaseAnswer, Rpc};
 use crate::state::{ElectionState, Observation};
-use crate::sync::lock;
+use crate::sync::{cancel_and_join, lock};
 
 pub use stream::Leadership;
 
@@ -80,21 +80,14 @@ struct Campaign {
 
 impl Campaign {
     /// Stops the task and waits until it can no longer touch the state.
-    async fn stop(mut self) {
+    async fn stop(self) {
         self.stop.cancel();
         if tokio::runtime::Handle::try_current().is_err() {
             // No timer to wait with: make sure it cannot touch the state again.
             self.task.abort();
             return;
         }
-        if tokio::time::timeout(STOP_GRACE, &mut self.task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("campaign task did not stop within {STOP_GRACE:?}; aborting it");
-            self.task.abort();
-            let _ = (&mut self.task).await;
-        }
+        cancel_and_join(&self.stop, [self.task], STOP_GRACE, "campaign task").await;
     }
 }
 

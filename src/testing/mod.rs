@@ -47,13 +47,16 @@
 //! # }
 //! ```
 
+/// How long a `shutdown()` of a test server, proxy or relay waits for each
+/// of its tasks before aborting it.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 mod accept;
 pub mod chaos;
 mod cut_io;
 mod proxy;
 mod relay;
 mod server;
-mod shutdown;
 mod store;
 
 pub use proxy::{FaultProxy, ProxyMode};

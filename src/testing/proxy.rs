@@ -19,7 +19,8 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::accept::accept_until;
-use super::shutdown::cancel_and_join;
+use super::SHUTDOWN_WAIT;
+use crate::sync::cancel_and_join;
 
 /// How many bytes a held connection buffers from its client at most (beyond
 /// this, the rest waits in the kernel's socket buffers).
@@ -242,7 +243,7 @@ impl FaultProxy {
     /// waits for its tasks to end. Idempotent.
     pub async fn shutdown(&self) {
         let task = self.inner.task.lock().await.take();
-        cancel_and_join(&self.inner.stop, task, "fault proxy").await;
+        cancel_and_join(&self.inner.stop, task, SHUTDOWN_WAIT, "fault proxy").await;
     }
 }
 

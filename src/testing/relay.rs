@@ -12,13 +12,14 @@ use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
 use super::accept::accept_until;
 use super::cut_io::CutIo;
+use super::SHUTDOWN_WAIT;
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::leader_election_service_server::{
     LeaderElectionService, LeaderElectionServiceServer,
@@ -27,12 +28,10 @@ use crate::proto::{
     KeepAliveRequest, KeepAliveResponse, ReleaseLockRequest, ReleaseLockResponse,
     TryAcquireLockRequest, TryAcquireLockResponse,
 };
+use crate::sync::cancel_and_join;
 
 /// How long a connection may stay open after its GOAWAY.
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
-
-/// How long `shutdown` waits for the relay's tasks before aborting them.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
 struct RelayInner {
     addr: SocketAddr,
@@ -180,15 +179,8 @@ impl GoawayRelay {
     /// Stops the relay: closes the listener, cuts every connection, and waits
     /// (bounded) for its tasks to end.
     pub async fn shutdown(&self) {
-        self.inner.stop.cancel();
         let task = self.inner.task.lock().await.take();
-        if let Some(mut task) = task {
-            if timeout(SHUTDOWN_WAIT, &mut task).await.is_err() {
-                tracing::warn!("GOAWAY relay did not stop in time; aborting it");
-                task.abort();
-                let _ = task.await;
-            }
-        }
+        cancel_and_join(&self.inner.stop, task, SHUTDOWN_WAIT, "GOAWAY relay").await;
     }
 }
 

@@ -24,8 +24,8 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status};
 
 use super::cut_io::CutIo;
-use super::shutdown::cancel_and_join;
 use super::store::{LockInfo, Store, Tenure};
+use super::SHUTDOWN_WAIT;
 use crate::proto::leader_election_service_server::{
     LeaderElectionService, LeaderElectionServiceServer,
 };
@@ -33,6 +33,7 @@ use crate::proto::{
     KeepAliveRequest, KeepAliveResponse, ReleaseLockRequest, ReleaseLockResponse,
     TryAcquireLockRequest, TryAcquireLockResponse,
 };
+use crate::sync::cancel_and_join;
 use crate::sync::lock;
 use crate::RpcKind;
 
@@ -955,7 +956,13 @@ impl TestServer {
 
     async fn stop(&self, generation: Generation) {
         *lock(&self.inner.shared.memory) = None;
-        cancel_and_join(&generation.stop, generation.tasks, "test server task").await;
+        cancel_and_join(
+            &generation.stop,
+            generation.tasks,
+            SHUTDOWN_WAIT,
+            "test server task",
+        )
+        .await;
         tracing::info!(addr = %self.inner.addr, "test server shut down");
     }
 
