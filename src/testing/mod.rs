@@ -52,6 +52,7 @@
 const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 mod accept;
+mod background;
 pub mod chaos;
 mod cut_io;
 mod proxy;

@@ -14,13 +14,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::accept::accept_until;
-use super::SHUTDOWN_WAIT;
-use crate::sync::cancel_and_join;
+use super::background::Background;
 
 /// How many bytes a held connection buffers from its client at most (beyond
 /// this, the rest waits in the kernel's socket buffers).
@@ -61,14 +59,7 @@ struct ProxyInner {
     /// `hold_live`).
     hold: watch::Sender<Option<u64>>,
     accepted: Arc<AtomicU64>,
-    stop: CancellationToken,
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Drop for ProxyInner {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    background: Background,
 }
 
 /// A TCP proxy on `127.0.0.1` in front of a server, whose
@@ -148,8 +139,7 @@ impl FaultProxy {
                 mode,
                 hold,
                 accepted,
-                stop,
-                task: tokio::sync::Mutex::new(Some(task)),
+                background: Background::new(stop, task),
             }),
         })
     }
@@ -242,8 +232,7 @@ impl FaultProxy {
     /// Stops the proxy: closes the listener and cuts every connection, then
     /// waits for its tasks to end. Idempotent.
     pub async fn shutdown(&self) {
-        let task = self.inner.task.lock().await.take();
-        cancel_and_join(&self.inner.stop, task, SHUTDOWN_WAIT, "fault proxy").await;
+        self.inner.background.shutdown("fault proxy").await;
     }
 }
 

@@ -11,15 +11,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 
 use super::accept::accept_until;
+use super::background::Background;
 use super::cut_io::CutIo;
-use super::SHUTDOWN_WAIT;
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::leader_election_service_server::{
     LeaderElectionService, LeaderElectionServiceServer,
@@ -28,7 +27,6 @@ use crate::proto::{
     KeepAliveRequest, KeepAliveResponse, ReleaseLockRequest, ReleaseLockResponse,
     TryAcquireLockRequest, TryAcquireLockResponse,
 };
-use crate::sync::cancel_and_join;
 
 /// How long a connection may stay open after its GOAWAY.
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
@@ -38,14 +36,7 @@ struct RelayInner {
     goaway: watch::Sender<u64>,
     cut: watch::Sender<u64>,
     goaways: Arc<AtomicU64>,
-    stop: CancellationToken,
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Drop for RelayInner {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    background: Background,
 }
 
 /// A gRPC relay on `127.0.0.1` in front of a Quorum Quest server (a
@@ -139,8 +130,7 @@ impl GoawayRelay {
                 goaway,
                 cut,
                 goaways,
-                stop,
-                task: tokio::sync::Mutex::new(Some(task)),
+                background: Background::new(stop, task),
             }),
         })
     }
@@ -179,8 +169,7 @@ impl GoawayRelay {
     /// Stops the relay: closes the listener, cuts every connection, and waits
     /// (bounded) for its tasks to end.
     pub async fn shutdown(&self) {
-        let task = self.inner.task.lock().await.take();
-        cancel_and_join(&self.inner.stop, task, SHUTDOWN_WAIT, "GOAWAY relay").await;
+        self.inner.background.shutdown("GOAWAY relay").await;
     }
 }
 
