@@ -21,12 +21,15 @@ use tokio::time::Instant;
 
 // ----- 1. a release whose outcome is unknown -----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_whose_outcome_is_unknown_cannot_end_a_later_term() {
+/// A server; a proxy in front of it; A (client id `id`, 1 s call timeout)
+/// leading through the proxy; B (`node-b`) connected to the server directly.
+async fn leader_behind_a_proxy(
+    id: &str,
+) -> (TestServer, FaultProxy, QuorumQuestClient, QuorumQuestClient) {
     let server = server().await;
     let proxy = FaultProxy::start(server.addr()).await.unwrap();
     let a = over_tcp(&proxy.url(), 10)
-        .client_id("node-release")
+        .client_id(id)
         .rpc_timeout(SEC)
         .build()
         .await
@@ -37,6 +40,12 @@ async fn a_release_whose_outcome_is_unknown_cannot_end_a_later_term() {
         .await
         .unwrap();
     assert!(a.try_acquire_lock().await.unwrap());
+    (server, proxy, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_outcome_is_unknown_cannot_end_a_later_term() {
+    let (server, proxy, a, b) = leader_behind_a_proxy("node-release").await;
 
     // A's connection stalls: the release is held, not lost, and times out.
     proxy.hold_live();
@@ -719,20 +728,7 @@ async fn a_shorter_lease_is_renewed_before_it_runs_out() {
 /// the old lock, which the stale release would then delete under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_client_with_the_same_id_cannot_be_ended_by_its_predecessors_stale_release() {
-    let server = server().await;
-    let proxy = FaultProxy::start(server.addr()).await.unwrap();
-    let a = over_tcp(&proxy.url(), 10)
-        .client_id("node-stale")
-        .rpc_timeout(SEC)
-        .build()
-        .await
-        .unwrap();
-    let b = over_tcp(&server.url(), 10)
-        .client_id("node-b")
-        .build()
-        .await
-        .unwrap();
-    assert!(a.try_acquire_lock().await.unwrap());
+    let (server, proxy, a, b) = leader_behind_a_proxy("node-stale").await;
     proxy.hold_live();
     drop(a); // its background release is held and times out after 1 s
     tokio::time::sleep(3 * SEC).await;
