@@ -304,6 +304,13 @@ impl QuorumQuestClient {
     }
 }
 
+/// What `build()` does for a connection, once the address is parsed.
+enum Plan {
+    Open(Box<Endpoint>, Dialing, bool),
+    Channel(Channel),
+    Shared(Arc<Transport>),
+}
+
 /// How a [`ClientBuilder`] gets its connection.
 enum Connection {
     Address { address: String, lazy: bool },
@@ -540,23 +547,29 @@ impl ClientBuilder {
             ));
         }
         check_max("connect_timeout", self.connect_timeout)?;
-        if let Connection::Address { address, .. } = &self.connection {
-            parse_address(address)?;
-        }
+        let dialing = Dialing::for_timing(scope.ttl(), &timing, self.connect_timeout);
+        // The address is parsed here, before anything needs a runtime, so a
+        // bad one is `InvalidParameter` wherever `build()` runs.
+        let plan = match self.connection {
+            Connection::Address { address, lazy } => {
+                Plan::Open(Box::new(parse_address(&address)?), dialing, lazy)
+            }
+            Connection::Endpoint { endpoint, lazy } => {
+                Plan::Open(endpoint, dialing.for_user_endpoint(), lazy)
+            }
+            Connection::Channel(channel) => Plan::Channel(channel),
+            Connection::Shared(transport) => Plan::Shared(transport),
+        };
         // Everything after this point (connecting, the step-down timer, the
         // callbacks adapter) needs a Tokio runtime: say so instead of
         // panicking inside tokio.
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let dialing = Dialing::for_timing(scope.ttl(), &timing, self.connect_timeout);
-        let transport = match self.connection {
-            Connection::Address { address, lazy } => {
-                Arc::new(Transport::open(parse_address(&address)?, dialing, lazy).await?)
+        let transport = match plan {
+            Plan::Open(endpoint, dialing, lazy) => {
+                Arc::new(Transport::open(*endpoint, dialing, lazy).await?)
             }
-            Connection::Endpoint { endpoint, lazy } => {
-                Arc::new(Transport::open(*endpoint, dialing.for_user_endpoint(), lazy).await?)
-            }
-            Connection::Channel(channel) => Arc::new(Transport::from_channel(channel)),
-            Connection::Shared(transport) => transport,
+            Plan::Channel(channel) => Arc::new(Transport::from_channel(channel)),
+            Plan::Shared(transport) => transport,
         };
         let session = Session::new(Rpc::new(transport, Arc::new(scope))?, timing, self.seed);
         if let Some(callbacks) = self.callbacks {

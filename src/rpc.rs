@@ -145,7 +145,7 @@ pub(crate) struct Rpc {
     transport: Arc<Transport>,
     scope: Arc<Scope>,
     /// This client's claim on its scope and identity on the transport.
-    _claim: Arc<Claim>,
+    claim: Arc<Claim>,
 }
 
 impl Rpc {
@@ -165,7 +165,7 @@ impl Rpc {
         Ok(Rpc {
             transport,
             scope,
-            _claim: Arc::new(claim),
+            claim: Arc::new(claim),
         })
     }
 
@@ -175,7 +175,7 @@ impl Rpc {
 
     /// This client's claim on its lock and identity.
     pub(crate) fn claim(&self) -> &Claim {
-        &self._claim
+        &self.claim
     }
 
     pub(crate) fn transport(&self) -> &Arc<Transport> {

@@ -184,14 +184,10 @@ impl Session {
     }
 
     pub(crate) fn is_leader(&self) -> bool {
-        let now = Instant::now();
-        self.lease
-            .borrow()
-            .current
-            .as_ref()
-            .is_some_and(|c| now < c.deadline)
+        self.remaining().is_some()
     }
 
+    /// Time left before the published deadline, if leader and not past it.
     pub(crate) fn remaining(&self) -> Option<Duration> {
         let now = Instant::now();
         self.lease
