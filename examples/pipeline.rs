@@ -20,6 +20,9 @@
 //! cargo run --features testing --example pipeline -- --server localhost:5050
 //! ```
 
+#[path = "common/signal.rs"]
+mod signal;
+
 use std::error::Error;
 use std::fmt::Display;
 use std::process::ExitCode;
@@ -296,9 +299,21 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let outcome = match timeout(DEMO_LIMIT, run(Args::parse())).await {
-        Ok(outcome) => outcome,
-        Err(_) => Err(format!("the demo did not finish within {DEMO_LIMIT:?}").into()),
+    // On SIGINT or SIGTERM the demo is cut short: its clients and streams
+    // are dropped, and a leader's drop releases the lock before `main`
+    // returns (multi-thread runtime).
+    let outcome = tokio::select! {
+        outcome = timeout(DEMO_LIMIT, run(Args::parse())) => match outcome {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!("the demo did not finish within {DEMO_LIMIT:?}").into()),
+        },
+        which = signal::shutdown_signal() => match which {
+            Ok(which) => {
+                println!("{which}: stopping (leaders release on the way out)");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

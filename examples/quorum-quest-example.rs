@@ -15,13 +15,19 @@
 //! cargo run --features testing --example quorum-quest-example -- --embedded --duration 10
 //! ```
 //!
-//! Stop it with Ctrl+C (or let `--duration` run out): it releases the lock so
-//! the next leader does not have to wait for the TTL. Logs go to stderr
+//! Stop it with Ctrl+C or SIGTERM (what systemd, Docker and Kubernetes send),
+//! or let `--duration` run out: it releases the lock before exiting, so the
+//! next leader does not have to wait for the TTL. Its leader work is bound to
+//! the term (`LeaderTerm::spawn`): it stops the instant leadership ends, even
+//! before the `on_leader_lost` callback runs. Logs go to stderr
 //! (`RUST_LOG=debug` for more); the lines meant for you go to stdout.
+
+#[path = "common/signal.rs"]
+mod signal;
 
 use std::error::Error;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -37,8 +43,11 @@ type BoxError = Box<dyn Error + Send + Sync>;
 /// Logging when `RUST_LOG` is not set: info, but not every call the embedded
 /// server answers (`RUST_LOG=info` shows those too).
 const DEFAULT_LOG_FILTER: &str = "info,quorum_quest_client::testing=warn";
-/// How often the status line is printed.
-const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// How often the status line is printed: not a divisor of the default renew
+/// interval (ttl / 3 = 5 s), so the remaining lease is seen counting down.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// When the standby joins without --duration.
+const STANDBY_AFTER: Duration = Duration::from_secs(5);
 /// How often the demo leader work reports.
 const WORK_EVERY: Duration = Duration::from_secs(1);
 /// How long to wait for the standby to take over after our release.
@@ -78,26 +87,17 @@ struct Args {
     duration: Option<u64>,
 }
 
-/// The callbacks: leader work runs exactly while this node is leader.
+/// The callbacks: they report each change, and tell `main` when this node
+/// became leader so that it starts the leader work bound to the new term.
 struct LeaderWork {
-    /// The running leader work, if any.
-    task: Mutex<Option<JoinHandle<()>>>,
-    /// `true` while leader work runs (lets `main` wait for the last callback).
+    /// `true` while this node leads, as the callbacks saw it.
     leading: watch::Sender<bool>,
 }
 
 impl LeaderWork {
     fn new() -> Self {
         LeaderWork {
-            task: Mutex::new(None),
             leading: watch::Sender::new(false),
-        }
-    }
-
-    fn stop_work(&self) {
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(task) = task {
-            task.abort();
         }
     }
 }
@@ -110,31 +110,23 @@ impl Callbacks for LeaderWork {
             return;
         }
         println!("Became leader! Starting leader tasks...");
-        let work = tokio::spawn(async {
-            let mut ticks = tokio::time::interval(WORK_EVERY);
-            ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            for n in 1u64.. {
-                ticks.tick().await;
-                println!("  doing leader work (tick {n})");
-            }
-        });
-        // A previous term's work is always stopped by on_leader_lost first;
-        // stop it here too so that a bug can never leave two running.
-        let previous = self
-            .task
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(work);
-        if let Some(previous) = previous {
-            previous.abort();
-        }
         self.leading.send_replace(true);
     }
 
     async fn on_leader_lost(&self) {
-        self.stop_work();
+        // The term's work has already stopped: it ended with the term.
         println!("Lost leadership! Stopping leader tasks...");
         self.leading.send_replace(false);
+    }
+}
+
+/// The demo leader work: one line a second, for as long as the term lasts.
+async fn leader_work(term: u64) {
+    let mut ticks = tokio::time::interval(WORK_EVERY);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    for n in 1u64.. {
+        ticks.tick().await;
+        println!("  doing leader work (term {term}, tick {n})");
     }
 }
 
@@ -267,24 +259,37 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let standby_at = started
         + args
             .duration
-            .map_or(STATUS_EVERY, |secs| Duration::from_secs(secs) / 3);
+            .map_or(STANDBY_AFTER, |secs| Duration::from_secs(secs) / 3);
     let mut standby: Option<Standby> = None;
 
     let mut status = interval_at(started + STATUS_EVERY, STATUS_EVERY);
     status.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // Leader work runs inside the term: `LeaderTerm::spawn` stops it when
+    // the term ends (loss, release or the lease running out).
+    let mut work: Option<JoinHandle<Option<()>>> = None;
+    if let Some(term) = client.current_term() {
+        work = Some(term.spawn(leader_work(term.id())));
+    }
+    let stop = signal::shutdown_signal();
+    tokio::pin!(stop);
     let why = loop {
         tokio::select! {
-            result = &mut ctrl_c => {
-                result?;
-                break "Ctrl+C received";
-            }
+            which = &mut stop => break which?,
             _ = sleep_until(deadline.unwrap_or(started)), if deadline.is_some() => {
                 break "duration elapsed";
             }
             _ = sleep_until(standby_at), if embedded.is_some() && standby.is_none() => {
                 standby = Some(Standby::start(&args, &address).await?);
+            }
+            changed = leading.changed() => {
+                changed?;
+                let elected = *leading.borrow_and_update();
+                let idle = work.as_ref().is_none_or(JoinHandle::is_finished);
+                if elected && idle {
+                    if let Some(term) = client.current_term() {
+                        work = Some(term.spawn(leader_work(term.id())));
+                    }
+                }
             }
             _ = status.tick() => {
                 println!("Status: {}", format_lease(&client));
@@ -293,10 +298,14 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
 
     println!("Shutting down ({why}): releasing the lock");
-    client.release_lock().await?;
-    client.stop_keep_alive().await;
-    // Let the callbacks finish stopping the leader work before saying goodbye.
+    // Stops the keep-alive task, ends the term (the leader work stops with
+    // it), releases the lock and waits for the callbacks to finish.
+    client.shutdown().await?;
     let _ = timeout(Duration::from_secs(2), leading.wait_for(|l| !*l)).await;
+    if let Some(work) = work {
+        // Ended with the term; this only collects it.
+        let _ = work.await;
+    }
     println!("Released the lock and stopped keep-alive.");
     drop(client);
 

@@ -9,6 +9,9 @@
 //! Every call is logged (rpc, service, domain, client_id, ttl, answer). Stop it
 //! with Ctrl+C.
 
+#[path = "common/signal.rs"]
+mod signal;
+
 use std::time::Duration;
 
 use clap::Parser;
@@ -51,8 +54,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = builder.start().await?;
     println!("Quorum Quest test server listening on {}", server.url());
 
-    tokio::signal::ctrl_c().await?;
-    println!("shutting down");
+    let which = signal::shutdown_signal().await?;
+    println!("{which}: shutting down");
     server.shutdown().await;
     Ok(())
 }

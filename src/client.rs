@@ -10,6 +10,7 @@ use crate::callbacks::{drive_callbacks, Callbacks};
 use crate::config::{check_max, Scope, Timing, TimingOverrides, DEFAULT_CONNECT_TIMEOUT};
 use crate::election::{Leadership, Session};
 use crate::error::{Error, Result};
+use crate::event::LeaderTerm;
 use crate::rpc::Rpc;
 use crate::transport::{parse_address, Dialing, Transport};
 
@@ -57,7 +58,7 @@ impl Drop for ClientInner {
         // The last handle is gone: stop the keep-alive task; if no leadership
         // stream still campaigns, release the lock in the background.
         if let Some(shutdown) = self.session.client_dropped() {
-            shutdown.run_in_background();
+            shutdown.run_on_drop();
         }
     }
 }
@@ -163,6 +164,7 @@ impl QuorumQuestClient {
     pub async fn try_acquire_lock(&self) -> Result<bool> {
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let session = &self.inner.session;
+        session.check_open()?;
         let (answer, _) = session.try_acquire().await;
         if !answer.result.map_err(Error::Rpc)? {
             return Ok(session.is_leader());
@@ -191,6 +193,57 @@ impl QuorumQuestClient {
         let session = &self.inner.session;
         session.stop_keep_alive().await;
         session.release().await
+    }
+
+    /// Shuts this contender down for good, and waits until it is done: stops
+    /// the keep-alive task and every leadership stream's campaign, ends the
+    /// term (`is_leader()` turns false and `on_leader_lost` is queued before
+    /// the release request leaves), asks the server to delete the lock, and
+    /// then ends every [`Leadership`] stream of this client (after the events
+    /// it still holds) and the callbacks (after their last call).
+    ///
+    /// Bounded: at most about one second to stop the campaign plus the RPC
+    /// timeout for the release; if the release fails or times out, the lock
+    /// expires after its TTL. Afterwards [`try_acquire_lock`](Self::try_acquire_lock)
+    /// and [`start_keep_alive`](Self::start_keep_alive) fail with
+    /// [`Error::Shutdown`] and new streams end at once. Idempotent.
+    ///
+    /// This is the exit path to use at the end of `main` or on SIGTERM.
+    /// Dropping the last handle also releases (see the crate docs, "Exits"),
+    /// but only `shutdown` waits on every runtime flavour and reports the
+    /// outcome.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rpc`] if the release call failed (this client is not leader
+    /// either way); [`Error::NoRuntime`] outside a Tokio runtime.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: quorum_quest_client::QuorumQuestClient) -> quorum_quest_client::Result<()> {
+    /// tokio::signal::ctrl_c().await.ok();
+    /// client.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown(&self) -> Result<()> {
+        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        self.inner.session.close().run().await
+    }
+
+    /// The running term, if this client leads now: the same [`LeaderTerm`]
+    /// that `Elected` carried, to bind leader-only work to (for example from
+    /// [`Callbacks::on_leader_elected`]). `None` when not leader.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: quorum_quest_client::QuorumQuestClient) {
+    /// if let Some(term) = client.current_term() {
+    ///     // Stopped at the end of the term, by its own timer if need be.
+    ///     term.spawn(async { /* leader-only work */ });
+    /// }
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn current_term(&self) -> Option<LeaderTerm> {
+        self.inner.session.current_term()
     }
 
     /// Starts the background task that keeps the lock: renews it every renew

@@ -59,6 +59,12 @@ pub enum Error {
     /// parameter and what is wrong with it.
     #[error("invalid parameter: {0}")]
     InvalidParameter(String),
+
+    /// The client was shut down with
+    /// [`shutdown`](crate::QuorumQuestClient::shutdown): it no longer
+    /// campaigns, and calls that would acquire the lock fail with this.
+    #[error("the Quorum Quest client was shut down")]
+    Shutdown,
 }
 
 impl Error {

@@ -283,10 +283,11 @@ async fn dropping_the_last_handle_while_leader_releases_the_lock() {
         "a clone still holds it"
     );
     drop(clone);
-    eventually(5 * SEC, "released on drop", || {
-        server.lock(SERVICE, DOMAIN).is_none()
-    })
-    .await;
+    // On a multi-thread runtime the drop waits for the release.
+    assert!(
+        server.lock(SERVICE, DOMAIN).is_none(),
+        "released before the drop returned"
+    );
 }
 
 #[tokio::test]
@@ -383,8 +384,117 @@ async fn dropping_a_leader_without_keep_alive_also_releases() {
     let client = over_tcp(&server.url(), 30).build().await.unwrap();
     assert!(client.try_acquire_lock().await.unwrap());
     drop(client);
-    eventually(5 * SEC, "released on drop", || {
-        server.lock(SERVICE, DOMAIN).is_none()
+    assert!(
+        server.lock(SERVICE, DOMAIN).is_none(),
+        "released before the drop returned"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_the_term_releases_and_ends_every_stream_and_the_callbacks() {
+    let server = server().await;
+    let recorder = Recorder::with_delay(Duration::ZERO);
+    let client = in_memory(&server, 30)
+        .callbacks(recorder.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut stream = client.leadership();
+    let term = match next(&mut stream, 5 * SEC, "Elected").await {
+        quorum_quest_client::LeadershipEvent::Elected { term, .. } => term,
+        other => panic!("expected Elected, got {other:?}"),
+    };
+    client.start_keep_alive().await.unwrap();
+
+    client.shutdown().await.unwrap();
+    assert!(!client.is_leader());
+    assert!(!term.is_active());
+    assert!(!client.is_keep_alive_running());
+    assert!(server.lock(SERVICE, DOMAIN).is_none(), "released");
+    // The stream delivers the loss, then ends.
+    until(&mut stream, 5 * SEC, "Lost", |ev| ev.is_lost()).await;
+    assert!(
+        tokio::time::timeout(5 * SEC, futures::StreamExt::next(&mut stream))
+            .await
+            .expect("the stream ends")
+            .is_none()
+    );
+    eventually(5 * SEC, "the callbacks saw the loss", || {
+        recorder.log() == ["elected", "lost"]
     })
     .await;
+
+    // For good: nothing campaigns again, and a second shutdown is harmless.
+    assert!(matches!(
+        client.try_acquire_lock().await,
+        Err(Error::Shutdown)
+    ));
+    assert!(matches!(
+        client.start_keep_alive().await,
+        Err(Error::Shutdown)
+    ));
+    let mut late = client.leadership();
+    assert!(futures::StreamExt::next(&mut late).await.is_none());
+    client.shutdown().await.unwrap();
+    tokio::time::sleep(60 * SEC).await;
+    assert!(server.lock(SERVICE, DOMAIN).is_none(), "never re-acquired");
+}
+
+#[tokio::test(start_paused = true)]
+async fn current_term_is_the_running_term_and_none_after_it() {
+    let server = server().await;
+    let client = in_memory(&server, 30).build().await.unwrap();
+    assert!(client.current_term().is_none());
+    assert!(client.try_acquire_lock().await.unwrap());
+    let term = client.current_term().expect("leading");
+    assert!(term.is_active());
+    assert_eq!(term.deadline(), client.current_term().unwrap().deadline());
+    client.release_lock().await.unwrap();
+    assert!(client.current_term().is_none());
+    assert!(!term.is_active());
+}
+
+#[test]
+fn a_leading_client_dropped_in_a_local_set_or_at_runtime_shutdown_does_not_panic() {
+    let server_rt = tokio::runtime::Runtime::new().unwrap();
+    let server = server_rt.block_on(server());
+    let url = server.url();
+
+    // Inside a LocalSet a drop cannot block (on either runtime flavour): the
+    // release goes to the background.
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for runtime in [current, tokio::runtime::Runtime::new().unwrap()] {
+        runtime.block_on(tokio::task::LocalSet::new().run_until(async {
+            let client = over_tcp(&url, 30).build().await.unwrap();
+            assert!(client.try_acquire_lock().await.unwrap());
+            drop(client);
+            eventually(5 * SEC, "released in the background", || {
+                server.lock(SERVICE, DOMAIN).is_none()
+            })
+            .await;
+        }));
+    }
+
+    // A task that holds a leading client is dropped when its multi-thread
+    // runtime shuts down: no panic, no abort.
+    let client_rt = tokio::runtime::Runtime::new().unwrap();
+    client_rt.block_on(async {
+        let client = over_tcp(&url, 30).build().await.unwrap();
+        assert!(client.try_acquire_lock().await.unwrap());
+        tokio::spawn(async move {
+            let _held = client;
+            std::future::pending::<()>().await;
+        });
+    });
+    // Nothing drives the connection any more: the drop must not wait for it.
+    let start = std::time::Instant::now();
+    drop(client_rt);
+    assert!(
+        start.elapsed() < 3 * SEC,
+        "the runtime took {:?} to shut down",
+        start.elapsed()
+    );
 }

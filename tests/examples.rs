@@ -36,6 +36,8 @@ fn executables() -> &'static HashMap<String, PathBuf> {
                 "stream",
                 "--example",
                 "pipeline",
+                "--example",
+                "exit",
                 "--message-format=json",
                 "--quiet",
             ])
@@ -201,6 +203,24 @@ fn main_example_embedded_is_elected_hands_over_and_exits_by_itself() {
         "[standby] resigned",
         "Goodbye.",
     ]);
+    // The leader work is bound to the term: not one tick after the loss.
+    let after_loss = &run.stdout[run.stdout.find("Lost leadership!").expect("lost")..];
+    assert!(
+        !after_loss.contains("doing leader work"),
+        "leader work after the loss\n{}",
+        run.transcript()
+    );
+    // The status line shows the lease counting down between renewals.
+    let leases: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("Status: leader=yes, remaining lease "))
+        .collect();
+    assert!(
+        leases.len() >= 2 && leases[0] != leases[1],
+        "the lease should count down between status lines\n{}",
+        run.transcript()
+    );
     // --duration is honoured: not before, and not much after.
     assert!(
         run.elapsed >= Duration::from_millis(2900),
@@ -298,4 +318,231 @@ fn pipeline_example_stops_leader_work_when_the_term_ends() {
         "changes    leader = false",
         "until_lost ended after the first Lost: Elected term 1",
     ]);
+}
+
+// ----- exits: real processes that lead, then exit; the server tells how
+// their tenure ended -----
+
+mod exits {
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use quorum_quest_client::testing::{TenureEnd, TestServer};
+    use quorum_quest_client::{LeadershipEvent, QuorumQuestClient};
+    use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+    use tokio::process::{Child, ChildStdout, Command};
+    use tokio::time::{timeout, Instant};
+
+    use super::{executable, LIMIT};
+
+    /// The lock's TTL: far longer than any handover these tests allow, so
+    /// a lock left to expire cannot pass for a released one.
+    const TTL_SECS: u64 = 30;
+    /// The standby's retry period: "elected within one retry period".
+    const RETRY: Duration = Duration::from_millis(500);
+
+    struct Leader {
+        child: Child,
+        lines: Lines<BufReader<ChildStdout>>,
+        client_id: String,
+    }
+
+    /// Starts `examples/exit.rs` on `server` and waits until it leads.
+    async fn lead(server: &TestServer, service: &str, extra: &[&str]) -> Leader {
+        let mut child = Command::new(executable("exit"))
+            .args(["--server", &server.url(), "--service", service])
+            .args(["--ttl", &TTL_SECS.to_string()])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the exit example starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let line = timeout(LIMIT, lines.next_line())
+            .await
+            .expect("the example leads in time")
+            .expect("stdout readable")
+            .expect("the example prints before exiting");
+        let client_id = line
+            .strip_prefix("leading ")
+            .unwrap_or_else(|| panic!("expected `leading <id>`, got {line:?}"))
+            .to_string();
+        Leader {
+            child,
+            lines,
+            client_id,
+        }
+    }
+
+    /// A contender in this process that stands by as a follower.
+    async fn standby(
+        server: &TestServer,
+        service: &str,
+    ) -> (QuorumQuestClient, quorum_quest_client::Leadership) {
+        let client = QuorumQuestClient::builder(service, "production")
+            .address(server.url())
+            .ttl(Duration::from_secs(TTL_SECS))
+            .retry_period(RETRY)
+            .build()
+            .await
+            .expect("standby connects");
+        let mut stream = client.leadership();
+        match timeout(LIMIT, stream.next()).await {
+            Ok(Some(LeadershipEvent::Follower)) => {}
+            other => panic!("the standby should stand by first, got {other:?}"),
+        }
+        (client, stream)
+    }
+
+    /// Waits for the leader process to exit; then the server must show its
+    /// tenure ended by a release (not left to expire), and the standby must
+    /// be elected within about one retry period of the exit.
+    async fn assert_released_on_exit(
+        server: &TestServer,
+        service: &str,
+        mut leader: Leader,
+        mut standby: quorum_quest_client::Leadership,
+    ) {
+        // The standby stands by: let the leader go on to its exit.
+        drop(leader.child.stdin.take());
+        let status = timeout(LIMIT, leader.child.wait())
+            .await
+            .expect("the example exits in time")
+            .expect("wait for the example");
+        let exited = Instant::now();
+        assert!(status.success(), "the example failed: {status}");
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = leader.lines.next_line().await {
+            rest.push(line);
+        }
+        assert_eq!(rest.last().map(String::as_str), Some("exiting"), "{rest:?}");
+
+        let tenure = server
+            .tenures()
+            .into_iter()
+            .find(|t| t.service == service && t.owner.starts_with(&leader.client_id))
+            .expect("the leader's tenure is on record");
+        assert_eq!(
+            tenure.ended_by,
+            TenureEnd::Released,
+            "the lock must be released before the process exits, not left to expire: {tenure:?}"
+        );
+        assert!(tenure.end <= exited, "released after the exit? {tenure:?}");
+
+        let elected = loop {
+            match timeout(LIMIT, standby.next()).await {
+                Ok(Some(LeadershipEvent::Elected { .. })) => break Instant::now(),
+                Ok(Some(_)) => continue,
+                other => panic!("the standby was not elected: {other:?}"),
+            }
+        };
+        let gap = elected.saturating_duration_since(exited);
+        eprintln!("standby elected {gap:?} after the leader's exit (retry period {RETRY:?}, ttl {TTL_SECS} s)");
+        // One retry period plus a generous allowance for a busy machine; a
+        // lock left to expire would take the whole TTL (30 s).
+        assert!(
+            gap < RETRY + Duration::from_secs(5),
+            "the standby waited {gap:?}: the lock was not released"
+        );
+        standby.resign().await.expect("standby resigns");
+    }
+
+    async fn exit_releases(how: &str, extra: &[&str]) {
+        let server = TestServer::start().await.expect("test server starts");
+        let service = format!("exit-{how}{}", extra.concat());
+        let leader = lead(&server, &service, &[&["--how", how][..], extra].concat()).await;
+        let (_standby_client, standby) = standby(&server, &service).await;
+        assert_released_on_exit(&server, &service, leader, standby).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_returns_from_main_with_its_client_releases_before_it_exits() {
+        exit_releases("return", &[]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_drops_its_client_and_returns_releases_before_it_exits() {
+        exit_releases("drop", &[]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_returns_holding_a_leadership_stream_releases_before_it_exits() {
+        exit_releases("stream", &[]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_releases_before_exit_on_a_current_thread_runtime_too() {
+        exit_releases("shutdown", &["--current-thread"]).await;
+    }
+
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_makes_a_leader_release_and_exit() {
+        let server = TestServer::start().await.expect("test server starts");
+        let service = "exit-sigterm";
+        let leader = lead(&server, service, &["--how", "signal"]).await;
+        let (_standby_client, standby) = standby(&server, service).await;
+        let pid = leader.child.id().expect("the child runs").to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(kill.success());
+        assert_released_on_exit(&server, service, leader, standby).await;
+    }
+
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_main_example_releases_on_sigterm() {
+        let server = TestServer::start().await.expect("test server starts");
+        let mut child = Command::new(executable("quorum-quest-example"))
+            .args(["--server", &server.url(), "--service", "sigterm-example"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the example starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let mut seen = Vec::new();
+        while !seen
+            .iter()
+            .any(|l: &String| l.contains("doing leader work"))
+        {
+            match timeout(LIMIT, lines.next_line()).await {
+                Ok(Ok(Some(line))) => seen.push(line),
+                other => panic!("the example did not lead and work: {other:?}; {seen:?}"),
+            }
+        }
+        let pid = child.id().expect("the child runs").to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(kill.success());
+        let status = timeout(LIMIT, child.wait())
+            .await
+            .expect("the example exits in time")
+            .expect("wait for the example");
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push(line);
+        }
+        assert!(status.success(), "{status}; {seen:?}");
+        assert!(
+            seen.iter()
+                .any(|l| l == "Shutting down (SIGTERM): releasing the lock"),
+            "{seen:?}"
+        );
+        let tenure = server
+            .tenures()
+            .into_iter()
+            .find(|t| t.service == "sigterm-example")
+            .expect("the example's tenure is on record");
+        assert_eq!(tenure.ended_by, TenureEnd::Released, "{seen:?}");
+    }
 }

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::error::{Error, Result};
-use crate::event::{LeadershipEvent, LeaseView};
+use crate::event::{LeaderTerm, LeadershipEvent, LeaseView};
 use crate::fanout::{self, EventReceiver, EventSender};
 use crate::rpc::{Answer, LeaseAnswer, Rpc};
 use crate::state::{ElectionState, Observation};
@@ -70,6 +70,8 @@ struct Control {
     streams: usize,
     keep_alive: bool,
     campaign: Option<Campaign>,
+    /// Set by `shutdown()`: nothing campaigns again.
+    closed: bool,
 }
 
 #[derive(Debug)]
@@ -187,6 +189,14 @@ impl Session {
         self.remaining().is_some()
     }
 
+    /// The running term, if leader and not past its deadline.
+    pub(crate) fn current_term(&self) -> Option<LeaderTerm> {
+        match self.shared().election.snapshot(Instant::now()) {
+            Some(LeadershipEvent::Elected { term, .. }) => Some(term),
+            _ => None,
+        }
+    }
+
     /// Time left before the published deadline, if leader and not past it.
     pub(crate) fn remaining(&self) -> Option<Duration> {
         let now = Instant::now();
@@ -270,6 +280,9 @@ impl Session {
 
     /// Starts the campaign task if it is not running. Needs a Tokio runtime.
     fn ensure_campaign(self: &Arc<Self>, control: &mut Control) -> Result<()> {
+        if control.closed {
+            return Err(Error::Shutdown);
+        }
         if control
             .campaign
             .as_ref()
@@ -309,6 +322,7 @@ impl Session {
         Some(Shutdown {
             session: self.clone(),
             campaign: control.campaign.take(),
+            close: false,
         })
     }
 
@@ -359,6 +373,42 @@ impl Session {
 
     pub(crate) fn keep_alive_running(&self) -> bool {
         self.control().keep_alive
+    }
+
+    /// `Err(Error::Shutdown)` once [`close`](Self::close) was called.
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.control().closed {
+            return Err(Error::Shutdown);
+        }
+        Ok(())
+    }
+
+    /// Shuts the contender down for good: no stream, keep-alive task or call
+    /// campaigns again. The returned [`Shutdown`] stops the campaign,
+    /// releases the lock and then ends every stream and the callbacks.
+    pub(crate) fn close(self: &Arc<Self>) -> Shutdown {
+        let mut control = self.control();
+        control.closed = true;
+        control.keep_alive = false;
+        Shutdown {
+            session: self.clone(),
+            campaign: control.campaign.take(),
+            close: true,
+        }
+    }
+
+    /// Ends every subscriber (streams end after the events they hold, the
+    /// callbacks adapter after its last callback).
+    fn close_subscribers(&self) {
+        self.shared().subscribers.clear();
+    }
+
+    /// Whether a drop must wait for the release: the server holds (or was
+    /// just asked for) the lock for us. A follower's drop releases in the
+    /// background, as the lock it may hold is at most one unanswered acquire.
+    fn holds_lock(&self) -> bool {
+        let shared = self.shared();
+        shared.election.deadline().is_some() || shared.election.is_granted()
     }
 
     /// The last client handle is gone: the keep-alive task stops, and if no
@@ -413,54 +463,162 @@ impl Drop for ReleaseDone<'_> {
 pub(crate) struct Shutdown {
     session: Arc<Session>,
     campaign: Option<Campaign>,
+    /// `shutdown()`: also end every stream and the callbacks afterwards.
+    close: bool,
 }
 
 impl Shutdown {
+    /// Stops the campaign (within [`STOP_GRACE`]), then releases if the
+    /// server may hold the lock for us (within the RPC timeout).
     pub(crate) async fn run(self) -> Result<()> {
-        if let Some(c) = self.campaign {
+        let Shutdown {
+            session,
+            campaign,
+            close,
+        } = self;
+        if let Some(c) = campaign {
             c.stop().await;
         }
-        if !self.session.may_own_lock() {
-            return Ok(());
+        let released = if session.may_own_lock() {
+            session.release().await
+        } else {
+            Ok(())
+        };
+        if close {
+            session.close_subscribers();
         }
-        self.session.release().await
+        released
     }
 
-    /// For `Drop` impls: runs in a spawned task when a runtime is at hand;
-    /// otherwise stops the campaign and steps down locally without a release
-    /// call (the lock then expires after its TTL).
-    pub(crate) fn run_in_background(self) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    if let Err(e) = self.run().await {
-                        tracing::warn!(error = %e, "release on shutdown failed; the lock expires after its TTL");
-                    }
-                });
-            }
-            Err(_) => {
-                if let Some(c) = self.campaign {
-                    c.stop.cancel();
-                    c.task.abort();
-                }
-                let (events, incarnation) = self
-                    .session
-                    .observe_with(Observation::ReleaseStarted, |s| s.incarnation());
-                // No request is sent, so this "release" is over at once, and
-                // no copy of it can reach the server later; it released
-                // nothing, so it says nothing about what the server holds.
-                self.session.observe(Observation::ReleaseDone {
-                    at: Instant::now(),
-                    incarnation,
-                    settled: true,
-                    acquires_before: 0,
-                });
-                if !events.is_empty() {
-                    tracing::warn!("dropped outside a Tokio runtime while leader: cannot release; the lock expires after its TTL");
-                }
-            }
+    /// [`run`](Self::run), logging a failure instead of returning it.
+    async fn run_logged(self) {
+        if let Err(e) = self.run().await {
+            tracing::warn!(error = %e, "release on shutdown failed; the lock expires after its TTL");
         }
     }
+
+    /// For `Drop` impls, which cannot await. While this client holds the
+    /// lock, on a multi-thread runtime, the release completes before the drop
+    /// returns (the dropping task blocks, through `block_in_place`, for one
+    /// release round trip, at most the RPC timeout): so dropping the client
+    /// at the end of `main` releases before the runtime shuts down. Otherwise
+    /// (a follower, or a current-thread runtime, which cannot block without
+    /// stalling the connection it needs) the release runs in a spawned task,
+    /// which completes only if the runtime keeps running. Outside a runtime
+    /// the term ends locally and the lock expires after its TTL.
+    pub(crate) fn run_on_drop(self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.without_runtime();
+            return;
+        };
+        if self.session.holds_lock()
+            && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            let bound = STOP_GRACE.saturating_add(self.session.timing.rpc_timeout);
+            if cfg!(panic = "unwind") {
+                self.block_in_place(&runtime, bound);
+            } else {
+                // `block_in_place` panics inside a `LocalSet`, and a panic
+                // here would abort the process: wait for another thread.
+                let (done, finished) = std::sync::mpsc::channel::<()>();
+                let helper = runtime.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("quorum-quest-exit".into())
+                    .spawn(move || {
+                        block_on_bounded(&helper, self.run_logged(), bound);
+                        let _ = done.send(());
+                    });
+                if spawned.is_ok() {
+                    let _ = finished.recv_timeout(bound.saturating_add(STOP_GRACE));
+                }
+            }
+            return;
+        }
+        runtime.spawn(self.run_logged());
+    }
+
+    /// Waits for [`run`](Self::run) with `block_in_place`; where that is not
+    /// allowed (inside a `LocalSet`), stops the campaign and releases in the
+    /// background instead.
+    fn block_in_place(self, runtime: &tokio::runtime::Handle, bound: Duration) {
+        let session = self.session.clone();
+        let close = self.close;
+        let stop = self.campaign.as_ref().map(|c| c.stop.clone());
+        let block = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokio::task::block_in_place(|| block_on_bounded(runtime, self.run_logged(), bound))
+        }));
+        if block.is_ok() {
+            return;
+        }
+        tracing::debug!("cannot block to release on drop; releasing in the background");
+        if let Some(stop) = stop {
+            stop.cancel();
+        }
+        let retry = Shutdown {
+            session,
+            campaign: None,
+            close,
+        };
+        runtime.spawn(retry.run_logged());
+    }
+
+    /// Dropped outside a Tokio runtime: stop the campaign and step down
+    /// locally without a release call (the lock then expires after its TTL).
+    fn without_runtime(self) {
+        if let Some(c) = self.campaign {
+            c.stop.cancel();
+            c.task.abort();
+        }
+        let (events, incarnation) = self
+            .session
+            .observe_with(Observation::ReleaseStarted, |s| s.incarnation());
+        // No request is sent, so this "release" is over at once, and no copy
+        // of it can reach the server later; it released nothing, so it says
+        // nothing about what the server holds.
+        self.session.observe(Observation::ReleaseDone {
+            at: Instant::now(),
+            incarnation,
+            settled: true,
+            acquires_before: 0,
+        });
+        if !events.is_empty() {
+            tracing::warn!("dropped outside a Tokio runtime while leader: cannot release; the lock expires after its TTL");
+        }
+    }
+}
+
+/// Runs `work` on `runtime` from a thread allowed to block, for at most
+/// `bound`. The bound is kept by a plain thread, not by the runtime's timer:
+/// when the drop happens while the runtime shuts down, its timer and tasks
+/// are no longer driven, and only a wake-up from outside ends the wait.
+fn block_on_bounded(
+    runtime: &tokio::runtime::Handle,
+    work: impl std::future::Future<Output = ()>,
+    bound: Duration,
+) {
+    let (expired, deadline) = futures::channel::oneshot::channel::<()>();
+    let timer = std::thread::Builder::new()
+        .name("quorum-quest-exit".into())
+        .spawn(move || {
+            std::thread::sleep(bound);
+            let _ = expired.send(());
+        });
+    if timer.is_err() {
+        tracing::warn!("cannot start a thread to bound the release on drop; not waiting for it");
+        return;
+    }
+    runtime.block_on(async {
+        // A runtime that shuts down cancels new tasks at once: then nothing
+        // drives the connection, and waiting would only delay the exit.
+        if runtime.spawn(async {}).await.is_err() {
+            tracing::warn!("dropped while the runtime shuts down: cannot release; the lock expires after its TTL");
+            return;
+        }
+        futures::pin_mut!(work);
+        if let futures::future::Either::Right(_) = futures::future::select(work, deadline).await {
+            tracing::warn!(?bound, "the release on drop did not finish in time; the lock expires after its TTL");
+        }
+    });
 }
 
 #[cfg(all(test, feature = "testing"))]

@@ -109,7 +109,11 @@ impl Stream for Leadership {
             StreamPhase::Done => return Poll::Ready(None),
             StreamPhase::NotStarted => {
                 if let Err(e) = self.session.add_stream() {
-                    tracing::error!(error = %e, "cannot start the leadership campaign");
+                    if matches!(e, crate::Error::Shutdown) {
+                        tracing::debug!("the client was shut down: the leadership stream ends");
+                    } else {
+                        tracing::error!(error = %e, "cannot start the leadership campaign");
+                    }
                     self.phase = StreamPhase::Done;
                     return Poll::Ready(None);
                 }
@@ -127,7 +131,7 @@ impl Drop for Leadership {
             return;
         }
         if let Some(shutdown) = self.session.remove_stream() {
-            shutdown.run_in_background();
+            shutdown.run_on_drop();
         }
     }
 }
