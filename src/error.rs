@@ -20,7 +20,13 @@ pub enum Error {
     /// The connection to the server could not be established (unreachable host,
     /// refused connection, TLS failure). A connect that runs out of time is
     /// [`Error::ConnectTimeout`].
-    #[error("could not connect to the Quorum Quest server: {0} (check the address and that the server is running)")]
+    ///
+    /// The message names the address and the root cause found along the
+    /// error's [`source`](std::error::Error::source) chain, for example
+    /// `could not connect to the Quorum Quest server at https://10.0.0.7:5050/:
+    /// certificate not trusted (unknown issuer) ...`; the chain itself is
+    /// kept for code that wants to inspect it.
+    #[error("{}", describe_connection(.0))]
     Connection(#[source] tonic::transport::Error),
 
     /// The connection to the server was not established within the connect
@@ -76,6 +82,135 @@ impl From<tonic::Status> for Error {
 impl From<tonic::transport::Error> for Error {
     fn from(err: tonic::transport::Error) -> Self {
         Error::Connection(err)
+    }
+}
+
+/// Why a dial failed, with what the library knows and tonic's error does not
+/// say: the address and the time limit. Put into the source chain of the
+/// `tonic::transport::Error` an [`Error::Connection`] carries (see
+/// `transport::with_context`).
+#[derive(Debug)]
+pub(crate) struct DialFailed {
+    pub(crate) address: String,
+    pub(crate) limit: std::time::Duration,
+    pub(crate) source: Option<tonic::transport::Error>,
+}
+
+impl std::fmt::Display for DialFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connecting to {}", self.address)
+    }
+}
+
+impl std::error::Error for DialFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// The message of [`Error::Connection`]: the address (when the library
+/// dialed it) and the root cause, in words a user can act on.
+fn describe_connection(err: &tonic::transport::Error) -> String {
+    let mut address = None;
+    let mut limit = None;
+    let mut cause = None;
+    let mut last = err.to_string();
+    let mut level: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = level {
+        if let Some(dial) = e.downcast_ref::<DialFailed>() {
+            address = Some(dial.address.as_str());
+            limit = Some(dial.limit);
+        } else {
+            last = e.to_string();
+        }
+        if cause.is_none() {
+            cause = explain_level(e, limit);
+        }
+        level = e.source();
+    }
+    let cause = cause
+        .unwrap_or_else(|| format!("{last} (check the address and that the server is running)"));
+    match address {
+        Some(address) => {
+            format!("could not connect to the Quorum Quest server at {address}: {cause}")
+        }
+        None => format!("could not connect to the Quorum Quest server: {cause}"),
+    }
+}
+
+/// What one level of a connect error's chain says, if it is a cause we can
+/// name. `std::io::Error` hides the error it wraps from `source()` (it
+/// returns that error's own source), so a wrapped TLS error is looked at
+/// through `get_ref`.
+fn explain_level(
+    e: &(dyn std::error::Error + 'static),
+    limit: Option<std::time::Duration>,
+) -> Option<String> {
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        if let Some(inner) = io.get_ref() {
+            if let Some(found) = explain_level(inner, limit) {
+                return Some(found);
+            }
+        }
+        return match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => Some(
+                "connection refused (nothing listens there: check the address and port, and that the server is running)"
+                    .to_string(),
+            ),
+            std::io::ErrorKind::TimedOut => Some(match limit {
+                Some(limit) => format!("timed out after {limit:?} (the host does not answer: check the address, firewalls and that the server is running)"),
+                None => "timed out (the host does not answer: check the address, firewalls and that the server is running)".to_string(),
+            }),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof => Some(format!(
+                "the peer closed the connection during setup ({io}): is it a gRPC server, and does it expect TLS (https://) or plaintext (http://)?"
+            )),
+            _ => None,
+        };
+    }
+    #[cfg(feature = "tls")]
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(explain_tls(tls));
+    }
+    let text = e.to_string();
+    if text == "dns error" {
+        let detail = e.source().map(|s| format!(" ({s})")).unwrap_or_default();
+        return Some(format!("DNS lookup failed{detail}: check the host name"));
+    }
+    if text.starts_with("HTTP/2 was not negotiated") {
+        return Some("TLS worked but the peer did not offer HTTP/2 (ALPN h2): it is not a gRPC server, or a proxy in front of it does not pass HTTP/2".to_string());
+    }
+    if text.starts_with("TLS handshake timeout") {
+        return Some(
+            "the TLS handshake timed out: does the address lead to a TLS endpoint?".to_string(),
+        );
+    }
+    None
+}
+
+/// A TLS failure in words: which side rejected what, and the knob to fix it.
+#[cfg(feature = "tls")]
+fn explain_tls(e: &rustls::Error) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match e {
+        E::InvalidCertificate(C::UnknownIssuer) => format!(
+            "certificate not trusted: unknown issuer ({e}); give the CA that signed the server's certificate with ClientBuilder::ca_certificate"
+        ),
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
+            "the server's certificate is not valid for this host name ({e}); connect by the name in the certificate or set ClientBuilder::tls_domain"
+        ),
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. }) => {
+            format!("the server's certificate is outside its validity period ({e}); check its dates and this host's clock")
+        }
+        E::InvalidCertificate(_) => format!("the server's certificate was rejected ({e})"),
+        E::AlertReceived(A::CertificateRequired | A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::AccessDenied | A::HandshakeFailure) => format!(
+            "the server rejected the TLS handshake ({e}): it may require a client certificate (ClientBuilder::identity) signed by a CA it trusts"
+        ),
+        E::InvalidMessage(_) => format!(
+            "TLS handshake failed ({e}): is the server speaking TLS? Use http:// for a plaintext server"
+        ),
+        other => format!("TLS failed: {other}"),
     }
 }
 

@@ -19,7 +19,7 @@ use crate::identity::Claim;
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
 use crate::state::Observation;
-use crate::transport::Transport;
+use crate::transport::{CallMetadata, Transport};
 
 /// An RPC's result with the instant its request was sent, the incarnation
 /// of our identity it was sent under, and how many attempts it took.
@@ -146,6 +146,8 @@ pub(crate) struct Rpc {
     scope: Arc<Scope>,
     /// This client's claim on its scope and identity on the transport.
     claim: Arc<Claim>,
+    /// Metadata put on every request (auth).
+    metadata: Arc<CallMetadata>,
 }
 
 impl Rpc {
@@ -166,7 +168,19 @@ impl Rpc {
             transport,
             scope,
             claim: Arc::new(claim),
+            metadata: Arc::default(),
         })
+    }
+
+    /// The same calls, sending `metadata` with every request.
+    pub(crate) fn with_metadata(mut self, metadata: CallMetadata) -> Self {
+        self.metadata = Arc::new(metadata);
+        self
+    }
+
+    /// The metadata sent with every request.
+    pub(crate) fn metadata(&self) -> &CallMetadata {
+        &self.metadata
     }
 
     pub(crate) fn scope(&self) -> &Scope {
@@ -271,21 +285,30 @@ impl Rpc {
             let left = budget_end.saturating_duration_since(sent_at);
             let mut request = Request::new(req.clone());
             request.set_timeout(left);
-            let result = match tokio::time::timeout(left, f(client, request)).await {
-                Ok(result) => result.map(Response::into_inner),
-                Err(_) => Err(Status::deadline_exceeded(format!(
-                    "{rpc:?}: no answer within {timeout:?}"
-                ))),
+            let result = match self.metadata.apply(request) {
+                Err(status) => Err(status),
+                Ok(request) => match tokio::time::timeout(left, f(client, request)).await {
+                    Ok(result) => result.map(Response::into_inner),
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "{rpc:?}: no answer within {timeout:?}"
+                    ))),
+                },
             };
-            if let Err(status) = &result {
+            let result = match result {
                 // tonic's own deadline (from the request's grpc-timeout) may
                 // fire first and say `Cancelled`: a failure at or past the
-                // budget is a time-out either way, and the connection may be
-                // dead: dial a fresh one for the next call.
-                if crate::transport::is_timeout(status, sent_at, left, Instant::now()) {
+                // budget is a time-out either way, reported as a deadline,
+                // and the connection may be dead: dial a fresh one for the
+                // next call.
+                Err(status)
+                    if crate::transport::is_timeout(&status, sent_at, left, Instant::now()) =>
+                {
                     self.transport.call_timed_out();
+                    Err(as_deadline(rpc, timeout, status))
                 }
-            }
+                Err(status) => Err(explain(status)),
+                ok => ok,
+            };
             let pause = TRANSPORT_RETRY_PAUSE.saturating_mul(attempts);
             match result {
                 Err(status)
@@ -324,6 +347,37 @@ impl<T> Answer<T> {
             result: self.result.map(f),
         }
     }
+}
+
+/// A timed-out call as `DEADLINE_EXCEEDED` (tonic's own timeout says
+/// `CANCELLED` "Timeout expired"), naming the call and its budget.
+fn as_deadline(rpc: RpcKind, timeout: Duration, status: Status) -> Status {
+    if status.code() == tonic::Code::DeadlineExceeded {
+        return status;
+    }
+    Status::deadline_exceeded(format!(
+        "{rpc:?}: no answer within {timeout:?} ({})",
+        status.message()
+    ))
+}
+
+/// A failure whose cause the peer's answer shows, in words a user can act
+/// on; the code is kept (it drives the retry class). Two cases: a peer that
+/// answers HTTP but not gRPC (tonic maps the HTTP status to a code and says
+/// "grpc-status header missing"), and a peer that does not speak HTTP/2 at
+/// all (an HTTP/1 server: an h2 protocol error).
+pub(crate) fn explain(status: Status) -> Status {
+    let message = status.message();
+    let hint = if message.contains("grpc-status header missing") {
+        "the peer answered HTTP without a grpc-status: it is not a Quorum Quest gRPC server (wrong address or port, or a proxy that does not route gRPC)"
+    } else if status.code() != tonic::Code::Unavailable
+        && (message.contains("h2 protocol error") || message.contains("frame with invalid size"))
+    {
+        "the peer does not speak HTTP/2 (gRPC): is the address an HTTP/1 server, or a TLS endpoint reached with http://?"
+    } else {
+        return status;
+    };
+    Status::new(status.code(), format!("{hint} [{message}]"))
 }
 
 /// Failures raised by the connection rather than by the service.
