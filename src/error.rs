@@ -140,6 +140,35 @@ fn describe_connection(err: &tonic::transport::Error) -> String {
     }
 }
 
+/// The first cause along `e`'s source chain (itself included) that can be
+/// named in words a user can act on.
+pub(crate) fn named_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut level = Some(e);
+    while let Some(e) = level {
+        if let Some(found) = explain_level(e, None) {
+            return Some(found);
+        }
+        level = e.source();
+    }
+    None
+}
+
+/// `e` and its sources, joined with `": "` (repeats of the level above
+/// skipped).
+pub(crate) fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut level = e.source();
+    while let Some(s) = level {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        level = s.source();
+    }
+    out
+}
+
 /// What one level of a connect error's chain says, if it is a cause we can
 /// name. `std::io::Error` hides the error it wraps from `source()` (it
 /// returns that error's own source), so a wrapped TLS error is looked at
@@ -180,6 +209,21 @@ fn explain_level(
     }
     if text.starts_with("HTTP/2 was not negotiated") {
         return Some("TLS worked but the peer did not offer HTTP/2 (ALPN h2): it is not a gRPC server, or a proxy in front of it does not pass HTTP/2".to_string());
+    }
+    if let Some(alert) = text.strip_prefix("received fatal alert: ") {
+        // A TLS alert seen after the handshake (TLS 1.3: the server checks
+        // the client's certificate after the client is done), as text.
+        if matches!(
+            alert,
+            "CertificateRequired"
+                | "BadCertificate"
+                | "UnknownCA"
+                | "CertificateUnknown"
+                | "AccessDenied"
+                | "HandshakeFailure"
+        ) {
+            return Some(format!("the server rejected the TLS handshake ({text}): it may require a client certificate (ClientBuilder::identity) signed by a CA it trusts"));
+        }
     }
     if text.starts_with("TLS handshake timeout") {
         return Some(

@@ -368,16 +368,26 @@ fn as_deadline(rpc: RpcKind, timeout: Duration, status: Status) -> Status {
 /// all (an HTTP/1 server: an h2 protocol error).
 pub(crate) fn explain(status: Status) -> Status {
     let message = status.message();
-    let hint = if message.contains("grpc-status header missing") {
-        "the peer answered HTTP without a grpc-status: it is not a Quorum Quest gRPC server (wrong address or port, or a proxy that does not route gRPC)"
-    } else if status.code() != tonic::Code::Unavailable
-        && (message.contains("h2 protocol error") || message.contains("frame with invalid size"))
-    {
-        "the peer does not speak HTTP/2 (gRPC): is the address an HTTP/1 server, or a TLS endpoint reached with http://?"
+    let source = std::error::Error::source(&status);
+    let chain = source.map(crate::error::chain_text).unwrap_or_default();
+    let seen = format!("{message} {chain}");
+    let hint = if seen.contains("grpc-status header missing") {
+        "the peer answered HTTP without a grpc-status: it is not a Quorum Quest gRPC server (wrong address or port, or a proxy that does not route gRPC)".to_string()
+    } else if let Some(cause) = source.and_then(crate::error::named_cause) {
+        cause
+    } else if seen.contains("frame with invalid size") || seen.contains("invalid HTTP version") {
+        "the peer does not speak HTTP/2 (gRPC): is the address an HTTP/1 server, or a TLS endpoint reached with http://?".to_string()
+    } else if source.is_some() {
+        // tonic's "transport error" alone says nothing: add its causes.
+        return Status::new(status.code(), format!("{message}: {chain}"));
     } else {
         return status;
     };
-    Status::new(status.code(), format!("{hint} [{message}]"))
+    if chain.is_empty() {
+        Status::new(status.code(), format!("{hint} [{message}]"))
+    } else {
+        Status::new(status.code(), format!("{hint} [{message}: {chain}]"))
+    }
 }
 
 /// Failures raised by the connection rather than by the service.
