@@ -379,15 +379,22 @@ pub(crate) fn explain(status: Status) -> Status {
         "the peer does not speak HTTP/2 (gRPC): is the address an HTTP/1 server, or a TLS endpoint reached with http://?".to_string()
     } else if source.is_some() {
         // tonic's "transport error" alone says nothing: add its causes.
-        return Status::new(status.code(), format!("{message}: {chain}"));
+        let detail = match chain.strip_prefix(message) {
+            Some(rest) => format!("{message}{rest}"),
+            None => format!("{message}: {chain}"),
+        };
+        return Status::new(status.code(), detail);
     } else {
         return status;
     };
-    if chain.is_empty() {
-        Status::new(status.code(), format!("{hint} [{message}]"))
+    let detail = if chain.is_empty() || chain == message {
+        message.to_string()
+    } else if let Some(rest) = chain.strip_prefix(message) {
+        format!("{message}{rest}")
     } else {
-        Status::new(status.code(), format!("{hint} [{message}: {chain}]"))
-    }
+        format!("{message}: {chain}")
+    };
+    Status::new(status.code(), format!("{hint} [{detail}]"))
 }
 
 /// Failures raised by the connection rather than by the service.
@@ -404,6 +411,37 @@ fn is_transport_failure(status: &Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_answering_http_without_grpc_status_is_named_and_keeps_its_code() {
+        // What tonic answers when an HTTP/2 peer replies 404 without gRPC.
+        let status =
+            Status::unimplemented("grpc-status header missing, mapped from HTTP status code 404");
+        let explained = explain(status);
+        assert_eq!(explained.code(), tonic::Code::Unimplemented);
+        assert!(
+            explained
+                .message()
+                .contains("not a Quorum Quest gRPC server"),
+            "{explained:?}"
+        );
+        assert!(explained.message().contains("404"), "{explained:?}");
+        // A status from the service itself is left alone.
+        let plain = explain(Status::unauthenticated("missing token"));
+        assert_eq!(plain.message(), "missing token");
+    }
+
+    #[test]
+    fn a_timeout_is_a_deadline_naming_the_call_and_its_budget() {
+        let status = as_deadline(
+            RpcKind::KeepAlive,
+            Duration::from_secs(5),
+            Status::cancelled("Timeout expired"),
+        );
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(status.message().contains("KeepAlive"), "{status:?}");
+        assert!(status.message().contains("5s"), "{status:?}");
+    }
 
     #[test]
     fn only_positive_leases_count_and_hostile_ones_never_panic() {

@@ -769,11 +769,55 @@ mod tests {
         assert_eq!(user.redial_after, d.redial_after);
     }
 
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_settings_make_a_bare_address_https_and_refuse_a_plaintext_one() {
+        let tls = TlsSettings::default();
+        let e = endpoint_for("localhost:5050", Some(&tls)).unwrap();
+        assert_eq!(e.uri().scheme_str(), Some("https"));
+        assert!(endpoint_for("https://localhost:5050", Some(&tls)).is_ok());
+        match endpoint_for("http://localhost:5050", Some(&tls)) {
+            Err(Error::InvalidParameter(m)) => assert!(m.contains("plaintext"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Without settings: https uses the public roots, the rest plaintext.
+        assert!(parse_address("https://example.com").is_ok());
+        assert_eq!(
+            parse_address("localhost:5050").unwrap().uri().scheme_str(),
+            Some("http")
+        );
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn without_the_tls_feature_https_names_the_feature() {
+        let m = err("https://example.com:443");
+        assert!(m.contains("`tls` feature"), "{m}");
+    }
+
+    #[test]
+    fn metadata_values_stay_out_of_debug_and_bad_keys_are_named() {
+        let mut md = CallMetadata::default();
+        md.insert("authorization", "Bearer hunter2", true).unwrap();
+        md.insert("X-Tenant", "blue", false).unwrap();
+        let shown = format!("{md:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("blue"),
+            "{shown}"
+        );
+        assert!(shown.contains("x-tenant"), "{shown}");
+        for key in ["grpc-timeout", "TE", "content-type", "a b", "x-bin", ""] {
+            match md.insert(key, "v", false) {
+                Err(Error::InvalidParameter(m)) => assert!(m.starts_with("metadata:"), "{m}"),
+                other => panic!("{key:?}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn accepts_urls_and_bare_host_port() {
         for a in [
             "http://localhost:5050",
-            "https://example.com:443",
             "localhost:5050",
             "127.0.0.1:5050",
             "[::1]:5050",

@@ -136,6 +136,7 @@ async fn a_server_certificate_from_another_ca_is_a_connection_error_naming_the_c
     let took = started.elapsed();
     assert!(matches!(err, Error::Connection(_)), "{err:?}");
     let message = err.to_string();
+    eprintln!("{message}");
     assert!(message.contains("certificate not trusted"), "{message}");
     assert!(
         message.contains("unknown issuer") || message.contains("UnknownIssuer"),
@@ -191,6 +192,7 @@ async fn mutual_tls_required_but_not_given_is_a_clear_error() {
     .await;
     let err = result.unwrap_err();
     let message = err.to_string();
+    eprintln!("{message}");
     assert!(
         matches!(err, Error::Connection(_) | Error::Rpc(_)),
         "{err:?}"
@@ -375,6 +377,7 @@ async fn a_refused_connection_names_the_address_and_says_refused() {
         .unwrap_err();
     assert!(matches!(err, Error::Connection(_)), "{err:?}");
     let message = err.to_string();
+    eprintln!("{message}");
     assert!(message.contains(&addr.to_string()), "{message}");
     assert!(message.contains("connection refused"), "{message}");
 }
@@ -405,6 +408,7 @@ async fn a_peer_that_answers_http_but_not_grpc_says_so() {
     .await;
     let err = result.unwrap_err();
     let message = err.to_string();
+    eprintln!("{message}");
     assert!(
         message.contains("does not speak HTTP/2") || message.contains("not a Quorum Quest"),
         "{message}"

@@ -140,6 +140,7 @@ struct ServeConfig {
 /// The TLS a server was built with: its certificate chain and key, and the
 /// CA that client certificates must chain to (mutual TLS), all PEM.
 #[derive(Clone)]
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
 struct ServerTls {
     cert_pem: Vec<u8>,
     key_pem: Vec<u8>,
