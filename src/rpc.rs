@@ -306,7 +306,7 @@ impl Rpc {
                     self.transport.call_timed_out();
                     Err(as_deadline(rpc, timeout, status))
                 }
-                Err(status) => Err(explain(status)),
+                Err(status) => Err(explain(status, self.transport.address().as_deref())),
                 ok => ok,
             };
             let pause = TRANSPORT_RETRY_PAUSE.saturating_mul(attempts);
@@ -365,18 +365,27 @@ fn as_deadline(rpc: RpcKind, timeout: Duration, status: Status) -> Status {
 /// on; the code is kept (it drives the retry class). Two cases: a peer that
 /// answers HTTP but not gRPC (tonic maps the HTTP status to a code and says
 /// "grpc-status header missing"), and a peer that does not speak HTTP/2 at
-/// all (an HTTP/1 server: an h2 protocol error).
-pub(crate) fn explain(status: Status) -> Status {
+/// all (an HTTP/1 server: an h2 protocol error). A cause found in the
+/// status's source chain (connection refused, a TLS rejection) is named
+/// with `address`, the server the transport dials.
+pub(crate) fn explain(status: Status, address: Option<&str>) -> Status {
     let message = status.message();
     let source = std::error::Error::source(&status);
     let chain = source.map(crate::error::chain_text).unwrap_or_default();
     let seen = format!("{message} {chain}");
+    let peer = match address {
+        Some(address) => format!("the peer at {address}"),
+        None => "the peer".to_string(),
+    };
     let hint = if seen.contains("grpc-status header missing") {
-        "the peer answered HTTP without a grpc-status: it is not a Quorum Quest gRPC server (wrong address or port, or a proxy that does not route gRPC)".to_string()
+        format!("{peer} answered HTTP without a grpc-status: it is not a Quorum Quest gRPC server (wrong address or port, or a proxy that does not route gRPC)")
     } else if let Some(cause) = source.and_then(crate::error::named_cause) {
-        cause
+        match address {
+            Some(address) => format!("connecting to {address}: {cause}"),
+            None => cause,
+        }
     } else if seen.contains("frame with invalid size") || seen.contains("invalid HTTP version") {
-        "the peer does not speak HTTP/2 (gRPC): is the address an HTTP/1 server, or a TLS endpoint reached with http://?".to_string()
+        format!("{peer} does not speak HTTP/2 (gRPC): is it an HTTP/1 server, or a TLS endpoint reached with http://?")
     } else if source.is_some() {
         // tonic's "transport error" alone says nothing: add its causes.
         let detail = match chain.strip_prefix(message) {
@@ -417,7 +426,7 @@ mod tests {
         // What tonic answers when an HTTP/2 peer replies 404 without gRPC.
         let status =
             Status::unimplemented("grpc-status header missing, mapped from HTTP status code 404");
-        let explained = explain(status);
+        let explained = explain(status, Some("http://127.0.0.1:1/"));
         assert_eq!(explained.code(), tonic::Code::Unimplemented);
         assert!(
             explained
@@ -427,7 +436,7 @@ mod tests {
         );
         assert!(explained.message().contains("404"), "{explained:?}");
         // A status from the service itself is left alone.
-        let plain = explain(Status::unauthenticated("missing token"));
+        let plain = explain(Status::unauthenticated("missing token"), None);
         assert_eq!(plain.message(), "missing token");
     }
 

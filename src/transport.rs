@@ -634,6 +634,12 @@ impl Transport {
         &self.name
     }
 
+    /// The address this transport dials, for error messages; `None` for a
+    /// channel the user handed us.
+    pub(crate) fn address(&self) -> Option<String> {
+        self.endpoint.as_ref().map(|e| e.uri().to_string())
+    }
+
     /// The channel to issue the next call on.
     pub(crate) fn channel(&self) -> Channel {
         self.lock().channel.clone()

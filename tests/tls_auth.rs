@@ -198,6 +198,7 @@ async fn mutual_tls_required_but_not_given_is_a_clear_error() {
         "{err:?}"
     );
     assert!(message.contains("client certificate"), "{message}");
+    assert!(message.contains(&server.addr().to_string()), "{message}");
     assert!(server.lock(SERVICE, DOMAIN).is_none());
     server.shutdown().await;
 }
@@ -380,6 +381,27 @@ async fn a_refused_connection_names_the_address_and_says_refused() {
     eprintln!("{message}");
     assert!(message.contains(&addr.to_string()), "{message}");
     assert!(message.contains("connection refused"), "{message}");
+}
+
+#[tokio::test]
+async fn a_lazy_client_reports_a_refused_connection_with_the_address_in_its_rpc_failures() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let client = over_tcp(&format!("http://{addr}"), 3)
+        .lazy_connect()
+        .build()
+        .await
+        .unwrap();
+    match client.try_acquire_lock().await.unwrap_err() {
+        Error::Rpc(status) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            let message = status.message();
+            assert!(message.contains(&addr.to_string()), "{message}");
+            assert!(message.contains("connection refused"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
