@@ -315,18 +315,12 @@ enum Plan {
     Shared(Arc<Transport>),
 }
 
-/// How a [`ClientBuilder`] gets its connection.
+/// How a [`ClientBuilder`] gets its connection (`Shared`: another client's
+/// connection, and the metadata that client sends).
 enum Connection {
-    Address {
-        address: String,
-        lazy: bool,
-    },
-    Endpoint {
-        endpoint: Box<Endpoint>,
-        lazy: bool,
-    },
+    Address { address: String, lazy: bool },
+    Endpoint { endpoint: Box<Endpoint>, lazy: bool },
     Channel(Channel),
-    /// Another client's connection, and the metadata that client sends.
     Shared(Arc<Transport>, CallMetadata),
 }
 
@@ -625,8 +619,14 @@ impl ClientBuilder {
     /// with that code in a campaign, which retries at the slowest pace (the
     /// retry period), not in a tight loop.
     pub fn bearer_token(mut self, token: impl AsRef<str>) -> Self {
-        let value = format!("Bearer {}", token.as_ref());
-        if let Err(e) = self.metadata.insert("authorization", &value, true) {
+        let token = token.as_ref();
+        let result = if token.trim().is_empty() {
+            Err(Error::invalid("bearer_token", "must not be empty"))
+        } else {
+            self.metadata
+                .insert("authorization", &format!("Bearer {token}"), true)
+        };
+        if let Err(e) = result {
             self.metadata_error.get_or_insert(e);
         }
         self

@@ -24,7 +24,7 @@ pub enum Error {
     /// The message names the address and the root cause found along the
     /// error's [`source`](std::error::Error::source) chain, for example
     /// `could not connect to the Quorum Quest server at https://10.0.0.7:5050/:
-    /// certificate not trusted (unknown issuer) ...`; the chain itself is
+    /// certificate not trusted: unknown issuer ...`; the chain itself is
     /// kept for code that wants to inspect it.
     #[error("{}", describe_connection(.0))]
     Connection(#[source] tonic::transport::Error),
@@ -88,7 +88,7 @@ impl From<tonic::transport::Error> for Error {
 /// Why a dial failed, with what the library knows and tonic's error does not
 /// say: the address and the time limit. Put into the source chain of the
 /// `tonic::transport::Error` an [`Error::Connection`] carries (see
-/// `transport::with_context`).
+/// `transport::connection_error`).
 #[derive(Debug)]
 pub(crate) struct DialFailed {
     pub(crate) address: String,
@@ -260,3 +260,55 @@ fn explain_tls(e: &rustls::Error) -> String {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    fn cause(e: &(dyn std::error::Error + 'static)) -> String {
+        named_cause(e).unwrap_or_else(|| panic!("no named cause for {e:?}"))
+    }
+
+    #[test]
+    fn io_causes_are_named() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(cause(&refused).starts_with("connection refused"));
+        let timed_out = io::Error::from(io::ErrorKind::TimedOut);
+        assert!(cause(&timed_out).starts_with("timed out"));
+        assert!(
+            explain_level(&timed_out, Some(std::time::Duration::from_secs(5)))
+                .is_some_and(|m| m.starts_with("timed out after 5s"))
+        );
+        assert!(named_cause(&io::Error::other("something else")).is_none());
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_causes_name_the_knob_that_fixes_them() {
+        use rustls::{AlertDescription, CertificateError, Error as E};
+        // tokio-rustls wraps rustls errors in an io::Error.
+        let wrapped = |e: E| io::Error::new(io::ErrorKind::InvalidData, e);
+        let unknown = cause(&wrapped(E::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        )));
+        assert!(
+            unknown.starts_with("certificate not trusted: unknown issuer"),
+            "{unknown}"
+        );
+        assert!(unknown.contains("ca_certificate"), "{unknown}");
+        let name = cause(&wrapped(E::InvalidCertificate(
+            CertificateError::NotValidForName,
+        )));
+        assert!(name.contains("tls_domain"), "{name}");
+        let expired = cause(&wrapped(E::InvalidCertificate(CertificateError::Expired)));
+        assert!(expired.contains("validity period"), "{expired}");
+        let required = cause(&wrapped(E::AlertReceived(
+            AlertDescription::CertificateRequired,
+        )));
+        assert!(required.contains("client certificate"), "{required}");
+        // The same alert seen as text only (after the handshake).
+        let text = io::Error::other("received fatal alert: CertificateRequired");
+        assert!(cause(&text).contains("client certificate"));
+    }
+}

@@ -461,6 +461,7 @@ async fn bad_tls_and_metadata_settings_are_invalid_parameters_that_never_quote_s
         "metadata:",
     );
     expect_invalid(b().bearer_token("hunter2\n").build().await, "bearer_token:");
+    expect_invalid(b().bearer_token("").build().await, "bearer_token:");
     // TLS settings need a TLS address (the default one is plaintext).
     let b = || b().address("localhost:5050");
     expect_invalid(
