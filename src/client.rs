@@ -12,7 +12,8 @@ use crate::election::{Leadership, Session};
 use crate::error::{Error, Result};
 use crate::rpc::Rpc;
 use crate::transport::{
-    endpoint_for, secure_user_endpoint, CallMetadata, Dialing, TlsSettings, Transport,
+    check_user_endpoint, endpoint_for, secure_user_endpoint, CallMetadata, Dialing, TlsSettings,
+    Transport,
 };
 
 /// The default server address.
@@ -739,7 +740,10 @@ impl ClientBuilder {
             Connection::Endpoint { endpoint, lazy } => {
                 let endpoint = match tls {
                     Some(tls) => Box::new(secure_user_endpoint(*endpoint, tls)?),
-                    None => endpoint,
+                    None => {
+                        check_user_endpoint(&endpoint)?;
+                        endpoint
+                    }
                 };
                 Plan::Open(endpoint, dialing.for_user_endpoint(), lazy)
             }

@@ -225,6 +225,9 @@ fn explain_level(
             return Some(format!("the server rejected the TLS handshake ({text}): it may require a client certificate (ClientBuilder::identity) signed by a CA it trusts"));
         }
     }
+    if text.starts_with("Connecting to HTTPS without TLS enabled") {
+        return Some("the endpoint is https:// but has no TLS configuration: call Endpoint::tls_config on it, or give ClientBuilder::tls / ca_certificate".to_string());
+    }
     if text.starts_with("TLS handshake timeout") {
         return Some(
             "the TLS handshake timed out: does the address lead to a TLS endpoint?".to_string(),

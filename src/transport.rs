@@ -171,6 +171,19 @@ pub(crate) fn secure_user_endpoint(endpoint: Endpoint, tls: &TlsSettings) -> Res
     secure(endpoint, Some(tls), &uri)
 }
 
+/// An endpoint the user configured, without TLS settings on the builder:
+/// without the `tls` feature an `https://` one cannot work (it would speak
+/// plaintext to a TLS port), so say so now.
+pub(crate) fn check_user_endpoint(endpoint: &Endpoint) -> Result<()> {
+    if cfg!(not(feature = "tls")) && endpoint.uri().scheme_str() == Some("https") {
+        return Err(Error::invalid(
+            "endpoint",
+            format!("{} is https:// but quorum-quest-client was built without its `tls` feature (a default feature)", endpoint.uri()),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(feature = "tls")]
 fn secure(endpoint: Endpoint, tls: Option<&TlsSettings>, address: &str) -> Result<Endpoint> {
     let config = match tls {

@@ -511,3 +511,39 @@ async fn bad_tls_and_metadata_settings_are_invalid_parameters_that_never_quote_s
     let shown = format!("{client:?}");
     assert!(!shown.contains("hunter2"), "{shown}");
 }
+
+#[tokio::test]
+async fn tls_settings_apply_to_a_user_endpoint_and_survive_its_redial() {
+    use quorum_quest_client::tonic::transport::Endpoint;
+    let ca = Ca::new("endpoint CA");
+    let server = tls_server(&ca).await;
+    let endpoint = Endpoint::from_shared(server.url())
+        .unwrap()
+        .user_agent("tls-test/1.0")
+        .unwrap();
+    let client = QuorumQuestClient::builder(SERVICE, DOMAIN)
+        .ttl(Duration::from_secs(3))
+        .endpoint(endpoint)
+        .ca_certificate(ca.pem())
+        .tls_domain("localhost")
+        .build()
+        .await
+        .expect("the builder's TLS settings apply to the endpoint");
+    leads(&client, &server).await;
+    server.restart(true).await.unwrap();
+    leads(&client, &server).await;
+    client.release_lock().await.unwrap();
+
+    // A plaintext endpoint with TLS settings is refused, not downgraded.
+    let plain = Endpoint::from_static("http://127.0.0.1:1");
+    match QuorumQuestClient::builder(SERVICE, DOMAIN)
+        .endpoint(plain)
+        .ca_certificate(ca.pem())
+        .build()
+        .await
+    {
+        Err(Error::InvalidParameter(m)) => assert!(m.starts_with("endpoint:"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    server.shutdown().await;
+}
