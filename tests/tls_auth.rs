@@ -300,10 +300,15 @@ async fn metadata_and_token_survive_redials_and_reach_for_scope_and_shared_clien
     // Connections are aged out every 300 ms; every call must still carry
     // the metadata, on each new connection.
     let started = server.connections_accepted();
-    while server.connections_accepted() < started + 3 {
-        leads(&client, &server).await;
-        tokio::time::sleep(ms(100)).await;
-    }
+    let aged_out = async {
+        while server.connections_accepted() < started + 3 {
+            leads(&client, &server).await;
+            tokio::time::sleep(ms(100)).await;
+        }
+    };
+    tokio::time::timeout(10 * SEC, aged_out)
+        .await
+        .expect("three connections aged out within 10 s");
     // A restart: a fresh connection again.
     server.restart(true).await.unwrap();
     leads(&client, &server).await;
@@ -546,4 +551,23 @@ async fn tls_settings_apply_to_a_user_endpoint_and_survive_its_redial() {
         other => panic!("{other:?}"),
     }
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_test_server_with_unreadable_tls_material_fails_to_start_with_invalid_input() {
+    let ca = Ca::new("ca");
+    let leaf = ca.server();
+    for builder in [
+        TestServer::builder().tls("not a cert", &leaf.key),
+        TestServer::builder().tls(&leaf.cert, "not a key"),
+        // A client CA without a server certificate.
+        TestServer::builder().client_ca(ca.pem()),
+        TestServer::builder()
+            .tls(&leaf.cert, &leaf.key)
+            .client_ca("not a cert"),
+    ] {
+        let err = builder.start().await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+        assert!(err.to_string().starts_with("test server TLS:"), "{err}");
+    }
 }
