@@ -134,6 +134,7 @@ async fn a_server_certificate_from_another_ca_is_a_connection_error_naming_the_c
         .await
         .unwrap_err();
     let took = started.elapsed();
+    eprintln!("untrusted certificate reported after {took:?}");
     assert!(matches!(err, Error::Connection(_)), "{err:?}");
     let message = err.to_string();
     eprintln!("{message}");
@@ -272,6 +273,7 @@ async fn a_missing_token_surfaces_unauthenticated_and_is_retried_at_the_retry_pe
         }
     }
     let attempts = server.calls(RpcKind::TryAcquireLock) - start;
+    eprintln!("{attempts} TryAcquireLock attempts in {window:?} without a token");
     let most = window.as_millis() / retry_period.as_millis() + 1;
     assert!(
         (1..=most as u64).contains(&attempts),
