@@ -12,7 +12,10 @@ use crate::election::{Leadership, Session};
 use crate::error::{Error, Result};
 use crate::event::LeaderTerm;
 use crate::rpc::Rpc;
-use crate::transport::{parse_address, Dialing, Transport};
+use crate::transport::{
+    check_user_endpoint, endpoint_for, secure_user_endpoint, CallMetadata, Dialing, TlsSettings,
+    Transport,
+};
 
 /// The default server address.
 pub const DEFAULT_ADDRESS: &str = "http://localhost:5050";
@@ -320,8 +323,9 @@ impl QuorumQuestClient {
         Leadership::new(self.inner.session.clone())
     }
 
-    /// A client for another (service, domain) with the same identity, TTL and
-    /// timing, sharing this client's connection (one HTTP/2 channel for any
+    /// A client for another (service, domain) with the same identity, TTL,
+    /// timing and call metadata (headers, bearer token, interceptor),
+    /// sharing this client's connection (one HTTP/2 channel for any
     /// number of shards). It has no callbacks; use its [`leadership`](Self::leadership)
     /// stream or [`ClientBuilder::share_connection`] for more control.
     ///
@@ -348,7 +352,8 @@ impl QuorumQuestClient {
             Some(mine.client_id.clone()),
             mine.ttl(),
         )?;
-        let rpc = Rpc::new(self.inner.session.rpc.transport().clone(), Arc::new(scope))?;
+        let rpc = Rpc::new(self.inner.session.rpc.transport().clone(), Arc::new(scope))?
+            .with_metadata(self.inner.session.rpc.metadata().clone());
         Ok(QuorumQuestClient {
             inner: Arc::new(ClientInner {
                 session: Session::new(rpc, self.inner.session.timing, None),
@@ -364,12 +369,13 @@ enum Plan {
     Shared(Arc<Transport>),
 }
 
-/// How a [`ClientBuilder`] gets its connection.
+/// How a [`ClientBuilder`] gets its connection (`Shared`: another client's
+/// connection, and the metadata that client sends).
 enum Connection {
     Address { address: String, lazy: bool },
     Endpoint { endpoint: Box<Endpoint>, lazy: bool },
     Channel(Channel),
-    Shared(Arc<Transport>),
+    Shared(Arc<Transport>, CallMetadata),
 }
 
 /// Builds a [`QuorumQuestClient`] with every knob. Defaults: ttl 15 s, address
@@ -386,6 +392,12 @@ pub struct ClientBuilder {
     connection: Connection,
     connect_timeout: Duration,
     seed: Option<u64>,
+    /// TLS settings (`tls`, `ca_certificate`, `identity`, `tls_domain`).
+    tls: Option<TlsSettings>,
+    /// Metadata for every call; values are hidden from `Debug`.
+    metadata: CallMetadata,
+    /// The first bad `metadata`/`bearer_token`, reported by `build()`.
+    metadata_error: Option<Error>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -414,6 +426,9 @@ impl ClientBuilder {
             },
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             seed: None,
+            tls: None,
+            metadata: CallMetadata::default(),
+            metadata_error: None,
         }
     }
 
@@ -533,8 +548,171 @@ impl ClientBuilder {
     }
 
     /// Share `other`'s connection (one HTTP/2 channel for many clients).
+    ///
+    /// The connection keeps its own TLS settings (TLS knobs on this builder
+    /// are an error). The new client sends `other`'s call metadata (headers,
+    /// bearer token, interceptor), with this builder's
+    /// [`metadata`](Self::metadata) on top: an entry of the same key, or an
+    /// [`interceptor`](Self::interceptor), replaces `other`'s.
     pub fn share_connection(mut self, other: &QuorumQuestClient) -> Self {
-        self.connection = Connection::Shared(other.inner.session.rpc.transport().clone());
+        let rpc = &other.inner.session.rpc;
+        self.connection = Connection::Shared(rpc.transport().clone(), rpc.metadata().clone());
+        self
+    }
+
+    /// Use this TLS configuration (feature `tls`): a private CA, a client
+    /// certificate for mutual TLS, a domain name to verify, public or
+    /// native roots... The address must be `https://` or a bare
+    /// `host:port` (which then means TLS); `http://` is an error, never a
+    /// silent plaintext connection.
+    ///
+    /// The library still owns the connection: it dials with this
+    /// configuration in `build()` (bounded by the connect timeout, handshake
+    /// included) and on every redial. The configuration is used as given
+    /// (enable roots on it: `with_webpki_roots()`, `ca_certificate(..)`);
+    /// [`ca_certificate`](Self::ca_certificate), [`identity`](Self::identity)
+    /// and [`tls_domain`](Self::tls_domain) are applied on top of it. With an
+    /// [`endpoint`](Self::endpoint) (which must be `https://`), it replaces
+    /// the endpoint's own TLS configuration; with a
+    /// [`channel`](Self::channel) or
+    /// [`share_connection`](Self::share_connection) it is an error (that
+    /// connection's TLS is already set).
+    ///
+    /// Without any TLS knob, an `https://` address uses the public web PKI
+    /// roots.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls(mut self, config: tonic::transport::ClientTlsConfig) -> Self {
+        self.tls.get_or_insert_with(TlsSettings::default).config = Some(config);
+        self
+    }
+
+    /// Trust the CA certificate(s) in this PEM (feature `tls`); may be
+    /// called more than once. Without [`tls`](Self::tls), only the CAs given
+    /// here are trusted (not the public roots): what a private CA calls for.
+    /// Checked in `build()`: no readable certificate is
+    /// [`Error::InvalidParameter`] naming `ca_certificate`. See
+    /// [`tls`](Self::tls) for which addresses and connections TLS applies to.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use quorum_quest_client::QuorumQuestClient;
+    ///
+    /// let client = QuorumQuestClient::builder("billing", "eu-west")
+    ///     .address("https://quorum.internal:5050")
+    ///     .ca_certificate(std::fs::read("/etc/quorum/ca.pem")?)
+    ///     .identity(
+    ///         std::fs::read("/etc/quorum/client.pem")?,
+    ///         std::fs::read("/etc/quorum/client.key")?,
+    ///     )
+    ///     .bearer_token(std::env::var("QUORUM_TOKEN")?)
+    ///     .build()
+    ///     .await?;
+    /// # drop(client); Ok(()) }
+    /// ```
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn ca_certificate(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.tls
+            .get_or_insert_with(TlsSettings::default)
+            .ca_certificates
+            .push(pem.as_ref().to_vec());
+        self
+    }
+
+    /// Present this client certificate and private key (PEM) for mutual
+    /// TLS (feature `tls`). Without [`tls`](Self::tls) or
+    /// [`ca_certificate`](Self::ca_certificate), the server is verified
+    /// against the public roots. Checked in `build()`
+    /// ([`Error::InvalidParameter`] naming `identity`; the key is never
+    /// quoted in errors, logs or `Debug` output).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn identity(mut self, cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> Self {
+        self.tls.get_or_insert_with(TlsSettings::default).identity =
+            Some((cert_pem.as_ref().to_vec(), key_pem.as_ref().to_vec()));
+        self
+    }
+
+    /// The name to verify the server's certificate against (feature `tls`;
+    /// default: the address's host). For an address by IP, or through a
+    /// tunnel, whose certificate names the service.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls_domain(mut self, name: impl Into<String>) -> Self {
+        self.tls.get_or_insert_with(TlsSettings::default).domain = Some(name.into());
+        self
+    }
+
+    /// Send this metadata (an HTTP/2 header) with every call, including
+    /// after a redial; a second call with the same key replaces the value.
+    /// Keys are ASCII header names (case-insensitive), not `grpc-*` or
+    /// reserved ones, not binary (`*-bin`); values are visible ASCII. A bad
+    /// key or value is [`Error::InvalidParameter`] from `build()`. Values
+    /// never appear in `Debug` output or logs.
+    ///
+    /// Clients made with [`QuorumQuestClient::for_scope`] send the same
+    /// metadata; see [`share_connection`](Self::share_connection) for that
+    /// case.
+    pub fn metadata(mut self, key: impl AsRef<str>, value: impl AsRef<str>) -> Self {
+        if let Err(e) = self.metadata.insert(key.as_ref(), value.as_ref(), false) {
+            self.metadata_error.get_or_insert(e);
+        }
+        self
+    }
+
+    /// Send `authorization: Bearer <token>` with every call (see
+    /// [`metadata`](Self::metadata)). The value is marked sensitive: never
+    /// shown in `Debug` output or logs, never indexed by HTTP/2 header
+    /// compression. For a token that rotates while the client runs, use an
+    /// [`interceptor`](Self::interceptor) that reads the current one.
+    ///
+    /// A server that rejects the token answers `UNAUTHENTICATED` (or
+    /// `PERMISSION_DENIED`): [`Error::Rpc`] from the imperative calls, a
+    /// [`LeadershipEvent::RpcFailed`](crate::LeadershipEvent::RpcFailed)
+    /// with that code in a campaign, which retries at the slowest pace (the
+    /// retry period), not in a tight loop.
+    pub fn bearer_token(mut self, token: impl AsRef<str>) -> Self {
+        let token = token.as_ref();
+        let result = if token.trim().is_empty() {
+            Err(Error::invalid("bearer_token", "must not be empty"))
+        } else {
+            self.metadata
+                .insert("authorization", &format!("Bearer {token}"), true)
+        };
+        if let Err(e) = result {
+            self.metadata_error.get_or_insert(e);
+        }
+        self
+    }
+
+    /// Run this tonic interceptor on every call, after the
+    /// [`metadata`](Self::metadata) is set and before the request is sent:
+    /// it may add or replace metadata (a token read fresh from a file or a
+    /// token source, so that a rotation needs no new client), or refuse the
+    /// call with a `Status` (the call then fails with it, unsent). It runs on
+    /// the runtime: it must not block. Replaces an earlier interceptor.
+    ///
+    /// ```
+    /// use quorum_quest_client::tonic::{metadata::MetadataValue, Request, Status};
+    /// use quorum_quest_client::QuorumQuestClient;
+    ///
+    /// let builder = QuorumQuestClient::builder("svc", "dom").interceptor(
+    ///     |mut request: Request<()>| -> Result<Request<()>, Status> {
+    ///         let token: MetadataValue<_> = "Bearer fresh-token"
+    ///             .parse()
+    ///             .map_err(|_| Status::unauthenticated("bad token"))?;
+    ///         request.metadata_mut().insert("authorization", token);
+    ///         Ok(request)
+    ///     },
+    /// );
+    /// # drop(builder);
+    /// ```
+    pub fn interceptor(
+        mut self,
+        interceptor: impl tonic::service::Interceptor + Send + 'static,
+    ) -> Self {
+        self.metadata.set_interceptor(Box::new(interceptor));
         self
     }
 
@@ -600,18 +778,45 @@ impl ClientBuilder {
             ));
         }
         check_max("connect_timeout", self.connect_timeout)?;
+        if let Some(err) = self.metadata_error {
+            return Err(err);
+        }
         let dialing = Dialing::for_timing(scope.ttl(), &timing, self.connect_timeout);
+        let tls = self.tls.as_ref();
+        let mut metadata = self.metadata;
         // The address is parsed here, before anything needs a runtime, so a
         // bad one is `InvalidParameter` wherever `build()` runs.
         let plan = match self.connection {
             Connection::Address { address, lazy } => {
-                Plan::Open(Box::new(parse_address(&address)?), dialing, lazy)
+                Plan::Open(Box::new(endpoint_for(&address, tls)?), dialing, lazy)
             }
             Connection::Endpoint { endpoint, lazy } => {
+                let endpoint = match tls {
+                    Some(tls) => Box::new(secure_user_endpoint(*endpoint, tls)?),
+                    None => {
+                        check_user_endpoint(&endpoint)?;
+                        endpoint
+                    }
+                };
                 Plan::Open(endpoint, dialing.for_user_endpoint(), lazy)
             }
+            Connection::Channel(_) if tls.is_some() => {
+                return Err(Error::invalid(
+                    "tls",
+                    "a channel you built is used as is; configure TLS on its Endpoint",
+                ))
+            }
             Connection::Channel(channel) => Plan::Channel(channel),
-            Connection::Shared(transport) => Plan::Shared(transport),
+            Connection::Shared(..) if tls.is_some() => {
+                return Err(Error::invalid(
+                    "tls",
+                    "share_connection uses the other client's connection and its TLS settings",
+                ))
+            }
+            Connection::Shared(transport, theirs) => {
+                metadata = theirs.merged(&metadata);
+                Plan::Shared(transport)
+            }
         };
         // Everything after this point (connecting, the step-down timer, the
         // callbacks adapter) needs a Tokio runtime: say so instead of
@@ -624,7 +829,8 @@ impl ClientBuilder {
             Plan::Channel(channel) => Arc::new(Transport::from_channel(channel)),
             Plan::Shared(transport) => transport,
         };
-        let session = Session::new(Rpc::new(transport, Arc::new(scope))?, timing, self.seed);
+        let rpc = Rpc::new(transport, Arc::new(scope))?.with_metadata(metadata);
+        let session = Session::new(rpc, timing, self.seed);
         if let Some(callbacks) = self.callbacks {
             let mut events = session.subscribe();
             let events = futures::stream::poll_fn(move |cx| events.poll_recv(cx));

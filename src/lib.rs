@@ -119,6 +119,11 @@
 //!
 //! # Features
 //!
+//! - `tls` (default): TLS for `https://` addresses, with the public web PKI
+//!   roots, a private CA (`ClientBuilder::ca_certificate`) or a whole tonic
+//!   `ClientTlsConfig` (`ClientBuilder::tls`), and client certificates for
+//!   mutual TLS (`ClientBuilder::identity`); rustls with ring. Without it
+//!   the crate is plaintext-only and does not depend on ring.
 //! - `testing`: the [`testing`] module, an in-process server and a
 //!   fault-injecting proxy for tests of leader-dependent code.
 //!

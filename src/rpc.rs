@@ -19,7 +19,7 @@ use crate::identity::Claim;
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
 use crate::state::Observation;
-use crate::transport::Transport;
+use crate::transport::{CallMetadata, Transport};
 
 /// An RPC's result with the instant its request was sent, the incarnation
 /// of our identity it was sent under, and how many attempts it took.
@@ -146,6 +146,8 @@ pub(crate) struct Rpc {
     scope: Arc<Scope>,
     /// This client's claim on its scope and identity on the transport.
     claim: Arc<Claim>,
+    /// Metadata put on every request (auth).
+    metadata: Arc<CallMetadata>,
 }
 
 impl Rpc {
@@ -166,7 +168,19 @@ impl Rpc {
             transport,
             scope,
             claim: Arc::new(claim),
+            metadata: Arc::default(),
         })
+    }
+
+    /// The same calls, sending `metadata` with every request.
+    pub(crate) fn with_metadata(mut self, metadata: CallMetadata) -> Self {
+        self.metadata = Arc::new(metadata);
+        self
+    }
+
+    /// The metadata sent with every request.
+    pub(crate) fn metadata(&self) -> &CallMetadata {
+        &self.metadata
     }
 
     pub(crate) fn scope(&self) -> &Scope {
@@ -271,21 +285,30 @@ impl Rpc {
             let left = budget_end.saturating_duration_since(sent_at);
             let mut request = Request::new(req.clone());
             request.set_timeout(left);
-            let result = match tokio::time::timeout(left, f(client, request)).await {
-                Ok(result) => result.map(Response::into_inner),
-                Err(_) => Err(Status::deadline_exceeded(format!(
-                    "{rpc:?}: no answer within {timeout:?}"
-                ))),
+            let result = match self.metadata.apply(request) {
+                Err(status) => Err(status),
+                Ok(request) => match tokio::time::timeout(left, f(client, request)).await {
+                    Ok(result) => result.map(Response::into_inner),
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "{rpc:?}: no answer within {timeout:?}"
+                    ))),
+                },
             };
-            if let Err(status) = &result {
+            let result = match result {
                 // tonic's own deadline (from the request's grpc-timeout) may
                 // fire first and say `Cancelled`: a failure at or past the
-                // budget is a time-out either way, and the connection may be
-                // dead: dial a fresh one for the next call.
-                if crate::transport::is_timeout(status, sent_at, left, Instant::now()) {
+                // budget is a time-out either way, reported as a deadline,
+                // and the connection may be dead: dial a fresh one for the
+                // next call.
+                Err(status)
+                    if crate::transport::is_timeout(&status, sent_at, left, Instant::now()) =>
+                {
                     self.transport.call_timed_out();
+                    Err(as_deadline(rpc, timeout, status))
                 }
-            }
+                Err(status) => Err(explain(status, self.transport.address().as_deref())),
+                ok => ok,
+            };
             let pause = TRANSPORT_RETRY_PAUSE.saturating_mul(attempts);
             match result {
                 Err(status)
@@ -326,6 +349,63 @@ impl<T> Answer<T> {
     }
 }
 
+/// A timed-out call as `DEADLINE_EXCEEDED` (tonic's own timeout says
+/// `CANCELLED` "Timeout expired"), naming the call and its budget.
+fn as_deadline(rpc: RpcKind, timeout: Duration, status: Status) -> Status {
+    if status.code() == tonic::Code::DeadlineExceeded {
+        return status;
+    }
+    Status::deadline_exceeded(format!(
+        "{rpc:?}: no answer within {timeout:?} ({})",
+        status.message()
+    ))
+}
+
+/// A failure whose cause the peer's answer shows, in words a user can act
+/// on; the code is kept (it drives the retry class). Two cases: a peer that
+/// answers HTTP but not gRPC (tonic maps the HTTP status to a code and says
+/// "grpc-status header missing"), and a peer that does not speak HTTP/2 at
+/// all (an HTTP/1 server: an h2 protocol error). A cause found in the
+/// status's source chain (connection refused, a TLS rejection) is named
+/// with `address`, the server the transport dials.
+pub(crate) fn explain(status: Status, address: Option<&str>) -> Status {
+    let message = status.message();
+    let source = std::error::Error::source(&status);
+    let chain = source.map(crate::error::chain_text).unwrap_or_default();
+    let seen = format!("{message} {chain}");
+    let peer = match address {
+        Some(address) => format!("the peer at {address}"),
+        None => "the peer".to_string(),
+    };
+    let hint = if seen.contains("grpc-status header missing") {
+        format!("{peer} answered HTTP without a grpc-status: it is not a Quorum Quest gRPC server (wrong address or port, or a proxy that does not route gRPC)")
+    } else if let Some(cause) = source.and_then(crate::error::named_cause) {
+        match address {
+            Some(address) => format!("connecting to {address}: {cause}"),
+            None => cause,
+        }
+    } else if seen.contains("frame with invalid size") || seen.contains("invalid HTTP version") {
+        format!("{peer} does not speak HTTP/2 (gRPC): is it an HTTP/1 server, or a TLS endpoint reached with http://?")
+    } else if source.is_some() {
+        // tonic's "transport error" alone says nothing: add its causes.
+        let detail = match chain.strip_prefix(message) {
+            Some(rest) => format!("{message}{rest}"),
+            None => format!("{message}: {chain}"),
+        };
+        return Status::new(status.code(), detail);
+    } else {
+        return status;
+    };
+    let detail = if chain.is_empty() || chain == message {
+        message.to_string()
+    } else if let Some(rest) = chain.strip_prefix(message) {
+        format!("{message}{rest}")
+    } else {
+        format!("{message}: {chain}")
+    };
+    Status::new(status.code(), format!("{hint} [{detail}]"))
+}
+
 /// Failures raised by the connection rather than by the service.
 fn is_transport_failure(status: &Status) -> bool {
     matches!(
@@ -340,6 +420,37 @@ fn is_transport_failure(status: &Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_answering_http_without_grpc_status_is_named_and_keeps_its_code() {
+        // What tonic answers when an HTTP/2 peer replies 404 without gRPC.
+        let status =
+            Status::unimplemented("grpc-status header missing, mapped from HTTP status code 404");
+        let explained = explain(status, Some("http://127.0.0.1:1/"));
+        assert_eq!(explained.code(), tonic::Code::Unimplemented);
+        assert!(
+            explained
+                .message()
+                .contains("not a Quorum Quest gRPC server"),
+            "{explained:?}"
+        );
+        assert!(explained.message().contains("404"), "{explained:?}");
+        // A status from the service itself is left alone.
+        let plain = explain(Status::unauthenticated("missing token"), None);
+        assert_eq!(plain.message(), "missing token");
+    }
+
+    #[test]
+    fn a_timeout_is_a_deadline_naming_the_call_and_its_budget() {
+        let status = as_deadline(
+            RpcKind::KeepAlive,
+            Duration::from_secs(5),
+            Status::cancelled("Timeout expired"),
+        );
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(status.message().contains("KeepAlive"), "{status:?}");
+        assert!(status.message().contains("5s"), "{status:?}");
+    }
 
     #[test]
     fn only_positive_leases_count_and_hostile_ones_never_panic() {

@@ -42,6 +42,13 @@
 //!   timeout), so the next call dials a new connection instead of queueing
 //!   behind a dead one.
 //!
+//! **TLS** lives in the [`Endpoint`] (tonic builds its connector from the
+//! `ClientTlsConfig` once, in `endpoint_for`), so every redial, being a
+//! `connect_lazy` of the same endpoint, uses the same CA, client identity
+//! and domain. **Metadata** ([`CallMetadata`]) is not part of the
+//! connection: it is put on each request (`rpc.rs`), so it survives redials
+//! and works on a channel the user handed us too.
+//!
 //! A user-supplied [`Endpoint`] (`ClientBuilder::endpoint`) is owned and
 //! redialed like an address, but its settings are the user's: the library adds
 //! no keep-alive to it (tonic's `Endpoint` cannot be read back, so adding ours
@@ -49,24 +56,43 @@
 //! when it has one. A user-supplied [`Channel`] (`ClientBuilder::channel`) is
 //! used as is and never redialed.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
-use tonic::{Code, Status};
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+use tonic::service::Interceptor;
+#[cfg(feature = "tls")]
+use tonic::transport::ClientTlsConfig;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
 
 use crate::config::Timing;
 use crate::error::{Error, Result};
 
 /// Parses a server address: `http://host:port`, `https://host:port` or the bare
-/// `host:port` the Go and Python clients use (plaintext).
+/// `host:port` the Go and Python clients use (plaintext), without TLS
+/// settings.
+#[cfg(test)]
 pub(crate) fn parse_address(address: &str) -> Result<Endpoint> {
+    endpoint_for(address, None)
+}
+
+/// Parses a server address and applies the builder's TLS settings, if any.
+///
+/// - `https://`: TLS, with `tls` if given, else the public web PKI roots.
+///   Without the `tls` feature this is [`Error::InvalidParameter`] naming
+///   the feature.
+/// - bare `host:port`: plaintext, or TLS when `tls` is given (TLS settings
+///   say what the user wants; a bare address does not say otherwise).
+/// - `http://` with `tls`: [`Error::InvalidParameter`], never a silent
+///   plaintext connection the user asked to secure.
+pub(crate) fn endpoint_for(address: &str, tls: Option<&TlsSettings>) -> Result<Endpoint> {
     let address = address.trim();
     if address.is_empty() {
         return Err(Error::invalid("address", "must not be empty"));
     }
-    let (url, tls) = match address.split_once("://") {
+    let (url, https) = match address.split_once("://") {
         Some((scheme, _)) => match scheme.to_ascii_lowercase().as_str() {
             "http" => (address.to_string(), false),
             "https" => (address.to_string(), true),
@@ -77,6 +103,7 @@ pub(crate) fn parse_address(address: &str) -> Result<Endpoint> {
                 ))
             }
         },
+        None if tls.is_some() => (format!("https://{address}"), true),
         None => (format!("http://{address}"), false),
     };
     let uri: http::Uri = url.parse().map_err(|e| {
@@ -108,20 +135,337 @@ pub(crate) fn parse_address(address: &str) -> Result<Endpoint> {
             format!("{address:?} has a path or query; give only scheme, host and port"),
         ));
     }
+    if tls.is_some() && !https {
+        return Err(Error::invalid(
+            "address",
+            format!("{address:?} is plaintext http:// but TLS settings were given; use https:// (or a bare host:port)"),
+        ));
+    }
     let endpoint = Endpoint::from_shared(url).map_err(|e| {
         Error::invalid(
             "address",
             format!("cannot use {address:?} as an endpoint: {e}"),
         )
     })?;
-    let endpoint = if tls {
-        endpoint
-            .tls_config(ClientTlsConfig::new().with_webpki_roots())
-            .map_err(|e| Error::invalid("address", format!("TLS setup for {address:?}: {e}")))?
+    let endpoint = if https {
+        secure(endpoint, tls, address)?
     } else {
         endpoint
     };
     Ok(endpoint.tcp_nodelay(true))
+}
+
+/// Applies the builder's TLS settings to an endpoint the user configured
+/// (`ClientBuilder::endpoint`): it must be `https://`; the settings replace
+/// whatever TLS configuration it had.
+pub(crate) fn secure_user_endpoint(endpoint: Endpoint, tls: &TlsSettings) -> Result<Endpoint> {
+    let uri = endpoint.uri().to_string();
+    if endpoint.uri().scheme_str() != Some("https") {
+        return Err(Error::invalid(
+            "endpoint",
+            format!(
+                "{uri:?} is not https:// but TLS settings were given; use an https:// endpoint"
+            ),
+        ));
+    }
+    secure(endpoint, Some(tls), &uri)
+}
+
+/// An endpoint the user configured, without TLS settings on the builder:
+/// without the `tls` feature an `https://` one cannot work (it would speak
+/// plaintext to a TLS port), so say so now.
+pub(crate) fn check_user_endpoint(endpoint: &Endpoint) -> Result<()> {
+    if cfg!(not(feature = "tls")) && endpoint.uri().scheme_str() == Some("https") {
+        return Err(Error::invalid(
+            "endpoint",
+            format!("{} is https:// but quorum-quest-client was built without its `tls` feature (a default feature)", endpoint.uri()),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "tls")]
+fn secure(endpoint: Endpoint, tls: Option<&TlsSettings>, address: &str) -> Result<Endpoint> {
+    let config = match tls {
+        Some(tls) => tls.client_config()?,
+        None => ClientTlsConfig::new().with_webpki_roots(),
+    };
+    endpoint
+        .tls_config(config)
+        .map_err(|e| Error::invalid("tls", format!("TLS setup for {address:?}: {}", chain(&e))))
+}
+
+#[cfg(not(feature = "tls"))]
+fn secure(_: Endpoint, tls: Option<&TlsSettings>, address: &str) -> Result<Endpoint> {
+    if let Some(tls) = tls {
+        match *tls {}
+    }
+    Err(Error::invalid(
+        "address",
+        format!("{address:?} is https:// but quorum-quest-client was built without its `tls` feature (a default feature); enable it, or use a plaintext http:// address"),
+    ))
+}
+
+/// An error and its sources, joined with `": "`.
+#[cfg(feature = "tls")]
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut level = e.source();
+    while let Some(s) = level {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        level = s.source();
+    }
+    out
+}
+
+/// TLS settings given on the builder (`ClientBuilder::tls`,
+/// `ca_certificate`, `identity`, `tls_domain`). Certificates and keys are
+/// kept as PEM and checked in `build()`; the private key never appears in
+/// `Debug` output.
+#[cfg(feature = "tls")]
+#[derive(Clone, Default)]
+pub(crate) struct TlsSettings {
+    pub(crate) config: Option<ClientTlsConfig>,
+    pub(crate) ca_certificates: Vec<Vec<u8>>,
+    pub(crate) identity: Option<(Vec<u8>, Vec<u8>)>,
+    pub(crate) domain: Option<String>,
+}
+
+/// Without the `tls` feature there are no TLS settings.
+#[cfg(not(feature = "tls"))]
+#[derive(Clone, Debug)]
+pub(crate) enum TlsSettings {}
+
+#[cfg(feature = "tls")]
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("config", &self.config.as_ref().map(|_| "ClientTlsConfig"))
+            .field("ca_certificates", &self.ca_certificates.len())
+            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+#[cfg(feature = "tls")]
+impl TlsSettings {
+    /// The tonic configuration: the user's `ClientTlsConfig` (used as
+    /// given) or, without one, the public web PKI roots unless CA
+    /// certificates were given (then only those are trusted); then the CA
+    /// certificates, identity and domain on top. Bad PEM is
+    /// [`Error::InvalidParameter`] naming the knob.
+    pub(crate) fn client_config(&self) -> Result<ClientTlsConfig> {
+        use tonic::transport::{Certificate, Identity};
+        let mut config = match &self.config {
+            Some(config) => config.clone(),
+            None if self.ca_certificates.is_empty() => ClientTlsConfig::new().with_webpki_roots(),
+            None => ClientTlsConfig::new(),
+        };
+        for pem in &self.ca_certificates {
+            check_certificates("ca_certificate", pem)?;
+            config = config.ca_certificate(Certificate::from_pem(pem));
+        }
+        if let Some((cert, key)) = &self.identity {
+            check_certificates("identity", cert)?;
+            check_key(key)?;
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            rustls::pki_types::ServerName::try_from(domain.as_str()).map_err(|e| {
+                Error::invalid(
+                    "tls_domain",
+                    format!("{domain:?} is not a valid DNS name or IP address ({e})"),
+                )
+            })?;
+            config = config.domain_name(domain.clone());
+        }
+        Ok(config)
+    }
+}
+
+/// At least one PEM certificate, and nothing unreadable.
+#[cfg(feature = "tls")]
+fn check_certificates(param: &str, pem: &[u8]) -> Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut found = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        cert.map_err(|e| Error::invalid(param, format!("unreadable PEM certificate ({e})")))?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(Error::invalid(
+            param,
+            "no PEM certificate found (expected -----BEGIN CERTIFICATE-----)",
+        ));
+    }
+    Ok(())
+}
+
+/// One PEM private key (PKCS#8, PKCS#1 or SEC1). The error never quotes it.
+#[cfg(feature = "tls")]
+fn check_key(pem: &[u8]) -> Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
+    PrivateKeyDer::from_pem_slice(pem).map(|_| ()).map_err(|_| {
+        Error::invalid(
+            "identity",
+            "no readable PEM private key found (expected -----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or EC PRIVATE KEY)",
+        )
+    })
+}
+
+/// Metadata sent with every call of a client: fixed entries
+/// (`ClientBuilder::metadata`, `bearer_token`) and an optional interceptor
+/// that may add or change entries per call (a token that rotates). Shared
+/// by `for_scope` clients. Values never appear in `Debug` output.
+#[derive(Clone, Default)]
+pub(crate) struct CallMetadata {
+    entries: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
+    interceptor: Option<Arc<Mutex<Box<dyn Interceptor + Send>>>>,
+}
+
+impl std::fmt::Debug for CallMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallMetadata")
+            .field(
+                "keys",
+                &self
+                    .entries
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("interceptor", &self.interceptor.is_some())
+            .finish()
+    }
+}
+
+/// Headers a user may not set: gRPC's own and HTTP/2's.
+const RESERVED_KEYS: [&str; 4] = ["te", "content-type", "user-agent", "host"];
+
+impl CallMetadata {
+    /// Adds `key: value`, replacing an entry of the same key. Keys are
+    /// lower-cased ASCII header names, not `grpc-*` or reserved, not
+    /// `*-bin`; values are visible ASCII. `sensitive` values are marked so
+    /// that HTTP/2 never indexes them (HPACK) and `Debug` hides them.
+    pub(crate) fn insert(&mut self, key: &str, value: &str, sensitive: bool) -> Result<()> {
+        let param = if sensitive {
+            "bearer_token"
+        } else {
+            "metadata"
+        };
+        let lower = key.to_ascii_lowercase();
+        if lower.starts_with("grpc-") || RESERVED_KEYS.contains(&lower.as_str()) {
+            return Err(Error::invalid(
+                param,
+                format!("key {key:?} is reserved by gRPC/HTTP/2"),
+            ));
+        }
+        let name: AsciiMetadataKey = lower.parse().map_err(|_| {
+            Error::invalid(
+                param,
+                format!("key {key:?} is not a valid ASCII header name (letters, digits, - _ .; binary *-bin keys are not supported)"),
+            )
+        })?;
+        let mut val: AsciiMetadataValue = value.parse().map_err(|_| {
+            let shown = if sensitive { "<redacted>".to_string() } else { format!("{value:?}") };
+            Error::invalid(
+                param,
+                format!("value {shown} for key {key:?} is not visible ASCII (no control characters or line breaks)"),
+            )
+        })?;
+        val.set_sensitive(sensitive);
+        self.entries.retain(|(k, _)| *k != name);
+        self.entries.push((name, val));
+        Ok(())
+    }
+
+    /// Sets the interceptor (replacing an earlier one).
+    pub(crate) fn set_interceptor(&mut self, interceptor: Box<dyn Interceptor + Send>) {
+        self.interceptor = Some(Arc::new(Mutex::new(interceptor)));
+    }
+
+    /// `self`'s entries and interceptor, then `other`'s on top (same keys
+    /// replaced; `other`'s interceptor, if it has one, replaces `self`'s).
+    pub(crate) fn merged(&self, other: &CallMetadata) -> CallMetadata {
+        let mut out = self.clone();
+        for (k, v) in &other.entries {
+            out.entries.retain(|(key, _)| key != k);
+            out.entries.push((k.clone(), v.clone()));
+        }
+        if other.interceptor.is_some() {
+            out.interceptor.clone_from(&other.interceptor);
+        }
+        out
+    }
+
+    /// Puts the entries on `request`, then runs the interceptor. An
+    /// interceptor's error is the call's result: the request is not sent.
+    pub(crate) fn apply<T>(&self, request: Request<T>) -> std::result::Result<Request<T>, Status> {
+        let mut request = request;
+        for (k, v) in &self.entries {
+            request.metadata_mut().insert(k.clone(), v.clone());
+        }
+        let Some(interceptor) = &self.interceptor else {
+            return Ok(request);
+        };
+        let (metadata, extensions, message) = request.into_parts();
+        let bare = Request::from_parts(metadata, extensions, ());
+        let bare = crate::sync::lock(interceptor).call(bare)?;
+        let (metadata, extensions, ()) = bare.into_parts();
+        Ok(Request::from_parts(metadata, extensions, message))
+    }
+}
+
+/// [`Error::Connection`] for a failed dial, with what the library knows
+/// added (the address and the time limit) so that its message can name them.
+///
+/// The documented API fixes that variant as
+/// `Connection(tonic::transport::Error)`, and tonic has no public
+/// constructor for its error: the one way to add context is to let tonic
+/// wrap it, by dialing through a connector that fails at once with the
+/// context (which holds the original error as its source). Nothing is
+/// spawned and no socket is opened.
+pub(crate) async fn connection_error(
+    err: tonic::transport::Error,
+    address: &str,
+    limit: Duration,
+) -> Error {
+    let failed = crate::error::DialFailed {
+        address: address.to_string(),
+        limit,
+        source: Some(err),
+    };
+    let slot = Arc::new(Mutex::new(Some(failed)));
+    let taken = Arc::clone(&slot);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let failed = crate::sync::lock(&taken).take();
+        async move {
+            Err::<hyper_util::rt::TokioIo<tokio::net::TcpStream>, _>(failed.unwrap_or(
+                crate::error::DialFailed {
+                    address: String::new(),
+                    limit,
+                    source: None,
+                },
+            ))
+        }
+    });
+    match Endpoint::from_static("http://dial.invalid")
+        .connect_with_connector(connector)
+        .await
+    {
+        Err(wrapped) => Error::Connection(wrapped),
+        // Cannot happen (the connector never succeeds); still a clear error.
+        Ok(_) => match crate::sync::lock(&slot).take().and_then(|f| f.source) {
+            Some(original) => Error::Connection(original),
+            None => Error::Rpc(Status::unavailable(format!(
+                "could not connect to the Quorum Quest server at {address}"
+            ))),
+        },
+    }
 }
 
 /// Shortest keep-alive ping interval (and ping timeout).
@@ -253,7 +597,13 @@ impl Transport {
             endpoint.connect_lazy()
         } else {
             match tokio::time::timeout(limit, endpoint.connect()).await {
-                Ok(channel) => channel.map_err(Error::Connection)?,
+                Ok(Ok(channel)) => channel,
+                Ok(Err(err)) => {
+                    let address = endpoint.uri().to_string();
+                    let err = connection_error(err, &address, limit).await;
+                    tracing::debug!(%err, "connect failed");
+                    return Err(err);
+                }
                 Err(_) => {
                     tracing::debug!(uri = %endpoint.uri(), ?limit, "connect timed out");
                     return Err(Error::ConnectTimeout(limit));
@@ -295,6 +645,12 @@ impl Transport {
     /// ([`crate::identity`]).
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The address this transport dials, for error messages; `None` for a
+    /// channel the user handed us.
+    pub(crate) fn address(&self) -> Option<String> {
+        self.endpoint.as_ref().map(|e| e.uri().to_string())
     }
 
     /// The channel to issue the next call on.
@@ -432,11 +788,55 @@ mod tests {
         assert_eq!(user.redial_after, d.redial_after);
     }
 
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_settings_make_a_bare_address_https_and_refuse_a_plaintext_one() {
+        let tls = TlsSettings::default();
+        let e = endpoint_for("localhost:5050", Some(&tls)).unwrap();
+        assert_eq!(e.uri().scheme_str(), Some("https"));
+        assert!(endpoint_for("https://localhost:5050", Some(&tls)).is_ok());
+        match endpoint_for("http://localhost:5050", Some(&tls)) {
+            Err(Error::InvalidParameter(m)) => assert!(m.contains("plaintext"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Without settings: https uses the public roots, the rest plaintext.
+        assert!(parse_address("https://example.com").is_ok());
+        assert_eq!(
+            parse_address("localhost:5050").unwrap().uri().scheme_str(),
+            Some("http")
+        );
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn without_the_tls_feature_https_names_the_feature() {
+        let m = err("https://example.com:443");
+        assert!(m.contains("`tls` feature"), "{m}");
+    }
+
+    #[test]
+    fn metadata_values_stay_out_of_debug_and_bad_keys_are_named() {
+        let mut md = CallMetadata::default();
+        md.insert("authorization", "Bearer hunter2", true).unwrap();
+        md.insert("X-Tenant", "blue", false).unwrap();
+        let shown = format!("{md:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("blue"),
+            "{shown}"
+        );
+        assert!(shown.contains("x-tenant"), "{shown}");
+        for key in ["grpc-timeout", "TE", "content-type", "a b", "x-bin", ""] {
+            match md.insert(key, "v", false) {
+                Err(Error::InvalidParameter(m)) => assert!(m.starts_with("metadata:"), "{m}"),
+                other => panic!("{key:?}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn accepts_urls_and_bare_host_port() {
         for a in [
             "http://localhost:5050",
-            "https://example.com:443",
             "localhost:5050",
             "127.0.0.1:5050",
             "[::1]:5050",

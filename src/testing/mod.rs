@@ -11,7 +11,11 @@
 //!   short, hostile or missing leases ([`set_lease_policy`](TestServer::set_lease_policy)),
 //!   late refusals ([`set_refusal_delay`](TestServer::set_refusal_delay)),
 //!   connection ageing, [`shutdown`](TestServer::shutdown) and
-//!   [`restart`](TestServer::restart). [`TestServer::tenures`] is the server's
+//!   [`restart`](TestServer::restart). It can also play the TLS and auth
+//!   proxy of a production deployment: TLS and mutual TLS
+//!   (`TestServerBuilder::tls`, `client_ca`; feature `tls`) and a required
+//!   token or header ([`set_required_token`](TestServer::set_required_token),
+//!   [`set_required_metadata`](TestServer::set_required_metadata)). [`TestServer::tenures`] is the server's
 //!   truth about who owned what when, to check a client never claimed a lease
 //!   it did not have.
 //! - [`FaultProxy`] sits between a client and a server and can black-hole

@@ -122,6 +122,9 @@ struct Shared {
     faults: Mutex<VecDeque<FailRule>>,
     calls: [AtomicU64; 3],
     connections: AtomicU64,
+    /// Metadata every call must carry (lower-case key, value); a call
+    /// without it answers `UNAUTHENTICATED`.
+    required: Mutex<Vec<(String, String)>>,
     /// Where the in-memory connector hands new connections; `None` while the
     /// server is down.
     memory: Mutex<Option<mpsc::UnboundedSender<DuplexStream>>>,
@@ -134,6 +137,24 @@ struct ServeConfig {
     max_connection_age_grace: Duration,
 }
 
+/// The TLS a server was built with: its certificate chain and key, and the
+/// CA that client certificates must chain to (mutual TLS), all PEM.
+#[derive(Clone)]
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+struct ServerTls {
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+    client_ca_pem: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// One period of serving, between a start and a shutdown.
 struct Generation {
     stop: CancellationToken,
@@ -144,6 +165,8 @@ struct Inner {
     shared: Arc<Shared>,
     addr: SocketAddr,
     config: ServeConfig,
+    /// TLS for the TCP listener (the in-memory pipes stay plaintext).
+    tls: Option<ServerTls>,
     generation: tokio::sync::Mutex<Option<Generation>>,
 }
 
@@ -236,6 +259,8 @@ pub struct TestServerBuilder {
     latency: Duration,
     lease_policy: LeasePolicy,
     refusal_delay: Duration,
+    tls: Option<ServerTls>,
+    required: Vec<(String, String)>,
 }
 
 impl Default for TestServerBuilder {
@@ -248,6 +273,8 @@ impl Default for TestServerBuilder {
             latency: Duration::ZERO,
             lease_policy: LeasePolicy::AsAsked,
             refusal_delay: Duration::ZERO,
+            tls: None,
+            required: Vec::new(),
         }
     }
 }
@@ -302,8 +329,59 @@ impl TestServerBuilder {
         self
     }
 
+    /// Serve TLS on the TCP listener with this certificate (chain) and
+    /// private key, PEM (feature `tls`). [`TestServer::url`] is then
+    /// `https://127.0.0.1:PORT`, so the certificate should name the IP
+    /// address `127.0.0.1` (or the client sets
+    /// [`tls_domain`](crate::ClientBuilder::tls_domain)). The in-memory
+    /// pipes ([`TestServer::in_memory_channel`]) stay plaintext. A bad
+    /// certificate or key fails [`start`](Self::start) with
+    /// `InvalidInput`.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls(mut self, cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> Self {
+        let client_ca_pem = self.tls.take().and_then(|t| t.client_ca_pem);
+        self.tls = Some(ServerTls {
+            cert_pem: cert_pem.as_ref().to_vec(),
+            key_pem: key_pem.as_ref().to_vec(),
+            client_ca_pem,
+        });
+        self
+    }
+
+    /// Require a client certificate signed by this CA (PEM): mutual TLS
+    /// (feature `tls`; needs [`tls`](Self::tls), else
+    /// [`start`](Self::start) fails with `InvalidInput`). A client without
+    /// one fails its handshake.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn client_ca(mut self, ca_pem: impl AsRef<[u8]>) -> Self {
+        let tls = self.tls.get_or_insert_with(|| ServerTls {
+            cert_pem: Vec::new(),
+            key_pem: Vec::new(),
+            client_ca_pem: None,
+        });
+        tls.client_ca_pem = Some(ca_pem.as_ref().to_vec());
+        self
+    }
+
+    /// Require `authorization: Bearer <token>` on every call, as
+    /// [`TestServer::set_required_token`].
+    pub fn required_token(mut self, token: impl AsRef<str>) -> Self {
+        self.required.retain(|(k, _)| k != "authorization");
+        self.required.push((
+            "authorization".to_string(),
+            format!("Bearer {}", token.as_ref()),
+        ));
+        self
+    }
+
     /// Binds `127.0.0.1:port` and starts serving.
     pub async fn start(self) -> io::Result<TestServer> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            server_tls_config(tls)?;
+        }
         let (paused, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
@@ -315,6 +393,7 @@ impl TestServerBuilder {
             faults: Mutex::new(VecDeque::new()),
             calls: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             connections: AtomicU64::new(0),
+            required: Mutex::new(self.required),
             memory: Mutex::new(None),
         });
         let config = ServeConfig {
@@ -326,13 +405,14 @@ impl TestServerBuilder {
         let requested = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let listener = bind(requested)?;
         let addr = listener.local_addr()?;
-        let generation = serve(&shared, config, listener);
+        let generation = serve(&shared, config, self.tls.as_ref(), listener);
         tracing::info!(%addr, "test server listening");
         Ok(TestServer {
             inner: Arc::new(Inner {
                 shared,
                 addr,
                 config,
+                tls: self.tls,
                 generation: tokio::sync::Mutex::new(Some(generation)),
             }),
         })
@@ -347,10 +427,42 @@ fn bind(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     socket.listen(1024)
 }
 
+/// tonic's server TLS configuration (checked in `start`, so it cannot fail
+/// at a restart).
+#[cfg(feature = "tls")]
+fn server_tls_config(tls: &ServerTls) -> io::Result<tonic::transport::ServerTlsConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("test server TLS: {what}"),
+        )
+    };
+    let certs = CertificateDer::pem_slice_iter(&tls.cert_pem).count();
+    if certs == 0 || CertificateDer::pem_slice_iter(&tls.cert_pem).any(|c| c.is_err()) {
+        return Err(bad(
+            "no readable PEM certificate (did you call tls(cert, key)?)",
+        ));
+    }
+    PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|_| bad("no readable PEM private key"))?;
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+    );
+    if let Some(ca) = &tls.client_ca_pem {
+        if CertificateDer::pem_slice_iter(ca).count() == 0 {
+            return Err(bad("no readable PEM certificate in the client CA"));
+        }
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+    }
+    Ok(config)
+}
+
 /// Starts the TCP and in-memory servers of one generation.
 fn serve(
     shared: &Arc<Shared>,
     config: ServeConfig,
+    tls: Option<&ServerTls>,
     listener: tokio::net::TcpListener,
 ) -> Generation {
     let stop = CancellationToken::new();
@@ -379,6 +491,7 @@ fn serve(
         "tcp",
         Arc::clone(shared),
         config,
+        tls.cloned(),
         stop.clone(),
         tcp_incoming,
     ));
@@ -386,6 +499,7 @@ fn serve(
         "in-memory",
         Arc::clone(shared),
         config,
+        None,
         stop.clone(),
         memory_incoming,
     ));
@@ -399,6 +513,7 @@ async fn run_server<I, IO>(
     what: &'static str,
     shared: Arc<Shared>,
     config: ServeConfig,
+    tls: Option<ServerTls>,
     stop: CancellationToken,
     incoming: I,
 ) where
@@ -415,6 +530,23 @@ async fn run_server<I, IO>(
         // also set, so the grace is enforced by `server_io` instead.
         builder = builder.max_connection_age(age);
     }
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &tls {
+        // Checked in `start`: cannot fail here, but say so if it does.
+        match server_tls_config(tls).and_then(|c| {
+            builder
+                .tls_config(c)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+        }) {
+            Ok(with_tls) => builder = with_tls,
+            Err(err) => {
+                tracing::warn!(what, %err, "test server TLS setup failed");
+                return;
+            }
+        }
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = tls;
     let result = builder
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
@@ -464,9 +596,26 @@ fn unavailable() -> Status {
 
 impl Handler {
     /// Everything that happens before a call touches the store: count it,
-    /// hang while paused, answer an injected failure.
-    async fn admit(&self, rpc: RpcKind) -> Result<(), Status> {
+    /// check the required metadata, hang while paused, answer an injected
+    /// failure.
+    async fn admit(
+        &self,
+        rpc: RpcKind,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<(), Status> {
         self.shared.calls[call_index(rpc)].fetch_add(1, Ordering::Relaxed);
+        let missing = lock(&self.shared.required)
+            .iter()
+            .find(|(key, value)| {
+                metadata.get(key.as_str()).and_then(|v| v.to_str().ok()) != Some(value.as_str())
+            })
+            .map(|(key, _)| key.clone());
+        if let Some(key) = missing {
+            tracing::info!(?rpc, key, "missing or wrong required metadata");
+            return Err(Status::unauthenticated(format!(
+                "test server: missing or wrong {key:?} metadata"
+            )));
+        }
         let mut paused = self.shared.paused.subscribe();
         tokio::select! {
             r = paused.wait_for(|p| !*p) => {
@@ -553,7 +702,8 @@ impl LeaderElectionService for Handler {
         &self,
         request: Request<TryAcquireLockRequest>,
     ) -> Result<Response<TryAcquireLockResponse>, Status> {
-        self.admit(RpcKind::TryAcquireLock).await?;
+        self.admit(RpcKind::TryAcquireLock, request.metadata())
+            .await?;
         let req = request.into_inner();
         let ttl = Self::granted(self.lease_policy(), self.ttl(req.ttl), false);
         let is_leader = self.store().try_acquire(
@@ -583,7 +733,7 @@ impl LeaderElectionService for Handler {
         &self,
         request: Request<ReleaseLockRequest>,
     ) -> Result<Response<ReleaseLockResponse>, Status> {
-        self.admit(RpcKind::ReleaseLock).await?;
+        self.admit(RpcKind::ReleaseLock, request.metadata()).await?;
         let req = request.into_inner();
         let released =
             self.store()
@@ -604,7 +754,7 @@ impl LeaderElectionService for Handler {
         &self,
         request: Request<KeepAliveRequest>,
     ) -> Result<Response<KeepAliveResponse>, Status> {
-        self.admit(RpcKind::KeepAlive).await?;
+        self.admit(RpcKind::KeepAlive, request.metadata()).await?;
         let req = request.into_inner();
         let policy = self.lease_policy();
         let ttl = Self::granted(policy, self.ttl(req.ttl), true);
@@ -658,9 +808,40 @@ impl TestServer {
         TestServerBuilder::default()
     }
 
-    /// The address to give a client: `http://127.0.0.1:PORT`.
+    /// The address to give a client: `http://127.0.0.1:PORT`, or
+    /// `https://127.0.0.1:PORT` for a server built with
+    /// [`tls`](TestServerBuilder::tls).
     pub fn url(&self) -> String {
-        format!("http://{}", self.inner.addr)
+        let scheme = if self.inner.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.inner.addr)
+    }
+
+    /// From now on, every call must carry `authorization: Bearer <token>`
+    /// (`None`: no longer required); one without it is counted by
+    /// [`calls`](Self::calls) and answered `UNAUTHENTICATED` without
+    /// touching the locks, as an authenticating proxy would.
+    pub fn set_required_token(&self, token: Option<&str>) {
+        self.set_required_metadata(
+            "authorization",
+            token.map(|t| format!("Bearer {t}")).as_deref(),
+        );
+    }
+
+    /// From now on, every call must carry metadata `key: value` (`None`:
+    /// `key` is no longer required); see
+    /// [`set_required_token`](Self::set_required_token).
+    pub fn set_required_metadata(&self, key: &str, value: Option<&str>) {
+        let key = key.to_ascii_lowercase();
+        let mut required = lock(&self.inner.shared.required);
+        required.retain(|(k, _)| *k != key);
+        if let Some(value) = value {
+            required.push((key.clone(), value.to_string()));
+        }
+        tracing::info!(key, required = value.is_some(), "required metadata");
     }
 
     /// The socket address the server listens on (the same across restarts).
@@ -1011,7 +1192,12 @@ impl TestServer {
                 Err(err) => return Err(err),
             }
         };
-        *generation = Some(serve(&self.inner.shared, self.inner.config, listener));
+        *generation = Some(serve(
+            &self.inner.shared,
+            self.inner.config,
+            self.inner.tls.as_ref(),
+            listener,
+        ));
         tracing::info!(addr = %self.inner.addr, keep_locks, "test server restarted");
         Ok(())
     }
