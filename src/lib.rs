@@ -121,6 +121,8 @@
 //!
 //! - `testing`: the [`testing`] module, an in-process server and a
 //!   fault-injecting proxy for tests of leader-dependent code.
+//! - `metrics`: the [`metrics`](crate::metrics) module, leadership and RPC
+//!   metrics through the `metrics` crate facade.
 //!
 //! [Quorum Quest]: https://github.com/quorum-quest
 #![warn(missing_docs)]
@@ -137,7 +139,12 @@ mod election;
 mod error;
 mod event;
 mod ext;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+mod observe;
 mod fanout;
+mod health;
 mod identity;
 mod rpc;
 mod state;
@@ -166,6 +173,7 @@ pub use election::Leadership;
 pub use error::{Error, Result};
 pub use event::{LeaderTerm, LeadershipEvent, LossReason, RpcKind, TermEnded};
 pub use ext::{LeaderChanges, LeadershipStreamExt, Transitions, UntilLost};
+pub use health::{Health, Unhealthy};
 
 /// The README's Rust examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

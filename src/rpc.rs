@@ -11,11 +11,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::backoff::{classify, Class, TRANSPORT_ATTEMPTS, TRANSPORT_RETRY_PAUSE};
 use crate::config::Scope;
 use crate::event::RpcKind;
 use crate::identity::Claim;
+use crate::observe::RpcAttempt;
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
 use crate::state::Observation;
@@ -146,6 +148,8 @@ pub(crate) struct Rpc {
     scope: Arc<Scope>,
     /// This client's claim on its scope and identity on the transport.
     claim: Arc<Claim>,
+    /// The client span: every call and task of this client runs in it.
+    span: tracing::Span,
 }
 
 impl Rpc {
@@ -163,10 +167,16 @@ impl Rpc {
             &scope.client_id,
         )?;
         Ok(Rpc {
+            span: crate::observe::client_span(&scope),
             transport,
             scope,
             claim: Arc::new(claim),
         })
+    }
+
+    /// The client span.
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     pub(crate) fn scope(&self) -> &Scope {
@@ -271,12 +281,15 @@ impl Rpc {
             let left = budget_end.saturating_duration_since(sent_at);
             let mut request = Request::new(req.clone());
             request.set_timeout(left);
-            let result = match tokio::time::timeout(left, f(client, request)).await {
+            let attempt = RpcAttempt::start(&self.span, rpc, attempts);
+            let call = tokio::time::timeout(left, f(client, request));
+            let result = match call.instrument(attempt.span().clone()).await {
                 Ok(result) => result.map(Response::into_inner),
                 Err(_) => Err(Status::deadline_exceeded(format!(
                     "{rpc:?}: no answer within {timeout:?}"
                 ))),
             };
+            attempt.finish(sent_at, result.as_ref().err());
             if let Err(status) = &result {
                 // tonic's own deadline (from the request's grpc-timeout) may
                 // fire first and say `Cancelled`: a failure at or past the
