@@ -250,7 +250,9 @@ pub enum Unhealthy {
     },
     /// A leadership stream or the keep-alive wants the campaign, but its task
     /// has ended (its runtime shut down, or a bug).
-    #[error("the campaign task has stopped although a leadership stream or the keep-alive wants it")]
+    #[error(
+        "the campaign task has stopped although a leadership stream or the keep-alive wants it"
+    )]
     CampaignStopped,
     /// Campaigning, not leading, and no call has completed for `idle`
     /// (longer than `limit`: max(retry period, renew interval) + 2 × RPC
@@ -311,7 +313,9 @@ mod tests {
         stats.campaign_started(t0);
         assert!(snapshot(&stats, inputs(None, true, true), secs(17)).is_healthy());
         let h = snapshot(&stats, inputs(None, true, true), secs(18));
-        assert!(matches!(h.check(), Err(Unhealthy::CampaignStalled { idle, .. }) if idle == Duration::from_secs(18)));
+        assert!(
+            matches!(h.check(), Err(Unhealthy::CampaignStalled { idle, .. }) if idle == Duration::from_secs(18))
+        );
 
         // Failing calls keep a campaign healthy, and are counted.
         for n in 1..=3 {
@@ -347,6 +351,9 @@ mod tests {
                 if idle == Duration::from_secs(12) && limit == leader_limit(&timing())),
             "{h}"
         );
-        assert!(h.to_string().starts_with("unhealthy (leading, but no call"), "{h}");
+        assert!(
+            h.to_string().starts_with("unhealthy (leading, but no call"),
+            "{h}"
+        );
     }
 }

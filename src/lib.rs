@@ -139,13 +139,13 @@ mod election;
 mod error;
 mod event;
 mod ext;
+mod fanout;
+mod health;
+mod identity;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
 mod observe;
-mod fanout;
-mod health;
-mod identity;
 mod rpc;
 mod state;
 mod sync;

@@ -140,7 +140,8 @@ impl RpcAttempt {
         let latency = Instant::now().saturating_duration_since(sent_at);
         let code = code_name(failure.map_or(Code::Ok, Status::code));
         self.span.record("code", code);
-        self.span.record("latency_ms", latency.as_secs_f64() * 1000.0);
+        self.span
+            .record("latency_ms", latency.as_secs_f64() * 1000.0);
         if failure.is_some() {
             self.span.record("otel.status_code", "ERROR");
         }
@@ -263,7 +264,7 @@ impl Observer {
                         code = code_label,
                         lease_remaining = ?left,
                         consecutive_failures = failures,
-                        message = message.as_str(),
+                        error = message.as_str(),
                         "{rpc} failed while leading; retrying while the lease lasts"
                     ),
                     None if classify(*code) == Class::Permanent => tracing::warn!(
@@ -271,7 +272,7 @@ impl Observer {
                         rpc,
                         code = code_label,
                         consecutive_failures = failures,
-                        message = message.as_str(),
+                        error = message.as_str(),
                         "{rpc} failed with a permanent error; retrying at the retry period"
                     ),
                     None => tracing::debug!(
@@ -279,7 +280,7 @@ impl Observer {
                         rpc,
                         code = code_label,
                         consecutive_failures = failures,
-                        message = message.as_str(),
+                        error = message.as_str(),
                         "{rpc} failed"
                     ),
                 }
