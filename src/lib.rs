@@ -121,15 +121,18 @@
 //!
 //! - `testing`: the [`testing`] module, an in-process server and a
 //!   fault-injecting proxy for tests of leader-dependent code.
-//! - `metrics`: the [`metrics`](crate::metrics) module, leadership and RPC
+//! - `metrics`: the [`metrics`] module, leadership and RPC
 //!   metrics through the `metrics` crate facade.
 //!
 //! [Quorum Quest]: https://github.com/quorum-quest
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
-// The crate docs link to the `testing` module, which exists only with the
-// feature (docs.rs builds with all features).
-#![cfg_attr(not(feature = "testing"), allow(rustdoc::broken_intra_doc_links))]
+// The crate docs link to the `testing` and `metrics` modules, which exist
+// only with their features (docs.rs builds with all features).
+#![cfg_attr(
+    not(all(feature = "testing", feature = "metrics")),
+    allow(rustdoc::broken_intra_doc_links)
+)]
 
 mod backoff;
 mod callbacks;
