@@ -267,16 +267,7 @@ impl QuorumQuestClient {
     /// failed calls in a row, whether the campaign runs, and a verdict
     /// ([`Health::check`](crate::Health::check)) that catches a wedged
     /// leader (one that nothing renews) or a dead campaign. Cheap; no I/O.
-    ///
-    /// ```no_run
-    /// # async fn demo(client: quorum_quest_client::QuorumQuestClient) {
-    /// // In a `/healthz` handler:
-    /// let health = client.health();
-    /// let status = if health.is_healthy() { 200 } else { 503 };
-    /// let body = health.to_string();
-    /// # let _ = (status, body);
-    /// # }
-    /// ```
+    /// See [`Health`](crate::Health) for wiring it to a probe.
     #[must_use]
     pub fn health(&self) -> crate::health::Health {
         self.inner.session.health()

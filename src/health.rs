@@ -159,12 +159,14 @@ fn verdict(h: &Health, campaign_idle: Option<Duration>, timing: &Timing) -> Resu
 /// not help; watch [`consecutive_failures`](Health::consecutive_failures)
 /// for that.
 ///
+/// In a `/healthz` handler of your HTTP server:
+///
 /// ```no_run
-/// # async fn demo(client: quorum_quest_client::QuorumQuestClient) {
+/// # fn demo(client: quorum_quest_client::QuorumQuestClient) -> (u16, String) {
 /// let health = client.health();
 /// match health.check() {
-///     Ok(()) => println!("200 OK: {health}"),
-///     Err(why) => println!("503: {why}"),
+///     Ok(()) => (200, health.to_string()),
+///     Err(why) => (503, why.to_string()),
 /// }
 /// # }
 /// ```
