@@ -18,6 +18,10 @@
 //!   the client steps down at that deadline by a timer, even while a call still
 //!   hangs. Transient faults (GOAWAY, resets, `UNAVAILABLE`, slow answers) are
 //!   retried with backoff and jitter while the lease is valid.
+//! - **Visible trouble.** Leadership changes are logged at `info` and a
+//!   failing renewal while leading at `warn` (through `tracing`, in one span
+//!   per client with one child span per RPC attempt); metrics with the
+//!   `metrics` feature; [`QuorumQuestClient::health`] for a liveness probe.
 //!
 //! # Example
 //!
