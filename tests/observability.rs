@@ -314,6 +314,52 @@ async fn a_failing_renewal_warns_with_the_lease_left_and_renewals_stay_at_debug(
         .inspect(|e| assert_eq!(e.level, Level::DEBUG))
         .count();
     assert!(renewals >= 6, "{renewals} renewals logged at debug");
+    // The campaign task runs in the client span: its own debug line too.
+    let retry = events
+        .iter()
+        .find(|e| e.message == "next KeepAlive attempt")
+        .expect("the campaign's retry line");
+    assert!(
+        retry.span.is_some() && retry.span == warning.span,
+        "{retry:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn callbacks_run_in_the_client_span() {
+    struct Logging;
+    #[quorum_quest_client::async_trait]
+    impl quorum_quest_client::Callbacks for Logging {
+        async fn on_leader_elected(&self, is_leader: bool) {
+            tracing::info!(is_leader, "user callback");
+        }
+        async fn on_leader_lost(&self) {}
+    }
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let server = server().await;
+    let client = in_memory(&server, 3)
+        .callbacks(Arc::new(Logging))
+        .build()
+        .await
+        .unwrap();
+    client.start_keep_alive().await.unwrap();
+    eventually(10 * SEC, "the callback ran", || {
+        capture
+            .snapshot()
+            .1
+            .iter()
+            .any(|e| e.message == "user callback")
+    })
+    .await;
+    let (spans, events) = capture.snapshot();
+    let callback = events
+        .iter()
+        .find(|e| e.message == "user callback")
+        .unwrap();
+    let span = &spans[callback.span.expect("in a span")];
+    assert_eq!(span.name, "quorum_quest.client");
+    assert_eq!(span.fields["service"], SERVICE);
 }
 
 #[tokio::test(start_paused = true)]
