@@ -181,7 +181,8 @@ pub struct Health {
     pub since_last_renewal: Option<Duration>,
     /// Time since the last call completed (answered or failed), if any.
     pub since_last_call: Option<Duration>,
-    /// Calls that failed in a row; an answer resets it.
+    /// `TryAcquireLock` and `KeepAlive` calls that failed in a row (after
+    /// the transport's own quick retries); any answer resets it.
     pub consecutive_failures: u32,
     /// Whether the campaign task (keep-alive or leadership streams) runs.
     pub campaign_running: bool,
@@ -229,7 +230,7 @@ impl fmt::Display for Health {
             match (self.campaign_wanted, self.campaign_running) {
                 (_, true) => "running",
                 (true, false) => "stopped",
-                (false, false) => "not started",
+                (false, false) => "idle",
             }
         )
     }
