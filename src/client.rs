@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 use crate::callbacks::{drive_callbacks, Callbacks};
 use crate::config::{check_max, Scope, Timing, TimingOverrides, DEFAULT_CONNECT_TIMEOUT};
@@ -315,6 +316,17 @@ impl QuorumQuestClient {
     #[must_use]
     pub fn timing(&self) -> Timing {
         self.inner.session.timing
+    }
+
+    /// A snapshot of this client's election for a liveness probe: leading or
+    /// not, the lease left, time since the last renewal and the last call,
+    /// failed calls in a row, whether the campaign runs, and a verdict
+    /// ([`Health::check`](crate::Health::check)) that catches a wedged
+    /// leader (one that nothing renews) or a dead campaign. Cheap; no I/O.
+    /// See [`Health`](crate::Health) for wiring it to a probe.
+    #[must_use]
+    pub fn health(&self) -> crate::health::Health {
+        self.inner.session.health()
     }
 
     /// Leadership as a stream of events; see [`Leadership`]. The first poll
@@ -834,7 +846,8 @@ impl ClientBuilder {
         if let Some(callbacks) = self.callbacks {
             let mut events = session.subscribe();
             let events = futures::stream::poll_fn(move |cx| events.poll_recv(cx));
-            tokio::spawn(drive_callbacks(events, callbacks));
+            let span = session.observer.span().clone();
+            tokio::spawn(drive_callbacks(events, callbacks).instrument(span));
         }
         Ok(QuorumQuestClient {
             inner: Arc::new(ClientInner { session }),

@@ -18,6 +18,10 @@
 //!   the client steps down at that deadline by a timer, even while a call still
 //!   hangs. Transient faults (GOAWAY, resets, `UNAVAILABLE`, slow answers) are
 //!   retried with backoff and jitter while the lease is valid.
+//! - **Visible trouble.** Leadership changes are logged at `info` and a
+//!   failing renewal while leading at `warn` (through `tracing`, in one span
+//!   per client with one child span per RPC attempt); metrics with the
+//!   `metrics` feature; [`QuorumQuestClient::health`] for a liveness probe.
 //!
 //! # Example
 //!
@@ -126,13 +130,18 @@
 //!   the crate is plaintext-only and does not depend on ring.
 //! - `testing`: the [`testing`] module, an in-process server and a
 //!   fault-injecting proxy for tests of leader-dependent code.
+//! - `metrics`: the [`metrics`] module, leadership and RPC
+//!   metrics through the `metrics` crate facade.
 //!
 //! [Quorum Quest]: https://github.com/quorum-quest
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
-// The crate docs link to the `testing` module, which exists only with the
-// feature (docs.rs builds with all features).
-#![cfg_attr(not(feature = "testing"), allow(rustdoc::broken_intra_doc_links))]
+// The crate docs link to the `testing` and `metrics` modules, which exist
+// only with their features (docs.rs builds with all features).
+#![cfg_attr(
+    not(all(feature = "testing", feature = "metrics")),
+    allow(rustdoc::broken_intra_doc_links)
+)]
 
 mod backoff;
 mod callbacks;
@@ -143,7 +152,12 @@ mod error;
 mod event;
 mod ext;
 mod fanout;
+mod health;
 mod identity;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+mod observe;
 mod rpc;
 mod state;
 mod sync;
@@ -171,6 +185,7 @@ pub use election::Leadership;
 pub use error::{Error, Result};
 pub use event::{LeaderTerm, LeadershipEvent, LossReason, RpcKind, TermEnded};
 pub use ext::{LeaderChanges, LeadershipStreamExt, Transitions, UntilLost};
+pub use health::{Health, Unhealthy};
 
 /// The README's Rust examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

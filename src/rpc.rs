@@ -11,11 +11,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::backoff::{classify, Class, TRANSPORT_ATTEMPTS, TRANSPORT_RETRY_PAUSE};
 use crate::config::Scope;
 use crate::event::RpcKind;
 use crate::identity::Claim;
+use crate::observe::RpcAttempt;
 use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
 use crate::state::Observation;
@@ -148,6 +150,8 @@ pub(crate) struct Rpc {
     claim: Arc<Claim>,
     /// Metadata put on every request (auth).
     metadata: Arc<CallMetadata>,
+    /// The client span: every call and task of this client runs in it.
+    span: tracing::Span,
 }
 
 impl Rpc {
@@ -165,6 +169,7 @@ impl Rpc {
             &scope.client_id,
         )?;
         Ok(Rpc {
+            span: crate::observe::client_span(&scope),
             transport,
             scope,
             claim: Arc::new(claim),
@@ -181,6 +186,11 @@ impl Rpc {
     /// The metadata sent with every request.
     pub(crate) fn metadata(&self) -> &CallMetadata {
         &self.metadata
+    }
+
+    /// The client span.
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     pub(crate) fn scope(&self) -> &Scope {
@@ -285,14 +295,18 @@ impl Rpc {
             let left = budget_end.saturating_duration_since(sent_at);
             let mut request = Request::new(req.clone());
             request.set_timeout(left);
+            let attempt = RpcAttempt::start(&self.span, rpc, attempts);
             let result = match self.metadata.apply(request) {
                 Err(status) => Err(status),
-                Ok(request) => match tokio::time::timeout(left, f(client, request)).await {
-                    Ok(result) => result.map(Response::into_inner),
-                    Err(_) => Err(Status::deadline_exceeded(format!(
-                        "{rpc:?}: no answer within {timeout:?}"
-                    ))),
-                },
+                Ok(request) => {
+                    let call = tokio::time::timeout(left, f(client, request));
+                    match call.instrument(attempt.span().clone()).await {
+                        Ok(result) => result.map(Response::into_inner),
+                        Err(_) => Err(Status::deadline_exceeded(format!(
+                            "{rpc:?}: no answer within {timeout:?}"
+                        ))),
+                    }
+                }
             };
             let result = match result {
                 // tonic's own deadline (from the request's grpc-timeout) may
@@ -309,6 +323,7 @@ impl Rpc {
                 Err(status) => Err(explain(status, self.transport.address().as_deref())),
                 ok => ok,
             };
+            attempt.finish(sent_at, result.as_ref().err());
             let pause = TRANSPORT_RETRY_PAUSE.saturating_mul(attempts);
             match result {
                 Err(status)

@@ -23,7 +23,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Session;
-use crate::backoff::{classify, Class};
+use crate::backoff::classify;
 use crate::event::{LeadershipEvent, LeaseView};
 use crate::state::Observation;
 
@@ -107,10 +107,9 @@ pub(crate) fn campaign(
                         }
                         Err(status) => {
                             failures = failures.saturating_add(1);
+                            // Logged (at `warn` if permanent) where the
+                            // failure is observed: `crate::observe`.
                             let class = classify(status.code());
-                            if class == Class::Permanent {
-                                tracing::warn!(code = ?status.code(), message = status.message(), "TryAcquireLock failed with a permanent error; retrying at the retry period");
-                            }
                             if answer.outcome_unknown() {
                                 tokio::select! {
                                     biased;
@@ -183,15 +182,14 @@ pub(crate) fn campaign(
                             let class = classify(status.code());
                             let left = until.saturating_duration_since(Instant::now());
                             let wait = session.backoff().after_failure_as_leader(failures, class, left);
-                            if class == Class::Permanent || session.is_leader() {
-                                tracing::warn!(
-                                    code = ?status.code(),
-                                    message = status.message(),
-                                    lease_remaining = ?left,
-                                    retry_in = ?wait.unwrap_or(left),
-                                    "KeepAlive failed; retrying while the lease lasts"
-                                );
-                            }
+                            // Logged at `warn` (lease left, code) where the
+                            // failure is observed: `crate::observe`.
+                            tracing::debug!(
+                                code = ?status.code(),
+                                failures,
+                                retry_in = ?wait.unwrap_or(left),
+                                "next KeepAlive attempt"
+                            );
                             // No retry fits before the deadline: wait for it.
                             retry_at = Some(wait.map_or(until, |w| crate::time::after(Instant::now(), w)));
                         }
@@ -211,9 +209,8 @@ pub(crate) async fn drive(session: Arc<Session>, stop: CancellationToken) {
         let events = campaign(session.clone(), stop.clone());
         let outcome = AssertUnwindSafe(async {
             futures::pin_mut!(events);
-            while let Some(ev) = events.next().await {
-                tracing::debug!(event = ?ev, "leadership event");
-            }
+            // Each event is logged where it is published (`crate::observe`).
+            while events.next().await.is_some() {}
         })
         .catch_unwind()
         .await;

@@ -26,12 +26,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::error::{Error, Result};
 use crate::event::{LeaderTerm, LeadershipEvent, LeaseView};
 use crate::fanout::{self, EventReceiver, EventSender};
+use crate::observe::Observer;
 use crate::rpc::{Answer, LeaseAnswer, Rpc};
 use crate::state::{ElectionState, Observation};
 use crate::sync::{cancel_and_join, lock};
@@ -54,6 +56,8 @@ pub(crate) struct Session {
     backoff: Mutex<Backoff>,
     /// Whether the step-down timer task runs.
     timer_started: AtomicBool,
+    /// Logs, metrics and health counters (see [`crate::observe`]).
+    pub(crate) observer: Observer,
     /// Test hook: the campaign panics at its next step.
     #[cfg(test)]
     pub(crate) inject_panic: AtomicBool,
@@ -98,6 +102,7 @@ impl Session {
         let (lease, lease_rx) = watch::channel(LeaseView::default());
         let ttl = rpc.scope().ttl();
         let start = rpc.claim().start();
+        let observer = Observer::new(rpc.scope(), rpc.span().clone());
         let session = Arc::new(Session {
             rpc,
             timing,
@@ -113,6 +118,7 @@ impl Session {
                 seed,
             )),
             timer_started: AtomicBool::new(false),
+            observer,
             #[cfg(test)]
             inject_panic: AtomicBool::new(false),
         });
@@ -146,7 +152,9 @@ impl Session {
         read: impl FnOnce(&mut ElectionState) -> R,
     ) -> (Vec<LeadershipEvent>, R) {
         let mut shared = self.shared();
-        let events = shared.election.apply(obs, Instant::now());
+        let now = Instant::now();
+        self.observer.observed(&obs, now);
+        let events = shared.election.apply(obs, now);
         let out = read(&mut shared.election);
         self.publish(&mut shared, &events);
         (events, out)
@@ -155,6 +163,7 @@ impl Session {
     /// Publishes the lease (ending a term that left it) and fans `events` out.
     fn publish(&self, shared: &mut Shared, events: &[LeadershipEvent]) {
         shared.election.view().publish(&self.lease);
+        self.observer.published(events);
         if !events.is_empty() {
             shared
                 .subscribers
@@ -293,7 +302,10 @@ impl Session {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         self.ensure_timer();
         let stop = CancellationToken::new();
-        let task = runtime.spawn(campaign::drive(self.clone(), stop.clone()));
+        let task = runtime.spawn(
+            campaign::drive(self.clone(), stop.clone()).instrument(self.observer.span().clone()),
+        );
+        self.observer.campaign_started(Instant::now());
         control.campaign = Some(Campaign { stop, task });
         Ok(())
     }
@@ -306,10 +318,10 @@ impl Session {
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             if !self.timer_started.swap(true, Ordering::SeqCst) {
-                runtime.spawn(campaign::step_down_timer(
-                    Arc::downgrade(self),
-                    self.lease(),
-                ));
+                runtime.spawn(
+                    campaign::step_down_timer(Arc::downgrade(self), self.lease())
+                        .instrument(self.observer.span().clone()),
+                );
             }
         }
     }
@@ -409,6 +421,25 @@ impl Session {
     fn holds_lock(&self) -> bool {
         let shared = self.shared();
         shared.election.deadline().is_some() || shared.election.is_granted()
+    }
+
+    /// A health snapshot (see [`crate::health`]).
+    pub(crate) fn health(&self) -> crate::health::Health {
+        let (campaign_wanted, campaign_running) = {
+            let control = self.control();
+            let running = control
+                .campaign
+                .as_ref()
+                .is_some_and(|c| !c.task.is_finished());
+            (control.streams > 0 || control.keep_alive, running)
+        };
+        let inputs = crate::health::Inputs {
+            lease_remaining: self.remaining(),
+            campaign_wanted,
+            campaign_running,
+            timing: self.timing,
+        };
+        crate::health::snapshot(&self.observer.stats(), inputs, Instant::now())
     }
 
     /// The last client handle is gone: the keep-alive task stops, and if no
