@@ -17,9 +17,7 @@ use quorum_quest_client::{
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::args::{
-    RunArgs, EXIT_CANNOT_EXECUTE, EXIT_LOST, EXIT_NOT_FOUND, EXIT_TOOL, EXIT_USAGE,
-};
+use crate::args::{RunArgs, EXIT_CANNOT_EXECUTE, EXIT_LOST, EXIT_NOT_FOUND, EXIT_TOOL, EXIT_USAGE};
 use crate::report::{dur, fatal, say, signal_name};
 use crate::supervise::{adopt_orphans, ChildEnd, Spec, StartError, Status, Supervisor};
 
@@ -303,6 +301,23 @@ impl Runner<'_> {
             fatal("the supervisor thread died; the command's state is unknown");
             return Next::Exit(EXIT_TOOL);
         };
+        // Transitions already queued (typically the `Lost` of a term the
+        // killer ended at its deadline) get their line before the outcome.
+        while let Some(Some(ev)) = futures::FutureExt::now_or_never(leadership.next()) {
+            match ev {
+                LeadershipEvent::Elected { term: next, .. } => {
+                    say(format!("elected (term {})", next.id()));
+                    pending = Some(next);
+                }
+                LeadershipEvent::Lost { term: lost, reason } => {
+                    say(format!("lost leadership (term {}): {reason}", lost.id()));
+                    if pending.as_ref() == Some(&lost) {
+                        pending = None;
+                    }
+                }
+                other => self.describe(&other),
+            }
+        }
         report_end(&program, &end);
 
         if let Some(sig) = tool_signal {
