@@ -121,6 +121,8 @@
 //!
 //! - `testing`: the [`testing`] module, an in-process server and a
 //!   fault-injecting proxy for tests of leader-dependent code.
+//! - `cli`: the `quorum-quest` command-line tool (`run -- CMD`, `server`;
+//!   Unix), a binary only: it adds nothing to the library's API.
 //!
 //! [Quorum Quest]: https://github.com/quorum-quest
 #![warn(missing_docs)]

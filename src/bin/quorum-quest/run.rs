@@ -21,31 +21,46 @@ use crate::args::{RunArgs, EXIT_CANNOT_EXECUTE, EXIT_LOST, EXIT_NOT_FOUND, EXIT_
 use crate::report::{dur, fatal, say, signal_name};
 use crate::supervise::{adopt_orphans, ChildEnd, Spec, StartError, Status, Supervisor};
 
-/// SIGINT, SIGTERM and SIGHUP to the tool.
+/// SIGINT, SIGTERM and SIGHUP to the tool; SIGTSTP, SIGTTIN and SIGTTOU are
+/// caught and ignored, because a stopped tool could not kill its command on
+/// time (Ctrl+Z must not suspend the tool while the command runs on).
 pub struct Signals {
     int: Signal,
     term: Signal,
     hup: Signal,
+    tstp: Signal,
+    ttin: Signal,
+    ttou: Signal,
 }
 
 impl Signals {
-    /// Installs the handlers (from then on these signals no longer kill the
-    /// tool outright).
+    /// Installs the handlers (from then on these signals no longer kill or
+    /// stop the tool outright).
     pub fn new() -> io::Result<Signals> {
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
             hup: signal(SignalKind::hangup())?,
+            tstp: signal(SignalKind::from_raw(libc::SIGTSTP))?,
+            ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
+            ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
         })
     }
 
-    /// The next signal received (cancel-safe).
+    /// The next SIGINT, SIGTERM or SIGHUP received (cancel-safe).
     pub async fn next(&mut self) -> i32 {
-        tokio::select! {
-            Some(()) = self.int.recv() => libc::SIGINT,
-            Some(()) = self.term.recv() => libc::SIGTERM,
-            Some(()) = self.hup.recv() => libc::SIGHUP,
-            else => std::future::pending().await,
+        loop {
+            tokio::select! {
+                Some(()) = self.int.recv() => return libc::SIGINT,
+                Some(()) = self.term.recv() => return libc::SIGTERM,
+                Some(()) = self.hup.recv() => return libc::SIGHUP,
+                Some(()) = self.tstp.recv() => {
+                    say("ignoring SIGTSTP: a stopped tool could not stop its command in time");
+                }
+                Some(()) = self.ttin.recv() => {}
+                Some(()) = self.ttou.recv() => {}
+                else => std::future::pending::<()>().await,
+            }
         }
     }
 }
