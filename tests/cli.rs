@@ -314,17 +314,18 @@ async fn when_the_command_exits_the_tool_exits_with_its_code_and_the_standby_tak
 async fn sigterm_to_the_tool_reaches_the_command_and_the_lock_is_released() {
     let server = TestServer::start().await.expect("server");
     let dir = scratch("sigterm");
-    let mark = dir.join("mark");
+    let (mark, up) = (dir.join("mark"), dir.join("up"));
     let mut a = Tool::run(
         &server.url(),
         "sigterm",
         "A",
         &[],
-        r#"trap 'echo got-term > "$MARK"; exit 0' TERM; while :; do sleep 0.02; done"#,
-        &[("MARK", &mark)],
+        r#"trap 'echo got-term > "$MARK"; exit 0' TERM; echo up > "$UP"
+        while :; do sleep 0.02; done"#,
+        &[("MARK", &mark), ("UP", &up)],
         &dir,
     );
-    a.said("started").await;
+    eventually("the command set its trap", || up.exists()).await;
     a.signal(libc::SIGTERM);
     let status = a.exit(WITHIN).await;
     assert_eq!(status.code(), Some(143), "log:\n{}", a.log());
@@ -422,11 +423,13 @@ async fn grandchildren_die_with_the_command() {
         &dir,
     );
     has_beats(&gc_hb).await;
-    let pid: i32 = std::fs::read_to_string(&gc_pid)
-        .expect("pid file")
-        .trim()
-        .parse()
-        .expect("pid");
+    let read_pid = || {
+        std::fs::read_to_string(&gc_pid)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    };
+    eventually("the grandchild's pid is written", || read_pid().is_some()).await;
+    let pid = read_pid().expect("pid");
     a.signal(libc::SIGTERM);
     assert_eq!(a.exit(WITHIN).await.code(), Some(143), "log:\n{}", a.log());
     // The tool reaped the whole group before exiting: the grandchild is
