@@ -273,10 +273,10 @@ impl Runner<'_> {
                     }
                     Some(LeadershipEvent::Lost { term: lost, reason }) => {
                         say(format!("lost leadership (term {}): {reason}", lost.id()));
-                        if lost == term {
+                        if lost.id() == term.id() {
                             sup.stop(libc::SIGTERM, grace);
                         }
-                        if pending.as_ref() == Some(&lost) {
+                        if pending.as_ref().map(LeaderTerm::id) == Some(lost.id()) {
                             pending = None;
                         }
                     }
@@ -326,7 +326,7 @@ impl Runner<'_> {
                 }
                 LeadershipEvent::Lost { term: lost, reason } => {
                     say(format!("lost leadership (term {}): {reason}", lost.id()));
-                    if pending.as_ref() == Some(&lost) {
+                    if pending.as_ref().map(LeaderTerm::id) == Some(lost.id()) {
                         pending = None;
                     }
                 }
