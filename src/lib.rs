@@ -132,6 +132,8 @@
 //!   fault-injecting proxy for tests of leader-dependent code.
 //! - `metrics`: the [`metrics`] module, leadership and RPC
 //!   metrics through the `metrics` crate facade.
+//! - `cli`: the `quorum-quest` command-line tool (`run -- CMD`, `server`;
+//!   Unix), a binary only: it adds nothing to the library's API.
 //!
 //! [Quorum Quest]: https://github.com/quorum-quest
 #![warn(missing_docs)]
