@@ -98,6 +98,29 @@
 //! # }
 //! ```
 //!
+//! # Exits
+//!
+//! What each way out guarantees about the lock (a leader that exits without
+//! releasing makes every standby wait a whole TTL):
+//!
+//! - [`QuorumQuestClient::shutdown`]`.await`: on every runtime flavour, the
+//!   campaign stops, the term ends, the lock is released and the streams and
+//!   callbacks end before it returns (bounded: about one second plus the RPC
+//!   timeout). Use it on SIGTERM and at the end of `main`.
+//! - Dropping the last client handle, or the last [`Leadership`] stream
+//!   while no keep-alive task runs, at any point (the end of `main`
+//!   included): on a multi-thread runtime a leader's drop releases the lock
+//!   before it returns (it blocks that task through `block_in_place`, for one
+//!   release round trip, bounded the same way). On a current-thread runtime,
+//!   inside a `LocalSet`, or for a follower, the release runs in a spawned
+//!   task and completes only if the runtime goes on running. Dropped while
+//!   the runtime itself shuts down, or outside any runtime, the client only
+//!   steps down locally: the lock expires after its TTL.
+//! - [`QuorumQuestClient::release_lock`]: releases, stops the keep-alive
+//!   task; streams go on campaigning.
+//! - A process killed with SIGKILL (or a crash) releases nothing: the lock
+//!   expires after its TTL.
+//!
 //! # What the protocol cannot guarantee
 //!
 //! The service has no fencing token: a leader's writes elsewhere are not

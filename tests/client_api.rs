@@ -498,3 +498,23 @@ fn a_leading_client_dropped_in_a_local_set_or_at_runtime_shutdown_does_not_panic
         start.elapsed()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn keep_alive_started_right_after_acquiring_waits_for_the_renew_interval() {
+    let server = server().await;
+    let client = in_memory(&server, 15).build().await.unwrap();
+    assert!(client.try_acquire_lock().await.unwrap());
+    // The grant was confirmed by one KeepAlive; starting the keep-alive task
+    // must not send another a few milliseconds later.
+    assert_eq!(server.calls(RpcKind::KeepAlive), 1);
+    client.start_keep_alive().await.unwrap();
+    tokio::time::sleep(4 * SEC).await;
+    assert_eq!(
+        server.calls(RpcKind::KeepAlive),
+        1,
+        "no renewal before the renew interval (5 s)"
+    );
+    tokio::time::sleep(2 * SEC).await;
+    assert_eq!(server.calls(RpcKind::KeepAlive), 2, "renewed at 5 s");
+    client.shutdown().await.unwrap();
+}

@@ -1,7 +1,7 @@
 //! The example programs, run as processes: they must end by themselves, exit
 //! with the right status, and print what they promise.
 //!
-//! The examples are built once (`cargo build --features testing --example ..`)
+//! The examples are built once (`cargo build --features testing,metrics --example ..`)
 //! and their paths are taken from cargo's JSON messages, so a custom target
 //! directory works too. Every run has a generous time limit; a run that
 //! overstays it is killed and the test fails with its output.
@@ -29,7 +29,7 @@ fn executables() -> &'static HashMap<String, PathBuf> {
             .args([
                 "build",
                 "--features",
-                "testing",
+                "testing,metrics",
                 "--example",
                 "quorum-quest-example",
                 "--example",
@@ -38,6 +38,8 @@ fn executables() -> &'static HashMap<String, PathBuf> {
                 "pipeline",
                 "--example",
                 "exit",
+                "--example",
+                "metrics",
                 "--message-format=json",
                 "--quiet",
             ])
@@ -317,6 +319,20 @@ fn pipeline_example_stops_leader_work_when_the_term_ends() {
         "changes    leader = true",
         "changes    leader = false",
         "until_lost ended after the first Lost: Elected term 1",
+    ]);
+}
+
+#[test]
+fn metrics_example_prints_a_prometheus_scrape_and_health() {
+    let run = run_example("metrics", &[], LIMIT);
+    run.assert_success();
+    run.assert_stdout_has(&[
+        "# TYPE quorum_quest_leader gauge",
+        "quorum_quest_transitions_total{",
+        "quorum_quest_rpc_duration_seconds",
+        "quorum_quest_renewal_failures_total{",
+        "# alpha: ",
+        "# bravo: ",
     ]);
 }
 
