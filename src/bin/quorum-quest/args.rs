@@ -75,7 +75,7 @@ pub struct Cli {
 pub enum Command {
     /// Campaign for a lock; run CMD while leading, kill it before the lease can expire.
     #[command(after_help = RUN_AFTER)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// An in-memory Quorum Quest server on 127.0.0.1, for trying things locally.
     Server(ServerArgs),
 }

@@ -127,7 +127,7 @@ mod tests {
         argv.extend_from_slice(extra);
         argv.extend_from_slice(&["--", "true"]);
         match crate::args::Cli::parse_from(argv).command {
-            crate::args::Command::Run(a) => a,
+            crate::args::Command::Run(a) => *a,
             crate::args::Command::Server(_) => unreachable!("parsed `run`"),
         }
     }

@@ -67,7 +67,7 @@ fn main() {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            args::Command::Run(a) => run::run(a).await,
+            args::Command::Run(a) => run::run(*a).await,
             args::Command::Server(a) => server::serve(a).await,
         }
     });
