@@ -113,6 +113,14 @@ pub async fn run(args: RunArgs) -> i32 {
         }
     };
     let timing = client.timing();
+    if (args.token_file.is_some() || args.token_env.is_some())
+        && args.server.to_ascii_lowercase().starts_with("http://")
+    {
+        say(
+            "warning: the bearer token travels in clear over http://; use https:// unless the \
+             server is a sidecar on this host",
+        );
+    }
     adopt_orphans();
     say(format!(
         "campaigning for {}/{} on {} as {} (ttl {}s, renew every {}, safety margin {}, kill grace {})",
