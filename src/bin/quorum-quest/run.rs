@@ -5,9 +5,9 @@
 //! stream (renewals re-arm the deadline, a loss stops the command), then
 //! release and exit with the documented code, or campaign again with
 //! `--restart`. Every exit goes through [`QuorumQuestClient::shutdown`]
-//! (capped by the tool); a `--restart` re-campaign resigns the stream only. This loop only decides *what* happens; *when* a signal must
-//! be sent is the supervisor's business, so a slow loop cannot make a kill
-//! late.
+//! (capped by the tool); a `--restart` re-campaign only resigns the stream.
+//! This loop only decides *what* happens; *when* a signal must be sent is
+//! the supervisor's business, so a slow loop cannot make a kill late.
 
 use std::io;
 use std::time::Duration;
