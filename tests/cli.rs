@@ -520,6 +520,209 @@ async fn bad_flags_and_an_unreachable_server_are_clear_errors() {
     assert_eq!(not_found.status.code(), Some(127));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_auth_flags_that_cannot_be_used_are_usage_errors() {
+    let dir = scratch("auth-usage");
+    let out = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["run", "--service", "s", "--domain", "d"])
+            .args(extra)
+            .args(["--", "true"])
+            .output()
+            .expect("runs")
+    };
+    let check = |extra: &[&str], needle: &str| {
+        let o = out(extra);
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+        stderr
+    };
+    let pem = dir.join("some.pem");
+    std::fs::write(&pem, "not a pem").expect("write");
+    let pem = pem.to_str().expect("utf-8 path");
+    check(&["--client-cert", pem], "--client-key");
+    check(&["--client-key", pem], "--client-cert");
+    let missing = dir.join("missing.pem");
+    let missing = missing.to_str().expect("utf-8 path");
+    check(&["--ca-cert", missing], "--ca-cert");
+    check(&["--token-file", missing], "--token-file");
+    let empty = dir.join("empty-token");
+    std::fs::write(&empty, "\n").expect("write");
+    check(&["--token-file", empty.to_str().expect("path")], "empty");
+    check(&["--token-env", "QQ_CLI_TEST_UNSET_VARIABLE"], "not set");
+    check(&["--header", "no-equals-sign"], "KEY=VALUE");
+    check(&["--header", "bad key=v"], "--header");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "hunter2 with spaces\n").expect("write");
+    let stderr = check(&["--token-file", secret.to_str().expect("path")], "token");
+    assert!(
+        !stderr.contains("hunter2"),
+        "the token was printed: {stderr}"
+    );
+    if cfg!(feature = "tls") {
+        // TLS flags with the default http:// server: refused, not plaintext.
+        check(
+            &["--ca-cert", pem, "--server", "http://127.0.0.1:1"],
+            "--server",
+        );
+        check(&["--ca-cert", pem, "--server", "127.0.0.1:1"], "--ca-cert");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// TLS with a private CA, a client certificate and a bearer token, made here
+/// with rcgen (as in tests/tls_auth.rs).
+#[cfg(feature = "tls")]
+mod tls {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+
+    const TOKEN: &str = "s3cret-token";
+
+    struct Pki {
+        ca: String,
+        server: (String, String),
+        client: (String, String),
+    }
+
+    fn pki() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
+        let leaf = |names: Vec<String>, usage| {
+            let mut params = CertificateParams::new(names).expect("params");
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &issuer).expect("signed");
+            (cert.pem(), key.serialize_pem())
+        };
+        Pki {
+            server: leaf(
+                vec!["127.0.0.1".into(), "localhost".into()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            client: leaf(
+                vec!["client.test".into()],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+            ca: issuer.pem(),
+        }
+    }
+
+    /// A mutual-TLS server that wants `TOKEN` and `x-tenant: blue`, and the
+    /// files for the tool.
+    async fn server(pki: &Pki, dir: &Path) -> (TestServer, Vec<String>) {
+        let server = TestServer::builder()
+            .tls(&pki.server.0, &pki.server.1)
+            .client_ca(&pki.ca)
+            .required_token(TOKEN)
+            .start()
+            .await
+            .expect("TLS server");
+        server.set_required_metadata("x-tenant", Some("blue"));
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write");
+            path.to_str().expect("utf-8 path").to_string()
+        };
+        let flags = vec![
+            "--ca-cert".into(),
+            write("ca.pem", &pki.ca),
+            "--client-cert".into(),
+            write("client.pem", &pki.client.0),
+            "--client-key".into(),
+            write("client.key", &pki.client.1),
+            "--header".into(),
+            "x-tenant=blue".into(),
+        ];
+        (server, flags)
+    }
+
+    #[tokio::test]
+    async fn run_with_a_ca_a_client_certificate_and_a_token_file_is_elected_and_runs_the_command() {
+        let dir = scratch("tls-ok");
+        let pki = pki();
+        let (server, mut flags) = server(&pki, &dir).await;
+        let token = dir.join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).expect("token file");
+        flags.extend(["--token-file".into(), token.to_str().expect("path").into()]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mark = dir.join("ran");
+        assert!(server.url().starts_with("https://"));
+        let mut a = Tool::run(
+            &server.url(),
+            "tls",
+            "A",
+            &flags,
+            r#"echo "$QUORUM_QUEST_TERM" > "$MARK""#,
+            &[("MARK", &mark)],
+            &dir,
+        );
+        let status = a.exit(WITHIN).await;
+        let log = a.log();
+        assert_eq!(status.code(), Some(0), "log:\n{log}");
+        assert!(mark.exists(), "the command ran; log:\n{log}");
+        assert!(log.contains("elected"), "{log}");
+        assert!(!log.contains(TOKEN), "the token was printed:\n{log}");
+        let tenure = server
+            .tenures()
+            .into_iter()
+            .find(|t| t.domain == "tls")
+            .expect("A held the lock");
+        assert_eq!(tenure.ended_by, TenureEnd::Released, "log:\n{log}");
+        server.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_wrong_token_is_reported_as_unauthenticated_and_the_tool_exits_125() {
+        let dir = scratch("tls-denied");
+        let pki = pki();
+        let (server, flags) = server(&pki, &dir).await;
+        let wrong = dir.join("wrong-token");
+        std::fs::write(&wrong, "not-the-token-xyz\n").expect("token file");
+        let wrong = wrong.to_str().expect("path").to_string();
+        for (case, extra) in [("missing", vec![]), ("wrong", vec!["--token-file", &wrong])] {
+            let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+            args.extend(extra);
+            let mark = dir.join(format!("{case}.ran"));
+            let mut a = Tool::run(
+                &server.url(),
+                "denied",
+                case,
+                &args,
+                r#"echo ran > "$MARK""#,
+                &[("MARK", &mark)],
+                &dir,
+            );
+            let started = Instant::now();
+            let status = a.exit(WITHIN).await;
+            let took = started.elapsed();
+            let log = a.log();
+            println!("{case} token: exit {:?} after {took:?}", status.code());
+            assert_eq!(status.code(), Some(125), "{case}: log:\n{log}");
+            assert!(log.contains("UNAUTHENTICATED"), "{case}: log:\n{log}");
+            assert!(log.contains("--token-file"), "{case}: log:\n{log}");
+            assert!(
+                !log.contains("not-the-token"),
+                "the token was printed:\n{log}"
+            );
+            assert!(
+                !mark.exists(),
+                "{case}: the command ran without a valid token"
+            );
+        }
+        assert!(server.lock(SERVICE, "denied").is_none());
+        server.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// The README's figures: a few dozen partitions, half with a command that
 /// ignores SIGTERM. `QQ_CLI_ROUNDS` sets the count (default 24).
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Command-line flags, their defaults and the exit codes (`--help` shows all).
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -11,8 +12,8 @@ pub const EXIT_USAGE: i32 = 2;
 /// Leadership was lost (or could no longer be guaranteed) while the command
 /// ran: the command was stopped. Not used with `--restart`.
 pub const EXIT_LOST: i32 = 124;
-/// The tool itself failed: the server could not be reached at start, a port
-/// could not be bound, an internal error.
+/// The tool itself failed: the server could not be reached at start or
+/// rejected its credentials, a port could not be bound, an internal error.
 pub const EXIT_TOOL: i32 = 125;
 /// The command was found but could not be started.
 pub const EXIT_CANNOT_EXECUTE: i32 = 126;
@@ -25,7 +26,9 @@ Exit codes of `run`:
   2        bad flags or values
   124      leadership was lost (or could no longer be guaranteed) while the command ran;
            the command was stopped (not with --restart, which campaigns again)
-  125      the server could not be reached at start, or another failure of the tool
+  125      the server could not be reached at start, or it rejected the credentials
+           (UNAUTHENTICATED / PERMISSION_DENIED while campaigning: the tool does not retry them),
+           or another failure of the tool
   126/127  the command could not be executed / was not found
   128+S    the tool got signal S (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP): it forwarded
            it to the command's process group, waited up to --kill-grace, sent SIGKILL, released
@@ -43,8 +46,19 @@ exits by itself, anything left in its process group is killed, the lock is relea
 exits with the command's code (with --restart: campaigns again and reruns it at the next
 election, never two copies at once).
 
-Example:
-  quorum-quest run --service billing --domain eu-west --ttl 15 -- ./migrate.sh --all";
+TLS and auth: --ca-cert, --client-cert/--client-key and --tls-domain turn TLS on (a bare
+host:port then means https; an http:// server with them is an error). Give the token with
+--token-file (or --token-env), not in a flag, so that it does not show in `ps`; it is sent as
+`authorization: Bearer <token>` and never printed. A token or header the server rejects
+(UNAUTHENTICATED or PERMISSION_DENIED) while campaigning ends the tool with exit code 125 after
+that first rejection, like `consul lock` on a denied ACL: the token is read once, so retrying
+could not help; let a supervisor restart the tool with a fresh one. A rejected renewal while the
+command runs is renewal trouble like any other: the command is stopped by the safe deadline.
+
+Examples:
+  quorum-quest run --service billing --domain eu-west --ttl 15 -- ./migrate.sh --all
+  quorum-quest run --service billing --domain eu-west --server https://quorum.internal:443 \\
+      --ca-cert /etc/quorum/ca.pem --token-file /run/secrets/quorum-token -- ./migrate.sh";
 
 /// Runs a command only while this process leads a Quorum Quest election, and
 /// kills it before anyone else can be elected.
@@ -61,7 +75,7 @@ pub struct Cli {
 pub enum Command {
     /// Campaign for a lock; run CMD while leading, kill it before the lease can expire.
     #[command(after_help = RUN_AFTER)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// An in-memory Quorum Quest server on 127.0.0.1, for trying things locally.
     Server(ServerArgs),
 }
@@ -107,6 +121,55 @@ pub struct RunArgs {
     #[arg(long, short)]
     pub quiet: bool,
 
+    /// Trust the CA certificate(s) in this PEM file instead of the public
+    /// roots (TLS; repeatable).
+    #[arg(long, value_name = "PATH", help_heading = "TLS and auth")]
+    pub ca_cert: Vec<PathBuf>,
+
+    /// Present this client certificate (PEM) for mutual TLS; needs
+    /// --client-key.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "client_key",
+        help_heading = "TLS and auth"
+    )]
+    pub client_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "client_cert",
+        help_heading = "TLS and auth"
+    )]
+    pub client_key: Option<PathBuf>,
+
+    /// Verify the server's certificate against this name instead of the
+    /// --server host (an IP address, a tunnel).
+    #[arg(long, value_name = "NAME", help_heading = "TLS and auth")]
+    pub tls_domain: Option<String>,
+
+    /// Read a bearer token from this file (surrounding whitespace and the
+    /// trailing newline are trimmed) and send `authorization: Bearer
+    /// <token>` with every call. Never printed.
+    #[arg(long, value_name = "PATH", help_heading = "TLS and auth")]
+    pub token_file: Option<PathBuf>,
+
+    /// Read the bearer token from this environment variable instead.
+    #[arg(
+        long,
+        value_name = "VAR",
+        conflicts_with = "token_file",
+        help_heading = "TLS and auth"
+    )]
+    pub token_env: Option<String>,
+
+    /// Send this header with every call (repeatable). Visible in `ps`: put
+    /// secrets in --token-file.
+    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header, help_heading = "TLS and auth")]
+    pub headers: Vec<(String, String)>,
+
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -143,6 +206,17 @@ pub struct ServerArgs {
     pub default_ttl: u64,
 }
 
+/// `KEY=VALUE` (split at the first `=`; the key must not be empty).
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.to_string()))
+        }
+        Some(_) => Err("the header has no name (expected KEY=VALUE)".into()),
+        None => Err("expected KEY=VALUE, like x-tenant=blue".into()),
+    }
+}
+
 /// `2s`, `500ms`, `1.5s`, `1m`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -176,5 +250,17 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("1e999s").is_err());
+    }
+
+    #[test]
+    fn headers_split_at_the_first_equals_sign() {
+        assert_eq!(
+            parse_header("x-tenant=blue"),
+            Ok(("x-tenant".into(), "blue".into()))
+        );
+        assert_eq!(parse_header("k=a=b"), Ok(("k".into(), "a=b".into())));
+        assert_eq!(parse_header("k="), Ok(("k".into(), String::new())));
+        assert!(parse_header("=v").is_err());
+        assert!(parse_header("novalue").is_err());
     }
 }

@@ -6,12 +6,15 @@
 //! `cargo run --features cli --bin quorum-quest -- run --service S --domain D -- CMD`.
 //! Unix only (process groups and signals).
 //!
-//! Layout: `args` (flags, defaults, exit codes), `run` (the main loop over
+//! Layout: `args` (flags, defaults, exit codes), `auth` (TLS and token
+//! flags onto the client builder), `run` (the main loop over
 //! the leadership stream), `supervise` (the command, and the runtime-free
 //! kill path), `server` (`quorum-quest server`), `report` (stderr lines).
 
 #[cfg(unix)]
 mod args;
+#[cfg(unix)]
+mod auth;
 #[cfg(unix)]
 mod report;
 #[cfg(unix)]
@@ -64,7 +67,7 @@ fn main() {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            args::Command::Run(a) => run::run(a).await,
+            args::Command::Run(a) => run::run(*a).await,
             args::Command::Server(a) => server::serve(a).await,
         }
     });

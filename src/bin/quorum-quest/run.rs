@@ -4,14 +4,16 @@
 //! kills it by the term's safe deadline on its own threads), follow the
 //! stream (renewals re-arm the deadline, a loss stops the command), then
 //! release and exit with the documented code, or campaign again with
-//! `--restart`. This loop only decides *what* happens; *when* a signal must
-//! be sent is the supervisor's business, so a slow loop cannot make a kill
-//! late.
+//! `--restart`. Every exit goes through [`QuorumQuestClient::shutdown`]
+//! (capped by the tool); a `--restart` re-campaign only resigns the stream.
+//! This loop only decides *what* happens; *when* a signal must be sent is
+//! the supervisor's business, so a slow loop cannot make a kill late.
 
 use std::io;
 use std::time::Duration;
 
 use futures::StreamExt;
+use quorum_quest_client::tonic::Code;
 use quorum_quest_client::{
     Error, LeaderTerm, Leadership, LeadershipEvent, QuorumQuestClient, Timing,
 };
@@ -84,10 +86,17 @@ pub async fn run(args: RunArgs) -> i32 {
     if let Some(id) = &args.client_id {
         builder = builder.client_id(id.clone());
     }
+    builder = match crate::auth::apply(builder, &args) {
+        Ok(builder) => builder,
+        Err(message) => {
+            fatal(message);
+            return EXIT_USAGE;
+        }
+    };
     let client = match builder.build().await {
         Ok(client) => client,
         Err(Error::InvalidParameter(message)) => {
-            fatal(format!("invalid value: {message}"));
+            fatal(format!("invalid value: {}", name_flag(&message)));
             return EXIT_USAGE;
         }
         Err(e @ (Error::Connection(_) | Error::ConnectTimeout(_))) => {
@@ -104,6 +113,14 @@ pub async fn run(args: RunArgs) -> i32 {
         }
     };
     let timing = client.timing();
+    if (args.token_file.is_some() || args.token_env.is_some())
+        && args.server.to_ascii_lowercase().starts_with("http://")
+    {
+        say(
+            "warning: the bearer token travels in clear over http://; use https:// unless the \
+             server is a sidecar on this host",
+        );
+    }
     adopt_orphans();
     say(format!(
         "campaigning for {}/{} on {} as {} (ttl {}s, renew every {}, safety margin {}, kill grace {})",
@@ -123,7 +140,13 @@ pub async fn run(args: RunArgs) -> i32 {
         timing,
         trouble: false,
     };
-    runner.main_loop(&mut signals).await
+    // The stream lives until the shutdown is over: dropping it while leading
+    // would release on its own, outside the tool's cap.
+    let mut leadership = client.leadership();
+    let code = runner.main_loop(&mut leadership, &mut signals).await;
+    shut_down(&client, timing).await;
+    drop(leadership);
+    code
 }
 
 struct Runner<'a> {
@@ -145,28 +168,26 @@ enum Next {
 }
 
 impl Runner<'_> {
-    async fn main_loop(&mut self, signals: &mut Signals) -> i32 {
-        let mut leadership = self.client.leadership();
+    /// Campaigns and runs the command until the tool must exit; returns
+    /// the exit code (the caller shuts the client down).
+    async fn main_loop(&mut self, leadership: &mut Leadership, signals: &mut Signals) -> i32 {
         let mut pending: Option<LeaderTerm> = None;
         loop {
             let term = match pending.take().filter(LeaderTerm::is_active) {
                 Some(term) => term,
-                None => match self.until_elected(&mut leadership, signals).await {
+                None => match self.until_elected(leadership, signals).await {
                     Ok(term) => term,
-                    Err(code) => {
-                        release(leadership, self.timing).await;
-                        return code;
-                    }
+                    Err(code) => return code,
                 },
             };
-            match self.lead(term, &mut leadership, signals).await {
-                Next::Exit(code) => {
-                    release(leadership, self.timing).await;
-                    return code;
-                }
+            match self.lead(term, leadership, signals).await {
+                Next::Exit(code) => return code,
                 Next::Continue(next) => pending = next,
                 Next::Recampaign => {
-                    release(leadership, self.timing).await;
+                    // The next stream is not polled (so not campaigning)
+                    // until the old one has released.
+                    let old = std::mem::replace(leadership, self.client.leadership());
+                    release(old, self.timing).await;
                     let wait = self.timing.retry_period;
                     say(format!("campaigning again in {}", dur(wait)));
                     tokio::select! {
@@ -176,7 +197,6 @@ impl Runner<'_> {
                             return 128 + sig;
                         }
                     }
-                    leadership = self.client.leadership();
                 }
             }
         }
@@ -201,6 +221,11 @@ impl Runner<'_> {
                         if term.is_active() {
                             return Ok(term);
                         }
+                    } else if let Some(line) = rejected_credentials(&ev) {
+                        // Not leading, nothing running: a rejected token does
+                        // not fix itself (it is read once), so stop here.
+                        fatal(line);
+                        return Err(EXIT_TOOL);
                     } else {
                         self.describe(&ev);
                     }
@@ -427,23 +452,105 @@ fn report_end(program: &str, end: &ChildEnd) {
     say(format!("`{program}` {how} after {}{detail}", dur(end.ran)));
 }
 
-/// Stops campaigning and releases the lock, bounded in time (a partitioned
-/// network must not keep the tool from exiting: the lock then expires).
-async fn release(leadership: Leadership, timing: Timing) {
-    let bound = timing
+/// The tool's cap on a release: the library bounds it by about one second
+/// plus the RPC timeout; a partitioned network must not keep the tool from
+/// exiting (the lock then expires by itself).
+fn release_bound(timing: Timing) -> Duration {
+    timing
         .rpc_timeout
         .saturating_mul(2)
-        .saturating_add(Duration::from_secs(1));
-    match tokio::time::timeout(bound, leadership.resign()).await {
-        Ok(Ok(())) => say("campaign stopped, lock released"),
-        Ok(Err(e)) => say(format!(
+        .saturating_add(Duration::from_secs(1))
+}
+
+/// On the way out: stops campaigning for good, ends the term and releases
+/// the lock ([`QuorumQuestClient::shutdown`]), within [`release_bound`].
+async fn shut_down(client: &QuorumQuestClient, timing: Timing) {
+    let bound = release_bound(timing);
+    let leading = client.is_leader();
+    match tokio::time::timeout(bound, client.shutdown()).await {
+        Ok(Ok(())) if leading => say("campaign stopped, lock released"),
+        Ok(Ok(())) => say("campaign stopped"),
+        Ok(Err(e)) if leading => say(format!(
             "release failed ({}); the lock expires by itself",
-            chain(&e)
+            brief(&e)
+        )),
+        // Not leading: the release only covered an acquire that may have
+        // been granted unanswered.
+        Ok(Err(e)) => say(format!(
+            "campaign stopped (the precautionary release failed: {})",
+            brief(&e)
         )),
         Err(_) => say(format!(
             "release did not complete within {}; the lock expires by itself",
             dur(bound)
         )),
+    }
+}
+
+/// Before a `--restart` re-campaign: resigns this stream (the client stays
+/// usable), releasing the lock within [`release_bound`].
+async fn release(leadership: Leadership, timing: Timing) {
+    let bound = release_bound(timing);
+    match tokio::time::timeout(bound, leadership.resign()).await {
+        Ok(Ok(())) => say("campaign stopped, lock released"),
+        Ok(Err(e)) => say(format!(
+            "release failed ({}); the lock expires by itself",
+            brief(&e)
+        )),
+        Err(_) => say(format!(
+            "release did not complete within {}; the lock expires by itself",
+            dur(bound)
+        )),
+    }
+}
+
+/// The message for a campaign call the server refused for its credentials
+/// (`UNAUTHENTICATED`, `PERMISSION_DENIED`) while not leading, if `ev` is one.
+fn rejected_credentials(ev: &LeadershipEvent) -> Option<String> {
+    let LeadershipEvent::RpcFailed {
+        rpc,
+        code,
+        message,
+        lease_remaining: None,
+    } = ev
+    else {
+        return None;
+    };
+    let name = match code {
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        _ => return None,
+    };
+    Some(format!(
+        "the server refused {rpc:?} with {name} ({message}): check --token-file / --token-env / \
+         --header (and --client-cert); exiting, as retrying with the same credentials cannot help"
+    ))
+}
+
+/// Puts the flag in front of a library `InvalidParameter` message that
+/// names a builder knob (`ca_certificate: ...` -> `--ca-cert: ca_certificate: ...`).
+fn name_flag(message: &str) -> String {
+    const FLAGS: [(&str, &str); 8] = [
+        ("address:", "--server"),
+        ("ttl:", "--ttl"),
+        ("client_id:", "--client-id"),
+        ("ca_certificate:", "--ca-cert"),
+        ("identity:", "--client-cert/--client-key"),
+        ("tls_domain:", "--tls-domain"),
+        ("metadata:", "--header"),
+        ("bearer_token:", "--token-file/--token-env"),
+    ];
+    match FLAGS.iter().find(|(knob, _)| message.starts_with(knob)) {
+        Some((_, flag)) => format!("{flag}: {message}"),
+        None => message.to_string(),
+    }
+}
+
+/// A failed call as `CODE: message`, other errors with their causes.
+fn brief(e: &Error) -> String {
+    match e {
+        Error::Rpc(status) => format!("{:?}: {}", status.code(), status.message()),
+        other => chain(other),
     }
 }
 
