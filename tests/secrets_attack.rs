@@ -22,8 +22,14 @@ async fn a_bad_metadata_value_is_not_quoted_in_the_error() {
             .await
             .expect_err("a newline is not a valid header value");
         for shown in [err.to_string(), format!("{err:?}")] {
-            assert!(!shown.contains("s3cr3t"), "{key}: the value leaked: {shown}");
-            assert!(shown.contains("metadata"), "{key}: the knob is named: {shown}");
+            assert!(
+                !shown.contains("s3cr3t"),
+                "{key}: the value leaked: {shown}"
+            );
+            assert!(
+                shown.contains("metadata"),
+                "{key}: the knob is named: {shown}"
+            );
         }
     }
 }
