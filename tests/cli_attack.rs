@@ -55,12 +55,11 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// The tool is SIGKILLed while its command runs a worker in the background
 /// (`sh -c 'worker & wait'`, the usual shape). The kernel kills the command
-/// (`PR_SET_PDEATHSIG`), but nothing kills the rest of its process group:
-/// the worker goes on with leader work after the lock expires and another
-/// node is elected. The next leader's first heartbeat must come after the
-/// old worker's last one.
+/// (`PR_SET_PDEATHSIG`); before the guard process, nothing killed the rest
+/// of its process group, and the worker went on with leader work after the
+/// lock expired and another node was elected. The next leader's first
+/// heartbeat must come after the old worker's last one.
 #[tokio::test]
-#[ignore = "finding: when the tool is SIGKILLed, only the command dies (PR_SET_PDEATHSIG); its descendants keep running past the next leader's election"]
 async fn a_killed_tools_descendants_die_before_the_next_leader_starts() {
     let server = TestServer::start().await.expect("server");
     let dir = scratch("killed-tool");
