@@ -102,3 +102,80 @@ fn a_leading_client_dropped_in_a_local_set_does_not_trigger_the_panic_hook() {
         "the drop panicked (caught, but the panic hook ran and printed it)"
     );
 }
+
+/// `shutdown()` while another handle's `try_acquire_lock` is in flight (the
+/// server grants it just before the shutdown's release deletes the lock):
+/// afterwards the client must not lead, have a term, or hold the lock, and
+/// the late grant must not make it leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_an_acquire_in_flight_leaves_no_leader_behind() {
+    use quorum_quest_client::RpcKind;
+    let server = server().await;
+    server.set_latency(ms(300));
+    let client = over_tcp(&server.url(), 30).build().await.unwrap();
+    let mut events = client.leadership();
+    let other = client.clone();
+    let acquire = tokio::spawn(async move { other.try_acquire_lock().await });
+    eventually(5 * SEC, "the acquire reached the server", || {
+        server.calls(RpcKind::TryAcquireLock) >= 1
+    })
+    .await;
+    let shut = client.shutdown().await;
+    let acquired = acquire.await.unwrap();
+    println!("shutdown: {shut:?}; the acquire in flight: {acquired:?}");
+    assert!(!matches!(acquired, Ok(true)), "{acquired:?}");
+    assert!(!client.is_leader());
+    assert!(client.current_term().is_none());
+    server.set_latency(Duration::ZERO);
+    eventually(5 * SEC, "no lock held for the shut-down client", || {
+        server.lock(SERVICE, DOMAIN).is_none()
+    })
+    .await;
+    // The stream ended; any Elected it saw was followed by its Lost.
+    let mut leading = false;
+    while let Ok(Some(ev)) =
+        tokio::time::timeout(5 * SEC, futures::StreamExt::next(&mut events)).await
+    {
+        match ev {
+            quorum_quest_client::LeadershipEvent::Elected { .. } => leading = true,
+            quorum_quest_client::LeadershipEvent::Lost { .. } => leading = false,
+            _ => {}
+        }
+    }
+    assert!(!leading, "the stream ended on an Elected without its Lost");
+}
+
+/// Figures: dropping leading clients one after the other while the server
+/// hangs. Each drop waits up to one second plus the RPC timeout, until the
+/// leases run out; then the drops are quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "figures; run with --ignored --nocapture"]
+async fn drop_figures_while_the_server_hangs() {
+    const SHARDS: usize = 10;
+    let server = server().await;
+    let base = over_tcp(&server.url(), 6)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let mut shards = Vec::new();
+    for i in 0..SHARDS {
+        let shard = base.for_scope("hang", format!("s{i}")).unwrap();
+        assert!(shard.try_acquire_lock().await.unwrap());
+        shards.push(shard);
+    }
+    let lease = shards[0].get_remaining_lease().unwrap();
+    server.pause();
+    let start = Instant::now();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let one = Instant::now();
+        drop(shard);
+        println!("drop {i}: {:?}", one.elapsed());
+    }
+    println!(
+        "{SHARDS} leading drops with the server hung: {:?} (lease left at the start {lease:?}, bound per drop {:?})",
+        start.elapsed(),
+        SEC + SEC
+    );
+    server.resume();
+}
