@@ -92,6 +92,20 @@ pub(crate) fn endpoint_for(address: &str, tls: Option<&TlsSettings>) -> Result<E
     if address.is_empty() {
         return Err(Error::invalid("address", "must not be empty"));
     }
+    // `user:password@` is never sent by gRPC, and the address is quoted in
+    // errors and logs: refuse it without quoting it.
+    let authority = address
+        .split_once("://")
+        .map_or(address, |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    if authority.contains('@') {
+        return Err(Error::invalid(
+            "address",
+            "it holds credentials (user:password@), which gRPC never sends; remove them and use bearer_token or metadata (the address is not quoted here)",
+        ));
+    }
     let (url, https) = match address.split_once("://") {
         Some((scheme, _)) => match scheme.to_ascii_lowercase().as_str() {
             "http" => (address.to_string(), false),
@@ -371,13 +385,26 @@ impl CallMetadata {
             )
         })?;
         let mut val: AsciiMetadataValue = value.parse().map_err(|_| {
-            let shown = if sensitive { "<redacted>".to_string() } else { format!("{value:?}") };
+            // Never quote the value (it is often a secret): say where it
+            // goes wrong instead.
+            let at = value
+                .char_indices()
+                .find(|(_, c)| !(c.is_ascii_graphic() || *c == ' ' || *c == '\t'))
+                .map_or(String::new(), |(i, c)| {
+                    format!(" ({} at byte {i})", if c.is_ascii_control() { "a control character" } else { "a non-ASCII character" })
+                });
             Error::invalid(
                 param,
-                format!("value {shown} for key {key:?} is not visible ASCII (no control characters or line breaks)"),
+                format!("the value for key {key:?} is not visible ASCII{at}: no control characters or line breaks (values are never quoted)"),
             )
         })?;
-        val.set_sensitive(sensitive);
+        // Credentials given as plain metadata get the same protection as
+        // `bearer_token` (never indexed by HPACK).
+        let secret_key = matches!(
+            lower.as_str(),
+            "authorization" | "proxy-authorization" | "cookie"
+        );
+        val.set_sensitive(sensitive || secret_key);
         self.entries.retain(|(k, _)| *k != name);
         self.entries.push((name, val));
         Ok(())

@@ -553,14 +553,29 @@ impl Shutdown {
                 // here would abort the process: wait for another thread.
                 let (done, finished) = std::sync::mpsc::channel::<()>();
                 let helper = runtime.clone();
+                // Kept here too, so that a thread that cannot start does
+                // not take the shutdown (and the campaign it must stop) away.
+                let slot = Arc::new(Mutex::new(Some(self)));
+                let theirs = slot.clone();
                 let spawned = std::thread::Builder::new()
                     .name("quorum-quest-exit".into())
                     .spawn(move || {
-                        block_on_bounded(&helper, self.run_logged(), bound);
+                        let taken = lock(&theirs).take();
+                        if let Some(shutdown) = taken {
+                            block_on_bounded(&helper, shutdown, bound);
+                        }
                         let _ = done.send(());
                     });
-                if spawned.is_ok() {
-                    let _ = finished.recv_timeout(bound.saturating_add(STOP_GRACE));
+                match spawned {
+                    Ok(_) => {
+                        let _ = finished.recv_timeout(bound.saturating_add(STOP_GRACE));
+                    }
+                    Err(_) => {
+                        let taken = lock(&slot).take();
+                        if let Some(shutdown) = taken {
+                            runtime.spawn(shutdown.run_logged());
+                        }
+                    }
                 }
             }
             return;
@@ -576,7 +591,7 @@ impl Shutdown {
         let close = self.close;
         let stop = self.campaign.as_ref().map(|c| c.stop.clone());
         let block = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            tokio::task::block_in_place(|| block_on_bounded(runtime, self.run_logged(), bound))
+            tokio::task::block_in_place(|| block_on_bounded(runtime, self, bound))
         }));
         if block.is_ok() {
             return;
@@ -618,24 +633,29 @@ impl Shutdown {
     }
 }
 
-/// Runs `work` on `runtime` from a thread allowed to block, for at most
+/// Runs `shutdown` on `runtime` from a thread allowed to block, for at most
 /// `bound`. The bound is kept by a plain thread, not by the runtime's timer:
 /// when the drop happens while the runtime shuts down, its timer and tasks
-/// are no longer driven, and only a wake-up from outside ends the wait.
-fn block_on_bounded(
-    runtime: &tokio::runtime::Handle,
-    work: impl std::future::Future<Output = ()>,
-    bound: Duration,
-) {
+/// are no longer driven, and only a wake-up from outside ends the wait. That
+/// thread ends as soon as the work does (many drops in a row must not leave
+/// one sleeping thread each). If it cannot be started, the shutdown runs in
+/// the background instead (never dropped unrun: its campaign must stop).
+fn block_on_bounded(runtime: &tokio::runtime::Handle, shutdown: Shutdown, bound: Duration) {
     let (expired, deadline) = futures::channel::oneshot::channel::<()>();
+    let (finished, wait) = std::sync::mpsc::channel::<()>();
     let timer = std::thread::Builder::new()
         .name("quorum-quest-exit".into())
         .spawn(move || {
-            std::thread::sleep(bound);
-            let _ = expired.send(());
+            // Woken early (disconnected) when the work is over.
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(bound) {
+                let _ = expired.send(());
+            }
         });
     if timer.is_err() {
-        tracing::warn!("cannot start a thread to bound the release on drop; not waiting for it");
+        tracing::warn!(
+            "cannot start a thread to bound the release on drop; releasing in the background"
+        );
+        runtime.spawn(shutdown.run_logged());
         return;
     }
     runtime.block_on(async {
@@ -645,11 +665,13 @@ fn block_on_bounded(
             tracing::warn!("dropped while the runtime shuts down: cannot release; the lock expires after its TTL");
             return;
         }
+        let work = shutdown.run_logged();
         futures::pin_mut!(work);
         if let futures::future::Either::Right(_) = futures::future::select(work, deadline).await {
             tracing::warn!(?bound, "the release on drop did not finish in time; the lock expires after its TTL");
         }
     });
+    drop(finished);
 }
 
 #[cfg(all(test, feature = "testing"))]

@@ -17,6 +17,9 @@
 //!   SIGKILL is committed (no later than SIGTERM + grace), even if a renewal
 //!   then gets through.
 //!
+//! - A **guard** process in the command's group (see [`start_guard`]) kills
+//!   the group if the tool itself dies.
+//!
 //! Neither thread needs the runtime, writes to stderr (lines go to the
 //! reporter's channel) or allocates on the way to a signal beyond a log line,
 //! so a busy or stuck runtime cannot delay a kill.
@@ -340,6 +343,19 @@ fn reaper(
         pgid,
         grace,
     });
+    // Held until the group is reaped: if the tool dies, its end closes and
+    // the guard kills the whole group.
+    let guard = match start_guard(pgid) {
+        Ok(guard) => guard,
+        Err(e) => {
+            // Without a guard the descendants would outlive a killed tool.
+            let _ = signal_group(pgid, libc::SIGKILL);
+            let status = reap_group(pgid);
+            tracing::error!(error = %e, ?status, "cannot start the group guard");
+            let _ = started.send(Err(StartError::Spawn(e)));
+            return;
+        }
+    };
     let killer_shared = shared.clone();
     let killer = std::thread::Builder::new()
         .name("qq-killer".into())
@@ -366,6 +382,7 @@ fn reaper(
     // command left behind before reaping it.
     let _ = signal_group(pgid, libc::SIGKILL);
     let status = reap_group(pgid);
+    drop(guard);
     let group_empty = group_gone(pgid, Duration::from_millis(500));
     let _ = end.send(ChildEnd {
         status,
@@ -376,6 +393,31 @@ fn reaper(
         deadline,
         group_empty,
     });
+}
+
+/// The guard: a shell in the command's process group that waits for its
+/// stdin (a pipe only the tool holds) to close, then SIGKILLs its own group.
+/// `PR_SET_PDEATHSIG` kills only the command when the tool dies (SIGKILL,
+/// the OOM killer); the guard kills what the command started too, so no
+/// descendant goes on past the safe deadline. Being a member of the group,
+/// it keeps the group id from being reused while it waits. It ignores the
+/// stop signals the tool forwards, and dies with the group's SIGKILL.
+fn start_guard(pgid: libc::pid_t) -> io::Result<std::process::ChildStdin> {
+    let mut guard = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "trap '' TERM INT HUP QUIT USR1 USR2; read _ ; kill -KILL 0",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(pgid)
+        .spawn()?;
+    // Reaped with the group (`reap_group`); the handle is not used again.
+    guard
+        .stdin
+        .take()
+        .ok_or_else(|| io::Error::other("the guard has no stdin"))
 }
 
 /// Blocks until `pid` has exited, leaving it waitable (a zombie).
