@@ -113,7 +113,14 @@
 //!   before it returns (it blocks that task through `block_in_place`, for one
 //!   release round trip, bounded the same way). On a current-thread runtime,
 //!   inside a `LocalSet`, or for a follower, the release runs in a spawned
-//!   task and completes only if the runtime goes on running. Dropped while
+//!   task and completes only if the runtime goes on running. (Inside a
+//!   `LocalSet` on a multi-thread runtime, `block_in_place` refuses with a
+//!   panic that the client catches, but your panic hook sees it. Built with
+//!   `panic = "abort"`, the client never calls `block_in_place`: it waits on
+//!   a helper thread instead, except on a runtime with a single worker, where
+//!   it releases in the background.) Many leading clients dropped one after
+//!   the other during a server outage wait up to the RPC timeout each (about
+//!   one TTL in all): call `shutdown()` on them concurrently instead. Dropped while
 //!   the runtime itself shuts down, or outside any runtime, the client only
 //!   steps down locally: the lock expires after its TTL.
 //! - [`QuorumQuestClient::release_lock`]: releases, stops the keep-alive

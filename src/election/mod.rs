@@ -548,6 +548,10 @@ impl Shutdown {
             let bound = STOP_GRACE.saturating_add(self.session.timing.rpc_timeout);
             if cfg!(panic = "unwind") {
                 self.block_in_place(&runtime, bound);
+            } else if runtime.metrics().num_workers() < 2 {
+                // Without `block_in_place`, blocking the one worker would
+                // stall the very tasks the release needs.
+                runtime.spawn(self.run_logged());
             } else {
                 // `block_in_place` panics inside a `LocalSet`, and a panic
                 // here would abort the process: wait for another thread.
