@@ -722,6 +722,67 @@ mod tls {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+/// The tool is SIGKILLed (or OOM-killed) while its command runs a worker in
+/// the background (`sh -c 'worker & wait'`, the usual shape). The kernel
+/// kills the command itself (`PR_SET_PDEATHSIG`); the guard process kills
+/// the rest of its group. The worker must be dead, and its last heartbeat
+/// before the next leader's first.
+#[tokio::test]
+async fn a_killed_tools_descendants_die_before_the_next_leader_starts() {
+    let server = TestServer::start().await.expect("server");
+    let dir = scratch("killed-tool");
+    let (a_hb, b_hb, gc_pid) = (dir.join("a.hb"), dir.join("b.hb"), dir.join("gc.pid"));
+    let worker = r#"(while :; do date +%s%N >> "$HB"; sleep 0.01; done) &
+        echo $! > "$GCPID"
+        wait"#;
+    let url = server.url();
+    let mut a = Tool::run(
+        &url,
+        "killed-tool",
+        "A",
+        &[],
+        worker,
+        &[("HB", &a_hb), ("GCPID", &gc_pid)],
+        &dir,
+    );
+    has_beats(&a_hb).await;
+    let read_pid = || {
+        std::fs::read_to_string(&gc_pid)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    };
+    eventually("the worker's pid is written", || read_pid().is_some()).await;
+    let worker_pid = read_pid().expect("pid");
+
+    a.signal(libc::SIGKILL);
+    let _ = a.child.wait();
+    let b_gc = dir.join("b.pid");
+    let _b = Tool::run(
+        &url,
+        "killed-tool",
+        "B",
+        &[],
+        worker,
+        &[("HB", &b_hb), ("GCPID", &b_gc)],
+        &dir,
+    );
+    has_beats(&b_hb).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let a_last = beats(&a_hb).last().copied().unwrap_or(0);
+    let b_first = beats(&b_hb).first().copied().unwrap_or(0);
+    // SAFETY: kill(pid, 0) only checks that the process exists.
+    let a_worker_alive = unsafe { libc::kill(worker_pid, 0) } == 0;
+    if a_worker_alive {
+        // SAFETY: a process this test started; cleaned up before asserting.
+        unsafe { libc::kill(worker_pid, libc::SIGKILL) };
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        a_last < b_first && !a_worker_alive,
+        "A's worker (pid {worker_pid}, alive: {a_worker_alive}) beat {:.1} ms after B's first beat: two leaders",
+        (a_last as f64 - b_first as f64) / 1e6
+    );
+}
 
 /// The README's figures: a few dozen partitions, half with a command that
 /// ignores SIGTERM. `QQ_CLI_ROUNDS` sets the count (default 24).
