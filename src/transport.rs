@@ -40,7 +40,10 @@
 //!   ([`is_timeout`]), [`Transport::call_timed_out`] replaces the channel
 //!   with a fresh lazy one, at most once per `redial_after` (the call
 //!   timeout), so the next call dials a new connection instead of queueing
-//!   behind a dead one.
+//!   behind a dead one. Only a call that was on the wire counts: calls wait
+//!   for a slot in the connection's [admission queue](crate::admission)
+//!   first, and their timeout starts when they leave it, so local queueing
+//!   never looks like a dead connection.
 //!
 //! A user-supplied [`Endpoint`] (`ClientBuilder::endpoint`) is owned and
 //! redialed like an address, but its settings are the user's: the library adds
@@ -49,13 +52,14 @@
 //! when it has one. A user-supplied [`Channel`] (`ClientBuilder::channel`) is
 //! used as is and never redialed.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
+use crate::admission::{Admission, DEFAULT_MAX_CONCURRENT_CALLS};
 use crate::config::Timing;
 use crate::error::{Error, Result};
 
@@ -224,6 +228,9 @@ pub(crate) struct Transport {
     /// What names this connection in the identity registry: the endpoint's
     /// URI, or a number of its own for a channel the user handed us.
     name: String,
+    /// The cap on calls in flight and the queue of the others
+    /// ([`crate::admission`]).
+    admission: Arc<Admission>,
 }
 
 #[derive(Debug)]
@@ -288,7 +295,19 @@ impl Transport {
                     CHANNELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 ),
             },
+            admission: Admission::new(DEFAULT_MAX_CONCURRENT_CALLS),
         }
+    }
+
+    /// Lets at most `cap` calls be in flight on this connection at once.
+    pub(crate) fn with_max_concurrent_calls(mut self, cap: usize) -> Self {
+        self.admission = Admission::new(cap);
+        self
+    }
+
+    /// The admission queue every call on this connection goes through.
+    pub(crate) fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// What names this connection in the identity registry
