@@ -7,14 +7,25 @@
 //! cargo run --release --features testing --example scale -- --n 1000,5000 --ttl 15 --window 8
 //! ```
 //!
-//! For each N, two child processes run one after the other (so that each
-//! measures its own memory): the raw-stub baseline (one task per lock:
-//! acquire until granted, confirm with a `KeepAlive`, then keep alive every
-//! renew interval, timed from the previous send) and the client (one
-//! `for_scope` client per lock on one connection, each followed by its
-//! `leadership()` stream, all read by one task). Both create all N elections
-//! at once and then keep them through a steady-state window. Printed, beside
-//! each other with the client/stub ratio:
+//! For each N, three child processes run one after the other (so that each
+//! measures its own memory):
+//!
+//! - `stub`: the raw-stub baseline, one task per lock: acquire until granted,
+//!   confirm with a `KeepAlive`, then keep alive every renew interval, timed
+//!   from the previous send; its calls are bounded by a plain 100-permit
+//!   semaphore (without it, a cold start of 100,000 floods the connection
+//!   and it never elects them all). Its renewals stay in lockstep.
+//! - `spread`: the same loop with the client's renewal jitter (each renewal
+//!   up to a tenth of the interval early, at random): renewals spread out
+//!   instead of coming in one burst per interval, which costs more CPU per
+//!   renewal (fewer calls share a wake-up and a write), so CPU is compared
+//!   like with like.
+//! - `client`: one `for_scope` client per lock on one connection, each
+//!   followed by its `leadership()` stream, all read by one task.
+//!
+//! Each creates all N elections at once and then keeps them through a
+//! steady-state window. Printed, beside each other with the client/stub
+//! ratios:
 //!
 //! - time until all N were elected;
 //! - failed calls (`RpcFailed` events / stub errors) and losses;
@@ -223,7 +234,7 @@ fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     for (round, &n) in args.n.iter().enumerate() {
         let mut results = Vec::new();
-        for variant in ["stub", "client"] {
+        for variant in ["stub", "spread", "client"] {
             let before = server.connections()?;
             let service = format!("scale-{round}-{variant}");
             let out = Command::new(std::env::current_exe()?)
@@ -249,15 +260,35 @@ fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             figures.redials = server.connections()?.saturating_sub(before + 1);
             results.push(figures);
         }
-        let (stub, client) = (&results[0], &results[1]);
-        println!("\nN = {n} created at once          client      raw stub    client/stub");
+        let (stub, spread, client) = (&results[0], &results[1], &results[2]);
+        println!(
+            "\nN = {n:<7} created at once    client    raw stub  stub+jitter  client/stub  client/stub+jitter"
+        );
         let row = |what: &str, c: f64, s: f64, digits: usize| {
-            let ratio = if s > 0.0 {
-                format!("{:.2}x", c / s)
-            } else {
-                "-".into()
+            let j = match what {
+                "elected (of N)" => spread.elected as f64,
+                "time to elect all (s)" => spread.elect_secs,
+                "failed calls" => spread.failed as f64,
+                "losses" => spread.lost as f64,
+                "redials" => spread.redials as f64,
+                "bytes per election" => spread.bytes_per_election,
+                "renewals in the window" => spread.renewals as f64,
+                "CPU per renewal (us)" => spread.cpu_us_per_renewal,
+                "renewal lateness p50 (ms)" => spread.late_p50_ms,
+                _ => spread.late_p99_ms,
             };
-            println!("  {what:<26} {c:>10.digits$}  {s:>10.digits$}  {ratio:>10}");
+            let ratio = |base: f64| {
+                if base > 0.0 {
+                    format!("{:.2}x", c / base)
+                } else {
+                    "-".into()
+                }
+            };
+            println!(
+                "  {what:<26} {c:>10.digits$}  {s:>10.digits$}  {j:>11.digits$}  {:>11}  {:>18}",
+                ratio(s),
+                ratio(j)
+            );
         };
         row(
             "elected (of N)",
@@ -361,7 +392,8 @@ fn run_child(args: &Args, variant: &str) -> Result<(), Box<dyn std::error::Error
     let rt = tokio::runtime::Runtime::new()?;
     let run = rt.block_on(async {
         match variant {
-            "stub" => run_stub(args, n, &url, &service).await,
+            "stub" => run_stub(args, n, &url, &service, false).await,
+            "spread" => run_stub(args, n, &url, &service, true).await,
             _ => run_client(args, n, &url, &service).await,
         }
     })?;
@@ -483,9 +515,12 @@ async fn run_stub(
     n: usize,
     url: &str,
     service: &str,
+    jitter: bool,
 ) -> Result<Run, Box<dyn std::error::Error>> {
     let ttl = Duration::from_secs(args.ttl);
     let interval = ttl / 3;
+    // What a careful hand-written loop does: bound the calls in flight.
+    let permits = Arc::new(tokio::sync::Semaphore::new(100));
     let rss0 = rss_bytes();
     let started = Instant::now();
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
@@ -502,6 +537,7 @@ async fn run_stub(
     let client_id: Arc<str> = format!("stub-{}", std::process::id()).into();
     for i in 0..n {
         let mut stub = stub.clone();
+        let permits = permits.clone();
         let (elected, failed, renewals, lateness, all_elected, counting) = (
             elected.clone(),
             failed.clone(),
@@ -527,7 +563,10 @@ async fn run_stub(
                 ttl: ttl_secs,
             };
             loop {
-                match stub.try_acquire_lock(acquire.clone()).await {
+                let permit = permits.acquire().await;
+                let answer = stub.try_acquire_lock(acquire.clone()).await;
+                drop(permit);
+                match answer {
                     Ok(r) if r.get_ref().is_leader => break,
                     Ok(_) => tokio::time::sleep(Duration::from_secs(2)).await,
                     Err(_) => {
@@ -539,7 +578,9 @@ async fn run_stub(
             let mut sent = Instant::now();
             let mut confirmed = false;
             loop {
+                let permit = permits.acquire().await;
                 let ok = stub.keep_alive(keep.clone()).await.is_ok();
+                drop(permit);
                 if !ok {
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -557,7 +598,12 @@ async fn run_stub(
                     } else {
                         Duration::from_millis(100)
                     };
-                tokio::time::sleep_until(due).await;
+                let early = if jitter && ok {
+                    (interval / 10).mul_f64(fastrand::f64())
+                } else {
+                    Duration::ZERO
+                };
+                tokio::time::sleep_until(due - early).await;
                 sent = Instant::now();
                 if ok && counting.load(Ordering::Relaxed) {
                     if let Ok(mut l) = lateness.lock() {

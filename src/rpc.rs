@@ -330,7 +330,8 @@ impl Rpc {
                 };
             };
             queue_until = Some(end);
-            let client = LeaderElectionServiceClient::new(self.transport.channel());
+            let (channel, connection) = self.transport.channel();
+            let client = LeaderElectionServiceClient::new(channel);
             let mut request = Request::new(req.clone());
             request.set_timeout(left);
             let result = match tokio::time::timeout(left, f(client, request)).await {
@@ -341,13 +342,17 @@ impl Rpc {
             };
             // The slot is free for the next call (a retry queues again).
             drop(permit);
+            if result.is_ok() {
+                self.transport.answered(connection);
+            }
             if let Err(status) = &result {
                 // tonic's own deadline (from the request's grpc-timeout) may
                 // fire first and say `Cancelled`: a failure at or past the
                 // budget is a time-out either way, and the connection may be
-                // dead: dial a fresh one for the next call.
+                // dead: dial a fresh one for the next call (unless it
+                // answers other calls).
                 if crate::transport::is_timeout(status, sent_at, left, Instant::now()) {
-                    self.transport.call_timed_out();
+                    self.transport.call_timed_out(connection, sent_at);
                 }
             }
             let pause = TRANSPORT_RETRY_PAUSE.saturating_mul(attempts);

@@ -98,7 +98,9 @@ pub(crate) fn campaign(
                         _ = stop.cancelled() => break,
                         // A queued attempt costs nothing: it waits for a
                         // free call slot as long as it takes.
-                        out = session.try_acquire(Wait::Unbounded) => out,
+                        // Boxed: an idle election (most of them, most of
+                        // the time) does not carry a call's state.
+                        out = Box::pin(session.try_acquire(Wait::Unbounded)) => out,
                     };
                     for ev in events {
                         yield ev;
@@ -127,7 +129,7 @@ pub(crate) fn campaign(
                                 tokio::select! {
                                     biased;
                                     _ = stop.cancelled() => break,
-                                    () = session.settle_unknown_acquire() => {}
+                                    () = Box::pin(session.settle_unknown_acquire()) => {}
                                 }
                             }
                             session.backoff().after_failure_as_follower(failures, class)
@@ -169,7 +171,7 @@ pub(crate) fn campaign(
                         _ = stop.cancelled() => break,
                         // Waits for a call slot (ahead of followers) and
                         // for its answer no later than the deadline.
-                        out = session.keep_alive(timing.rpc_timeout, Wait::Until(until)) => out,
+                        out = Box::pin(session.keep_alive(timing.rpc_timeout, Wait::Until(until))) => out,
                     };
                     for ev in events {
                         yield ev;
