@@ -575,10 +575,19 @@ async fn run_stub(
                     }
                 }
             }
-            let mut sent = Instant::now();
+            // The nominal due instant of the next renewal (the previous
+            // send plus the interval), after a successful one.
+            let mut due: Option<Instant> = None;
             let mut confirmed = false;
             loop {
                 let permit = permits.acquire().await;
+                // Timed like the client's: the send, after the local queue.
+                let sent = Instant::now();
+                if let Some(due) = due.filter(|_| counting.load(Ordering::Relaxed)) {
+                    if let Ok(mut l) = lateness.lock() {
+                        l.push(sent.saturating_duration_since(due));
+                    }
+                }
                 let ok = stub.keep_alive(keep.clone()).await.is_ok();
                 drop(permit);
                 if !ok {
@@ -592,24 +601,19 @@ async fn run_stub(
                 } else if ok && counting.load(Ordering::Relaxed) {
                     renewals.fetch_add(1, Ordering::Relaxed);
                 }
-                let due = sent
+                let next = sent
                     + if ok {
                         interval
                     } else {
                         Duration::from_millis(100)
                     };
+                due = ok.then_some(next);
                 let early = if jitter && ok {
                     (interval / 10).mul_f64(fastrand::f64())
                 } else {
                     Duration::ZERO
                 };
-                tokio::time::sleep_until(due - early).await;
-                sent = Instant::now();
-                if ok && counting.load(Ordering::Relaxed) {
-                    if let Ok(mut l) = lateness.lock() {
-                        l.push(sent.saturating_duration_since(due));
-                    }
-                }
+                tokio::time::sleep_until(next - early).await;
             }
         });
     }

@@ -57,8 +57,8 @@ async fn elect_all(shards: &[QuorumQuestClient], within: Duration) -> (Tally, St
 }
 
 /// N locks created at once on one connection to a `TestServer` over loopback
-/// TCP (debug build on a busy 2-core machine: measured 5 to 10 s, see the
-/// printed figure; the bound is generous).
+/// TCP (debug build on a busy 2-core machine: about 3 s for the whole test,
+/// see the printed figure; the 60 s bound is generous).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_elections_created_at_once_are_all_elected_with_no_failed_call_and_no_redial()
 {

@@ -173,6 +173,11 @@ pub(crate) fn campaign(
                         // for its answer no later than the deadline.
                         out = Box::pin(session.keep_alive(timing.rpc_timeout, Wait::Until(until))) => out,
                     };
+                    // The lease this answer published is taken into account
+                    // by the next step (computed from the state, after this
+                    // line): no need to wake up again for it. A change after
+                    // this line still wakes the wait below.
+                    lease.borrow_and_update();
                     for ev in events {
                         yield ev;
                     }
