@@ -42,11 +42,18 @@
 //! | Leader, Transient or Permanent failure *n*, `left` before the deadline | min(equal jitter of min(100 ms × 2ⁿ⁻¹, renew interval), left / 2) |
 //! | Leader, Overloaded failure *n* | the same from 400 ms |
 //! | Leader, less than 2 × 50 ms left | no retry: step down at the deadline |
+//! | Leader, next renewal | the renew interval minus uniform [0, renew interval / 10] |
 //!
 //! "Equal jitter" is uniform in [step / 2, step]: at least half the step, so
 //! a failing server sees a real backoff, and randomised, so that many
 //! clients failed by one outage do not retry in lockstep. Every wait is at
 //! least [`MIN_SPACING`] (50 ms).
+//!
+//! A leader's renewal is only ever moved *earlier*: the state machine's
+//! `renew_due` rule (at most the renew interval, at most half the lease)
+//! is applied to the shortened interval, so a renewal is never later than
+//! without jitter. Elections elected together (a cold start of many shards)
+//! would otherwise renew in lockstep for ever, one burst per interval.
 //!
 //! A follower's jitter never exceeds the retry period, because users read
 //! "retry period 1 s" as "a standby notices a free lock within 1 s".
@@ -84,6 +91,10 @@ pub(crate) const TRANSPORT_ATTEMPTS: u32 = 3;
 /// for the channel to take in the GOAWAY and reconnect, short against any
 /// lease.
 pub(crate) const TRANSPORT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// A renewal goes out up to renew interval / this much early (see
+/// [`Backoff::renew_early`]).
+pub(crate) const RENEW_JITTER_DIVISOR: u32 = 10;
 
 /// The lower bound of a follower's jittered wait, in fifths of the period
 /// (so 4 → 0.8 × period).
@@ -214,6 +225,14 @@ impl Backoff {
         Some(backoff.min(left / 2).max(self.min_spacing))
     }
 
+    /// How much earlier than the renew interval the next renewal goes out:
+    /// uniform in [0, renew interval / [`RENEW_JITTER_DIVISOR`]]. Only ever
+    /// earlier, so the renewal stays inside the safe window; drawn once per
+    /// renewal, so elections elected together drift apart.
+    pub(crate) fn renew_early(&mut self) -> Duration {
+        self.random_share(self.renew_interval / RENEW_JITTER_DIVISOR)
+    }
+
     fn overload_base(&self) -> Duration {
         self.base.saturating_mul(OVERLOAD_FACTOR)
     }
@@ -291,6 +310,63 @@ mod tests {
             assert_eq!(classify(code), Class::Permanent, "{code:?}");
         }
         assert_eq!(classify(Code::ResourceExhausted), Class::Overloaded);
+    }
+
+    #[test]
+    fn renewal_jitter_only_ever_moves_a_renewal_earlier_by_at_most_a_tenth() {
+        use crate::state::{ElectionState, Observation};
+        for interval_ms in [0, 1, 50, 999, 1_000, 5_000, 20_000] {
+            let interval = MS * interval_ms;
+            let mut b = seeded(MS * 2_000, interval, u64::from(interval_ms));
+            let (mut lo, mut hi) = (Duration::MAX, Duration::ZERO);
+            for _ in 0..2_000 {
+                let early = b.renew_early();
+                assert!(early <= interval / 10, "{early:?} of {interval:?}");
+                lo = lo.min(early);
+                hi = hi.max(early);
+            }
+            // It really spreads (over most of the allowed range).
+            if interval_ms >= 50 {
+                assert!(
+                    lo < interval / 100 && hi > interval / 10 * 9 / 10,
+                    "{lo:?}..{hi:?}"
+                );
+            }
+        }
+        // Applied to the state machine's rule, the renewal is never later
+        // than without jitter, and never sooner than the minimum spacing.
+        let ttl = Duration::from_secs(15);
+        for (interval, lease) in [(5, 15), (5, 4), (1, 15), (14, 15)] {
+            let interval = Duration::from_secs(interval);
+            let (_tx, rx) = tokio::sync::watch::channel(Default::default());
+            let mut state = ElectionState::new(ttl, MS * 1_500, rx);
+            let t0 = tokio::time::Instant::now();
+            state.apply(
+                Observation::Granted {
+                    sent_at: t0,
+                    incarnation: 0,
+                },
+                t0,
+            );
+            state.apply(
+                Observation::Renewed {
+                    sent_at: t0,
+                    incarnation: 0,
+                    lease: Duration::from_secs(lease),
+                },
+                t0,
+            );
+            let plain = state.renew_due(interval).expect("leader");
+            let mut b = seeded(MS * 2_000, interval, 7);
+            for _ in 0..500 {
+                let due = state
+                    .renew_due(interval.saturating_sub(b.renew_early()))
+                    .expect("leader");
+                assert!(due <= plain, "{interval:?}: {due:?} > {plain:?}");
+                assert!(due >= t0 + MIN_SPACING);
+                assert!(plain.duration_since(due) <= interval / 10);
+            }
+        }
     }
 
     #[test]

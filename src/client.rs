@@ -7,6 +7,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
+use crate::admission::Wait;
 use crate::callbacks::{drive_callbacks, Callbacks};
 use crate::config::{check_max, Scope, Timing, TimingOverrides, DEFAULT_CONNECT_TIMEOUT};
 use crate::election::{Leadership, Session};
@@ -169,14 +170,15 @@ impl QuorumQuestClient {
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let session = &self.inner.session;
         session.check_open()?;
-        let (answer, _) = session.try_acquire().await;
+        let wait = Wait::AtMost(session.timing.rpc_timeout);
+        let (answer, _) = session.try_acquire(wait).await;
         if !answer.result.map_err(Error::Rpc)? {
             return Ok(session.is_leader());
         }
         // `TryAcquireLock` does not say how long the server keeps the lock
         // (it may grant less than asked): one `KeepAlive` tells, and only its
         // answer makes this client leader.
-        let (confirm, _) = session.keep_alive(session.timing.rpc_timeout).await;
+        let (confirm, _) = session.keep_alive(session.timing.rpc_timeout, wait).await;
         confirm.result.map_err(Error::Rpc)?;
         Ok(session.is_leader())
     }
@@ -410,6 +412,7 @@ pub struct ClientBuilder {
     metadata: CallMetadata,
     /// The first bad `metadata`/`bearer_token`, reported by `build()`.
     metadata_error: Option<Error>,
+    max_concurrent_calls: Option<usize>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -441,6 +444,7 @@ impl ClientBuilder {
             tls: None,
             metadata: CallMetadata::default(),
             metadata_error: None,
+            max_concurrent_calls: None,
         }
     }
 
@@ -772,6 +776,23 @@ impl ClientBuilder {
         self
     }
 
+    /// The most calls in flight at once on this client's connection, shared
+    /// by every client on it ([`for_scope`](QuorumQuestClient::for_scope),
+    /// [`share_connection`](Self::share_connection)); default
+    /// [`DEFAULT_MAX_CONCURRENT_CALLS`](crate::DEFAULT_MAX_CONCURRENT_CALLS)
+    /// (100). Further calls wait in a local queue, leaders' renewals and
+    /// releases ahead of followers' attempts, and a call's timeout starts
+    /// only when it leaves the queue. Keep it at or below the server's
+    /// HTTP/2 `max_concurrent_streams`.
+    ///
+    /// Must be at least 1; it cannot be combined with
+    /// [`share_connection`](Self::share_connection) (the connection keeps the
+    /// cap it was opened with).
+    pub fn max_concurrent_calls(mut self, max: usize) -> Self {
+        self.max_concurrent_calls = Some(max);
+        self
+    }
+
     /// Validates everything, then connects (unless lazy or given a channel).
     ///
     /// # Errors
@@ -793,6 +814,24 @@ impl ClientBuilder {
         if let Some(err) = self.metadata_error {
             return Err(err);
         }
+        match (self.max_concurrent_calls, &self.connection) {
+            (Some(0), _) => {
+                return Err(Error::invalid(
+                    "max_concurrent_calls",
+                    "must be at least 1 (got 0)",
+                ))
+            }
+            (Some(_), Connection::Shared(..)) => {
+                return Err(Error::invalid(
+                    "max_concurrent_calls",
+                    "cannot be set with share_connection: a shared connection keeps the cap it was opened with",
+                ))
+            }
+            _ => {}
+        }
+        let cap = self
+            .max_concurrent_calls
+            .unwrap_or(crate::admission::DEFAULT_MAX_CONCURRENT_CALLS);
         let dialing = Dialing::for_timing(scope.ttl(), &timing, self.connect_timeout);
         let tls = self.tls.as_ref();
         let mut metadata = self.metadata;
@@ -835,10 +874,14 @@ impl ClientBuilder {
         // panicking inside tokio.
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let transport = match plan {
-            Plan::Open(endpoint, dialing, lazy) => {
-                Arc::new(Transport::open(*endpoint, dialing, lazy).await?)
+            Plan::Open(endpoint, dialing, lazy) => Arc::new(
+                Transport::open(*endpoint, dialing, lazy)
+                    .await?
+                    .with_max_concurrent_calls(cap),
+            ),
+            Plan::Channel(channel) => {
+                Arc::new(Transport::from_channel(channel).with_max_concurrent_calls(cap))
             }
-            Plan::Channel(channel) => Arc::new(Transport::from_channel(channel)),
             Plan::Shared(transport) => transport,
         };
         let rpc = Rpc::new(transport, Arc::new(scope))?.with_metadata(metadata);

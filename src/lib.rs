@@ -175,6 +175,7 @@
     allow(rustdoc::broken_intra_doc_links)
 )]
 
+mod admission;
 mod backoff;
 mod callbacks;
 mod client;
@@ -206,6 +207,7 @@ pub mod proto;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
+pub use admission::DEFAULT_MAX_CONCURRENT_CALLS;
 pub use async_trait::async_trait;
 pub use tokio_util::sync::CancellationToken;
 pub use tonic;

@@ -3,6 +3,13 @@
 //! The send instant is taken just before the request is handed to the
 //! transport, so it is never later than the moment the server acts on it: a
 //! lease timed from it is conservative.
+//!
+//! Every call first waits for a slot in its connection's
+//! [admission queue](crate::admission) (a leader's renewal and releases ahead
+//! of followers' attempts). The send instant is taken, and the call's timeout
+//! starts, only once the call has its slot: a call is timed from when it was
+//! sent, not from when it was queued, and one that gives up while queued never
+//! reached the connection (it does not count towards a redial).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,6 +20,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::admission::{Priority, Wait};
 use crate::backoff::{classify, Class, TRANSPORT_ATTEMPTS, TRANSPORT_RETRY_PAUSE};
 use crate::config::Scope;
 use crate::event::RpcKind;
@@ -206,7 +214,12 @@ impl Rpc {
         &self.transport
     }
 
-    pub(crate) async fn try_acquire(&self, incarnation: u32, timeout: Duration) -> Answer<bool> {
+    pub(crate) async fn try_acquire(
+        &self,
+        incarnation: u32,
+        timeout: Duration,
+        wait: Wait,
+    ) -> Answer<bool> {
         let s = &self.scope;
         let req = TryAcquireLockRequest {
             service: s.service.clone(),
@@ -217,7 +230,7 @@ impl Rpc {
         self.call(
             RpcKind::TryAcquireLock,
             incarnation,
-            timeout,
+            (timeout, wait),
             req,
             |mut c, r| async move { c.try_acquire_lock(r).await },
         )
@@ -229,6 +242,7 @@ impl Rpc {
         &self,
         incarnation: u32,
         timeout: Duration,
+        wait: Wait,
     ) -> Answer<LeaseAnswer> {
         let s = &self.scope;
         let req = KeepAliveRequest {
@@ -240,7 +254,7 @@ impl Rpc {
         self.call(
             RpcKind::KeepAlive,
             incarnation,
-            timeout,
+            (timeout, wait),
             req,
             |mut c, r| async move { c.keep_alive(r).await },
         )
@@ -248,7 +262,12 @@ impl Rpc {
         .map(|r| lease_answer(r.lease_length))
     }
 
-    pub(crate) async fn release(&self, incarnation: u32, timeout: Duration) -> Answer<()> {
+    pub(crate) async fn release(
+        &self,
+        incarnation: u32,
+        timeout: Duration,
+        wait: Wait,
+    ) -> Answer<()> {
         let s = &self.scope;
         let req = ReleaseLockRequest {
             service: s.service.clone(),
@@ -258,7 +277,7 @@ impl Rpc {
         self.call(
             RpcKind::ReleaseLock,
             incarnation,
-            timeout,
+            (timeout, wait),
             req,
             |mut c, r| async move { c.release_lock(r).await },
         )
@@ -273,11 +292,15 @@ impl Rpc {
     /// service is idempotent, and the send instant is that of the attempt
     /// that answered, so the lease stays conservative. `attempts` tells the
     /// caller whether an earlier copy of the request may still be on its way.
+    ///
+    /// Each attempt first waits for a slot on the connection (`wait` bounds
+    /// how long the first one may wait); the `timeout` budget starts when the
+    /// first attempt is sent, and never runs past a [`Wait::Until`] instant.
     async fn call<Req, Resp, F, Fut>(
         &self,
         rpc: RpcKind,
         incarnation: u32,
-        timeout: Duration,
+        (timeout, wait): (Duration, Wait),
         req: Req,
         f: F,
     ) -> Answer<Resp>
@@ -286,13 +309,53 @@ impl Rpc {
         F: Fn(LeaderElectionServiceClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let budget_end = crate::time::after(Instant::now(), timeout);
+        let priority = match rpc {
+            RpcKind::TryAcquireLock => Priority::Normal,
+            RpcKind::KeepAlive | RpcKind::ReleaseLock => Priority::Urgent,
+        };
+        let queued_at = Instant::now();
+        let mut queue_until = wait.queue_deadline(queued_at);
+        // Set when the first attempt is sent.
+        let mut budget_end: Option<Instant> = None;
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let client = LeaderElectionServiceClient::new(self.transport.channel());
+            let admitted = self
+                .transport
+                .admission()
+                .admit(priority, queue_until)
+                .await;
+            // The send instant: after the queue, before the request is handed
+            // to the connection (so never later than its transmission).
             let sent_at = Instant::now();
-            let left = budget_end.saturating_duration_since(sent_at);
+            let end = *budget_end.get_or_insert_with(|| {
+                let end = crate::time::after(sent_at, timeout);
+                wait.hard_end().map_or(end, |hard| end.min(hard))
+            });
+            let left = end.saturating_duration_since(sent_at);
+            let Some(permit) = admitted.filter(|_| !left.is_zero()) else {
+                // Never sent: says nothing about the connection.
+                let waited = sent_at.saturating_duration_since(queued_at);
+                tracing::debug!(
+                    ?rpc,
+                    attempts,
+                    ?waited,
+                    "no free call slot on the connection in time"
+                );
+                return Answer {
+                    sent_at,
+                    incarnation,
+                    attempts,
+                    result: Err(Status::deadline_exceeded(format!(
+                        "{rpc:?}: not sent: no free call slot on the connection within {waited:?} \
+                         (at most {} calls in flight)",
+                        self.transport.admission().cap()
+                    ))),
+                };
+            };
+            queue_until = Some(end);
+            let (channel, connection) = self.transport.channel();
+            let client = LeaderElectionServiceClient::new(channel);
             let mut request = Request::new(req.clone());
             request.set_timeout(left);
             let attempt = RpcAttempt::start(&self.span, rpc, attempts);
@@ -308,16 +371,21 @@ impl Rpc {
                     }
                 }
             };
+            // The slot is free for the next call (a retry queues again).
+            drop(permit);
+            if result.is_ok() {
+                self.transport.answered(connection);
+            }
             let result = match result {
                 // tonic's own deadline (from the request's grpc-timeout) may
                 // fire first and say `Cancelled`: a failure at or past the
                 // budget is a time-out either way, reported as a deadline,
                 // and the connection may be dead: dial a fresh one for the
-                // next call.
+                // next call (unless it answers other calls).
                 Err(status)
                     if crate::transport::is_timeout(&status, sent_at, left, Instant::now()) =>
                 {
-                    self.transport.call_timed_out();
+                    self.transport.call_timed_out(connection, sent_at);
                     Err(as_deadline(rpc, timeout, status))
                 }
                 Err(status) => Err(explain(status, self.transport.address().as_deref())),
@@ -329,7 +397,7 @@ impl Rpc {
                 Err(status)
                     if attempts < TRANSPORT_ATTEMPTS
                         && is_transport_failure(&status)
-                        && crate::time::after(Instant::now(), pause) < budget_end =>
+                        && crate::time::after(Instant::now(), pause) < end =>
                 {
                     tracing::debug!(?rpc, attempt = attempts, code = ?status.code(), message = status.message(), "call failed in transport; retrying");
                     // Long enough for the connection to take in its GOAWAY,

@@ -40,7 +40,14 @@
 //!   ([`is_timeout`]), [`Transport::call_timed_out`] replaces the channel
 //!   with a fresh lazy one, at most once per `redial_after` (the call
 //!   timeout), so the next call dials a new connection instead of queueing
-//!   behind a dead one.
+//!   behind a dead one. It does not when the connection answered another
+//!   call since the timed-out one was sent, within the last quarter of the
+//!   call timeout: that connection is alive and the server merely slow (one
+//!   connection carrying thousands of elections must not be replaced because
+//!   one call among them was slow). Only a call that was on the wire counts: calls wait
+//!   for a slot in the connection's [admission queue](crate::admission)
+//!   first, and their timeout starts when they leave it, so local queueing
+//!   never looks like a dead connection.
 //!
 //! **TLS** lives in the [`Endpoint`] (tonic builds its connector from the
 //! `ClientTlsConfig` once, in `endpoint_for`), so every redial, being a
@@ -67,6 +74,7 @@ use tonic::transport::ClientTlsConfig;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+use crate::admission::{Admission, DEFAULT_MAX_CONCURRENT_CALLS};
 use crate::config::Timing;
 use crate::error::{Error, Result};
 
@@ -595,12 +603,21 @@ pub(crate) struct Transport {
     /// What names this connection in the identity registry: the endpoint's
     /// URI, or a number of its own for a channel the user handed us.
     name: String,
+    /// The cap on calls in flight and the queue of the others
+    /// ([`crate::admission`]).
+    admission: Arc<Admission>,
 }
 
 #[derive(Debug)]
 struct Current {
     channel: Channel,
     dialed_at: Instant,
+    /// Counts the connections dialed, so that an answer is credited to the
+    /// connection that carried it.
+    generation: u64,
+    /// When a call on this connection last got an answer: evidence that it
+    /// is alive.
+    last_answer: Option<Instant>,
 }
 
 impl Transport {
@@ -657,6 +674,8 @@ impl Transport {
             current: Mutex::new(Current {
                 channel,
                 dialed_at: Instant::now(),
+                generation: 0,
+                last_answer: None,
             }),
             name: match &endpoint_name {
                 Some(uri) => uri.clone(),
@@ -665,7 +684,19 @@ impl Transport {
                     CHANNELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 ),
             },
+            admission: Admission::new(DEFAULT_MAX_CONCURRENT_CALLS),
         }
+    }
+
+    /// Lets at most `cap` calls be in flight on this connection at once.
+    pub(crate) fn with_max_concurrent_calls(mut self, cap: usize) -> Self {
+        self.admission = Admission::new(cap);
+        self
+    }
+
+    /// The admission queue every call on this connection goes through.
+    pub(crate) fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// What names this connection in the identity registry
@@ -680,22 +711,52 @@ impl Transport {
         self.endpoint.as_ref().map(|e| e.uri().to_string())
     }
 
-    /// The channel to issue the next call on.
-    pub(crate) fn channel(&self) -> Channel {
-        self.lock().channel.clone()
+    /// The channel to issue the next call on, and which connection it is
+    /// (for [`answered`](Self::answered) and
+    /// [`call_timed_out`](Self::call_timed_out)).
+    pub(crate) fn channel(&self) -> (Channel, u64) {
+        let cur = self.lock();
+        (cur.channel.clone(), cur.generation)
     }
 
-    /// A call on this transport timed out: dial a fresh connection for the
-    /// next call unless that was done recently.
-    pub(crate) fn call_timed_out(&self) {
+    /// A call on connection `generation` got its answer: the connection is
+    /// alive.
+    pub(crate) fn answered(&self, generation: u64) {
+        let mut cur = self.lock();
+        if cur.generation == generation {
+            cur.last_answer = Some(Instant::now());
+        }
+    }
+
+    /// A call sent at `sent_at` on connection `generation` timed out: dial a
+    /// fresh connection for the next call, unless the connection shows it is
+    /// alive (it answered another call since this one was sent, within the
+    /// last quarter of the call timeout: the server is slow, not the
+    /// connection dead), it was already replaced, or it was dialed recently.
+    pub(crate) fn call_timed_out(&self, generation: u64, sent_at: Instant) {
         let Some(endpoint) = &self.endpoint else {
             return;
         };
         let mut cur = self.lock();
-        if cur.dialed_at.elapsed() >= self.redial_after {
+        if cur.generation != generation {
+            return;
+        }
+        let now = Instant::now();
+        let recent = now
+            .checked_sub(self.redial_after / 4)
+            .map_or(sent_at, |t| t.max(sent_at));
+        if cur.last_answer.is_some_and(|at| at >= recent) {
+            tracing::debug!(
+                "call timed out on a connection that answers other calls: not redialing"
+            );
+            return;
+        }
+        if now.saturating_duration_since(cur.dialed_at) >= self.redial_after {
             tracing::debug!("call timed out: dialing a fresh connection for the next call");
             cur.channel = endpoint.connect_lazy();
-            cur.dialed_at = Instant::now();
+            cur.dialed_at = now;
+            cur.generation = cur.generation.wrapping_add(1);
+            cur.last_answer = None;
         }
     }
 
@@ -802,6 +863,50 @@ mod tests {
         let mut slow = Timing::for_ttl(15 * SEC);
         slow.rpc_timeout = 12 * SEC;
         assert_eq!(KeepAlive::for_timing(15 * SEC, &slow).interval, 4 * SEC);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_call_redials_only_without_evidence_that_the_connection_lives() {
+        let endpoint = parse_address("http://127.0.0.1:1").unwrap();
+        let dialing = Dialing {
+            connect_timeout: SEC,
+            redial_after: 4 * SEC,
+            keep_alive: None,
+        };
+        let t = Transport::open(endpoint, dialing, true).await.unwrap();
+        tokio::time::advance(5 * SEC).await;
+        let (_, first) = t.channel();
+        let sent = Instant::now();
+        tokio::time::advance(4 * SEC).await;
+        // Another call was answered just now: the connection lives.
+        t.answered(first);
+        t.call_timed_out(first, sent);
+        assert_eq!(
+            t.channel().1,
+            first,
+            "a slow server is not a dead connection"
+        );
+        // That answer is now more than a quarter of the timeout old.
+        tokio::time::advance(2 * SEC).await;
+        t.call_timed_out(first, sent);
+        let (_, second) = t.channel();
+        assert_ne!(second, first, "silent for too long: redialed");
+        // A time-out on the connection already replaced changes nothing, and
+        // neither does one within `redial_after` of the redial.
+        t.call_timed_out(first, Instant::now());
+        t.call_timed_out(second, Instant::now());
+        assert_eq!(t.channel().1, second);
+        // An answer from before the call was sent is no evidence.
+        tokio::time::advance(5 * SEC).await;
+        t.answered(second);
+        tokio::time::advance(ms(1)).await;
+        let sent = Instant::now();
+        t.call_timed_out(second, sent);
+        assert_ne!(t.channel().1, second);
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 
     #[test]

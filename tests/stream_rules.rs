@@ -37,7 +37,9 @@ async fn leader_is_elected_then_renews_every_renew_interval() {
             "{ev:?}"
         );
         let gap = last.elapsed();
-        assert!(gap >= ms(990) && gap <= ms(1050), "renewal gap {gap:?}");
+        // The renew interval (1 s), up to a tenth earlier (renewal jitter,
+        // only ever earlier), never later.
+        assert!(gap >= ms(890) && gap <= ms(1050), "renewal gap {gap:?}");
         last = Instant::now();
         assert!(term.is_active());
     }

@@ -8,7 +8,9 @@
 //! whose outcome is unknown, release the possibly granted lock before waiting,
 //! so that it is not held for nobody. Granted: confirm at once with a
 //! `KeepAlive`, whose answer tells the real lease. Leader: keep alive every
-//! renew interval (counted from the send instant of the answer in force),
+//! renew interval (counted from the send instant of the answer in force, and
+//! up to a tenth of it earlier, at random, so that elections elected together
+//! drift apart),
 //! retrying failures with backoff while the lease lasts; each call's timeout
 //! is capped by the time left. The step-down timer reports `Lost { Expired }`
 //! at the deadline even while a call hangs.
@@ -23,6 +25,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Session;
+use crate::admission::Wait;
 use crate::backoff::classify;
 use crate::event::{LeadershipEvent, LeaseView};
 use crate::state::Observation;
@@ -40,13 +43,16 @@ enum Step {
 }
 
 impl Session {
-    /// The next step, given a pending retry instant after a failed renewal.
-    fn next_step(&self, retry_at: Option<Instant>) -> Step {
+    /// The next step, given a pending retry instant after a failed renewal
+    /// and how much `early` the next renewal goes out (jitter, see
+    /// [`crate::backoff::Backoff::renew_early`]: only ever earlier).
+    fn next_step(&self, retry_at: Option<Instant>, early: Duration) -> Step {
         let shared = self.shared();
         let state = &shared.election;
         if let Some(deadline) = state.deadline() {
+            let interval = self.timing.renew_interval.saturating_sub(early);
             let due = retry_at
-                .or_else(|| state.renew_due(self.timing.renew_interval))
+                .or_else(|| state.renew_due(interval))
                 .unwrap_or(deadline);
             return Step::Renew {
                 due,
@@ -75,18 +81,26 @@ pub(crate) fn campaign(
         let mut failures: u32 = 0;
         // When the next renewal attempt is due after a failed one.
         let mut retry_at: Option<Instant> = None;
+        // The next renewal goes out this much before the renew interval is
+        // up (redrawn after each renewal), so that elections elected
+        // together do not renew in lockstep for ever.
+        let mut early = session.backoff().renew_early();
         loop {
             #[cfg(test)]
             if session.inject_panic.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 panic!("injected campaign panic");
             }
-            match session.next_step(retry_at) {
+            match session.next_step(retry_at, early) {
                 Step::Acquire => {
                     retry_at = None;
                     let (answer, events) = tokio::select! {
                         biased;
                         _ = stop.cancelled() => break,
-                        out = session.try_acquire() => out,
+                        // A queued attempt costs nothing: it waits for a
+                        // free call slot as long as it takes.
+                        // Boxed: an idle election (most of them, most of
+                        // the time) does not carry a call's state.
+                        out = Box::pin(session.try_acquire(Wait::Unbounded)) => out,
                     };
                     for ev in events {
                         yield ev;
@@ -96,7 +110,7 @@ pub(crate) fn campaign(
                             failures = 0;
                             // Granted: confirm at once. A grant that came too
                             // late to use: ask again after the period.
-                            if !matches!(session.next_step(None), Step::Acquire) {
+                            if !matches!(session.next_step(None, early), Step::Acquire) {
                                 continue;
                             }
                             session.backoff().follower_wait()
@@ -114,7 +128,7 @@ pub(crate) fn campaign(
                                 tokio::select! {
                                     biased;
                                     _ = stop.cancelled() => break,
-                                    () = session.settle_unknown_acquire() => {}
+                                    () = Box::pin(session.settle_unknown_acquire()) => {}
                                 }
                             }
                             session.backoff().after_failure_as_follower(failures, class)
@@ -154,13 +168,20 @@ pub(crate) fn campaign(
                     let (answer, events) = tokio::select! {
                         biased;
                         _ = stop.cancelled() => break,
-                        out = session.keep_alive(timing.rpc_timeout.min(left)) => out,
+                        // Waits for a call slot (ahead of followers) and
+                        // for its answer no later than the deadline.
+                        out = Box::pin(session.keep_alive(timing.rpc_timeout, Wait::Until(until))) => out,
                     };
+                    // The lease this answer published is taken into account
+                    // by the next step (computed from the state, after this
+                    // line): no need to wake up again for it. A change after
+                    // this line still wakes the wait below.
+                    lease.borrow_and_update();
                     for ev in events {
                         yield ev;
                     }
                     match &answer.result {
-                        Ok(_) if matches!(session.next_step(None), Step::Acquire) => {
+                        Ok(_) if matches!(session.next_step(None, early), Step::Acquire) => {
                             // Refused, or a lease too short to lead on: the
                             // lock is not (safely) ours. Ask again after the
                             // retry period, not in a tight loop.
@@ -176,6 +197,7 @@ pub(crate) fn campaign(
                         Ok(_) => {
                             failures = 0;
                             retry_at = None;
+                            early = session.backoff().renew_early();
                         }
                         Err(status) => {
                             failures = failures.saturating_add(1);

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::admission::Wait;
 use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::error::{Error, Result};
@@ -219,24 +220,27 @@ impl Session {
 
     // ----- the three calls, observed -----
 
-    /// One `TryAcquireLock` call under the current identity, observed.
-    pub(crate) async fn try_acquire(&self) -> (Answer<bool>, Vec<LeadershipEvent>) {
+    /// One `TryAcquireLock` call under the current identity, observed;
+    /// `wait` bounds its wait for a free call slot on the connection.
+    pub(crate) async fn try_acquire(&self, wait: Wait) -> (Answer<bool>, Vec<LeadershipEvent>) {
         let incarnation = self.shared().election.acquire_sent();
         let answer = self
             .rpc
-            .try_acquire(incarnation, self.timing.rpc_timeout)
+            .try_acquire(incarnation, self.timing.rpc_timeout, wait)
             .await;
         let events = self.observe(answer.observation());
         (answer, events)
     }
 
-    /// One `KeepAlive` call under the current identity, observed.
+    /// One `KeepAlive` call under the current identity, observed;
+    /// `wait` bounds its wait for a free call slot on the connection.
     pub(crate) async fn keep_alive(
         &self,
         timeout: Duration,
+        wait: Wait,
     ) -> (Answer<LeaseAnswer>, Vec<LeadershipEvent>) {
         let incarnation = self.shared().election.incarnation();
-        let answer = self.rpc.keep_alive(incarnation, timeout).await;
+        let answer = self.rpc.keep_alive(incarnation, timeout, wait).await;
         let events = self.observe(answer.observation());
         (answer, events)
     }
@@ -257,7 +261,14 @@ impl Session {
             acquires_before,
             settled: false,
         };
-        let answer = self.rpc.release(incarnation, self.timing.rpc_timeout).await;
+        let answer = self
+            .rpc
+            .release(
+                incarnation,
+                self.timing.rpc_timeout,
+                Wait::AtMost(self.timing.rpc_timeout),
+            )
+            .await;
         done.settled = answer.result.is_ok() && answer.attempts == 1;
         if !done.settled {
             tracing::debug!(

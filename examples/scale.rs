@@ -1,0 +1,646 @@
+//! Many elections in one process, created at once: the client against a
+//! hand-written loop over the raw generated stub, measured in the same run
+//! against the same server (running in a separate process).
+//!
+//! ```text
+//! cargo run --release --features testing --example scale                      # N = 1,000 / 10,000 / 100,000
+//! cargo run --release --features testing --example scale -- --n 1000,5000 --ttl 15 --window 8
+//! ```
+//!
+//! For each N, three child processes run one after the other (so that each
+//! measures its own memory):
+//!
+//! - `stub`: the raw-stub baseline, one task per lock: acquire until granted,
+//!   confirm with a `KeepAlive`, then keep alive every renew interval, timed
+//!   from the previous send; its calls are bounded by a plain 100-permit
+//!   semaphore (without it, a cold start of 100,000 floods the connection
+//!   and it never elects them all). Its renewals stay in lockstep.
+//! - `spread`: the same loop with the client's renewal jitter (each renewal
+//!   up to a tenth of the interval early, at random): renewals spread out
+//!   instead of coming in one burst per interval, which costs more CPU per
+//!   renewal (fewer calls share a wake-up and a write), so CPU is compared
+//!   like with like.
+//! - `client`: one `for_scope` client per lock on one connection, each
+//!   followed by its `leadership()` stream, all read by one task.
+//!
+//! Each creates all N elections at once and then keeps them through a
+//! steady-state window. Printed, beside each other with the client/stub
+//! ratios:
+//!
+//! - time until all N were elected;
+//! - failed calls (`RpcFailed` events / stub errors) and losses;
+//! - redials: connections the server accepted beyond the first;
+//! - bytes per election: RSS at the end of the window minus RSS before the
+//!   first election, divided by N;
+//! - CPU per renewal: user + system CPU time of the process during the window,
+//!   divided by the renewals it made;
+//! - renewal lateness p50 / p99: how long after its nominal due instant (the
+//!   previous renewal's send instant plus the renew interval) a renewal was
+//!   sent; a renewal sent early (the client jitters its renewals earlier) counts
+//!   as 0. For the client the send instant is read from the lease (deadline
+//!   minus ttl minus safety margin) when its `Renewed` event arrives.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use futures::StreamExt;
+use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
+use quorum_quest_client::proto::{KeepAliveRequest, TryAcquireLockRequest};
+use quorum_quest_client::testing::TestServer;
+use quorum_quest_client::{LeadershipEvent, QuorumQuestClient, RpcKind, Timing};
+use tokio::time::Instant;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Comma-separated election counts.
+    #[arg(long, default_value = "1000,10000,100000", value_delimiter = ',')]
+    n: Vec<usize>,
+    /// Lock TTL in seconds (renewals every ttl / 3).
+    #[arg(long, default_value_t = 60)]
+    ttl: u64,
+    /// Steady-state window after all are elected, in seconds (at least one
+    /// renew interval, so that every lock renews in it).
+    #[arg(long, default_value_t = 25)]
+    window: u64,
+    /// Give up electing after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    give_up: u64,
+    /// Internal: run the server and answer `stats` on stdin.
+    #[arg(long, hide = true)]
+    serve: bool,
+    /// Internal: run one variant ("stub" or "client") against --url.
+    #[arg(long, hide = true)]
+    run: Option<String>,
+    #[arg(long, hide = true)]
+    url: Option<String>,
+    #[arg(long, hide = true)]
+    service: Option<String>,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if args.serve {
+        return serve();
+    }
+    if let Some(variant) = args.run.clone() {
+        return run_child(&args, &variant);
+    }
+    orchestrate(&args)
+}
+
+// ----- the server process -----
+
+fn serve() -> Result<(), Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let server = TestServer::builder().port(0).start().await?;
+        println!("URL {}", server.url());
+        std::io::stdout().flush()?;
+        let mut lines = BufReader::new(std::io::stdin()).lines();
+        // Blocking stdin reads on a thread of their own.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            while let Some(Ok(line)) = lines.next() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        while let Some(line) = rx.recv().await {
+            if line.trim() == "stats" {
+                println!(
+                    "STATS {} {} {}",
+                    server.connections_accepted(),
+                    server.calls(RpcKind::TryAcquireLock),
+                    server.calls(RpcKind::KeepAlive)
+                );
+                std::io::stdout().flush()?;
+            }
+        }
+        Ok(())
+    })
+}
+
+struct ServerProcess {
+    child: Child,
+    out: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    url: String,
+}
+
+impl ServerProcess {
+    fn start() -> Result<Self, Box<dyn std::error::Error>> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut out = BufReader::new(stdout).lines();
+        let line = out.next().ok_or("server said nothing")??;
+        let url = line.strip_prefix("URL ").ok_or("unexpected server line")?;
+        Ok(ServerProcess {
+            url: url.to_string(),
+            child,
+            out,
+        })
+    }
+
+    /// Connections accepted so far.
+    fn connections(&mut self) -> Result<u64, Box<dyn std::error::Error>> {
+        let stdin = self.child.stdin.as_mut().ok_or("no stdin")?;
+        writeln!(stdin, "stats")?;
+        stdin.flush()?;
+        let line = self.out.next().ok_or("server gone")??;
+        let n = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or("bad stats line")?;
+        Ok(n)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ----- the orchestrator -----
+
+/// One variant's figures, as a child prints them.
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    elected: usize,
+    elect_secs: f64,
+    failed: u64,
+    lost: u64,
+    bytes_per_election: f64,
+    cpu_us_per_renewal: f64,
+    renewals: u64,
+    late_p50_ms: f64,
+    late_p99_ms: f64,
+    redials: u64,
+}
+
+impl Figures {
+    fn to_line(&self) -> String {
+        format!(
+            "RESULT {} {} {} {} {} {} {} {} {}",
+            self.elected,
+            self.elect_secs,
+            self.failed,
+            self.lost,
+            self.bytes_per_election,
+            self.cpu_us_per_renewal,
+            self.renewals,
+            self.late_p50_ms,
+            self.late_p99_ms
+        )
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let v: Vec<&str> = line.strip_prefix("RESULT ")?.split_whitespace().collect();
+        let f = |i: usize| v.get(i).and_then(|s| s.parse::<f64>().ok());
+        Some(Figures {
+            elected: f(0)? as usize,
+            elect_secs: f(1)?,
+            failed: f(2)? as u64,
+            lost: f(3)? as u64,
+            bytes_per_election: f(4)?,
+            cpu_us_per_renewal: f(5)?,
+            renewals: f(6)? as u64,
+            late_p50_ms: f(7)?,
+            late_p99_ms: f(8)?,
+            redials: 0,
+        })
+    }
+}
+
+fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut server = ServerProcess::start()?;
+    println!(
+        "server: TestServer in a separate process at {}; ttl {} s (renew every {} s), window {} s; {} cores",
+        server.url,
+        args.ttl,
+        args.ttl / 3,
+        args.window,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for (round, &n) in args.n.iter().enumerate() {
+        let mut results = Vec::new();
+        for variant in ["stub", "spread", "client"] {
+            let before = server.connections()?;
+            let service = format!("scale-{round}-{variant}");
+            let out = Command::new(std::env::current_exe()?)
+                .args([
+                    "--run",
+                    variant,
+                    "--url",
+                    &server.url,
+                    "--service",
+                    &service,
+                ])
+                .args(["--n", &n.to_string()])
+                .args(["--ttl", &args.ttl.to_string()])
+                .args(["--window", &args.window.to_string()])
+                .args(["--give-up", &args.give_up.to_string()])
+                .stderr(Stdio::inherit())
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut figures = text
+                .lines()
+                .find_map(Figures::parse)
+                .ok_or_else(|| format!("{variant} at N = {n} printed no result: {text}"))?;
+            figures.redials = server.connections()?.saturating_sub(before + 1);
+            results.push(figures);
+        }
+        let (stub, spread, client) = (&results[0], &results[1], &results[2]);
+        println!(
+            "\nN = {n:<7} created at once    client    raw stub  stub+jitter  client/stub  client/stub+jitter"
+        );
+        let row = |what: &str, c: f64, s: f64, digits: usize| {
+            let j = match what {
+                "elected (of N)" => spread.elected as f64,
+                "time to elect all (s)" => spread.elect_secs,
+                "failed calls" => spread.failed as f64,
+                "losses" => spread.lost as f64,
+                "redials" => spread.redials as f64,
+                "bytes per election" => spread.bytes_per_election,
+                "renewals in the window" => spread.renewals as f64,
+                "CPU per renewal (us)" => spread.cpu_us_per_renewal,
+                "renewal lateness p50 (ms)" => spread.late_p50_ms,
+                _ => spread.late_p99_ms,
+            };
+            let ratio = |base: f64| {
+                if base > 0.0 {
+                    format!("{:.2}x", c / base)
+                } else {
+                    "-".into()
+                }
+            };
+            println!(
+                "  {what:<26} {c:>10.digits$}  {s:>10.digits$}  {j:>11.digits$}  {:>11}  {:>18}",
+                ratio(s),
+                ratio(j)
+            );
+        };
+        row(
+            "elected (of N)",
+            client.elected as f64,
+            stub.elected as f64,
+            0,
+        );
+        row(
+            "time to elect all (s)",
+            client.elect_secs,
+            stub.elect_secs,
+            2,
+        );
+        row("failed calls", client.failed as f64, stub.failed as f64, 0);
+        row("losses", client.lost as f64, stub.lost as f64, 0);
+        row("redials", client.redials as f64, stub.redials as f64, 0);
+        row(
+            "bytes per election",
+            client.bytes_per_election,
+            stub.bytes_per_election,
+            0,
+        );
+        row(
+            "renewals in the window",
+            client.renewals as f64,
+            stub.renewals as f64,
+            0,
+        );
+        row(
+            "CPU per renewal (us)",
+            client.cpu_us_per_renewal,
+            stub.cpu_us_per_renewal,
+            1,
+        );
+        row(
+            "renewal lateness p50 (ms)",
+            client.late_p50_ms,
+            stub.late_p50_ms,
+            1,
+        );
+        row(
+            "renewal lateness p99 (ms)",
+            client.late_p99_ms,
+            stub.late_p99_ms,
+            1,
+        );
+    }
+    Ok(())
+}
+
+// ----- one variant, in its own process -----
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// User + system CPU time of this process (10 ms ticks).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// What a run measured before the figures are derived.
+struct Run {
+    elected: usize,
+    elect: Duration,
+    failed: u64,
+    lost: u64,
+    renewals: u64,
+    window_cpu: Duration,
+    lateness: Vec<Duration>,
+    rss_delta: u64,
+}
+
+fn run_child(args: &Args, variant: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let n = *args.n.first().ok_or("--n")?;
+    let url = args.url.clone().ok_or("--url")?;
+    let service = args.service.clone().ok_or("--service")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let run = rt.block_on(async {
+        match variant {
+            "stub" => run_stub(args, n, &url, &service, false).await,
+            "spread" => run_stub(args, n, &url, &service, true).await,
+            _ => run_client(args, n, &url, &service).await,
+        }
+    })?;
+    let mut late = run.lateness;
+    late.sort();
+    let figures = Figures {
+        elected: run.elected,
+        elect_secs: run.elect.as_secs_f64(),
+        failed: run.failed,
+        lost: run.lost,
+        bytes_per_election: run.rss_delta as f64 / n as f64,
+        cpu_us_per_renewal: if run.renewals == 0 {
+            0.0
+        } else {
+            run.window_cpu.as_secs_f64() * 1e6 / run.renewals as f64
+        },
+        renewals: run.renewals,
+        late_p50_ms: percentile(&late, 0.5),
+        late_p99_ms: percentile(&late, 0.99),
+        redials: 0,
+    };
+    println!("{}", figures.to_line());
+    // Do not wait for the runtime's tasks: the locks just expire.
+    rt.shutdown_background();
+    Ok(())
+}
+
+async fn run_client(
+    args: &Args,
+    n: usize,
+    url: &str,
+    service: &str,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let ttl = Duration::from_secs(args.ttl);
+    let timing = Timing::for_ttl(ttl);
+    // The send instant of a renewal is the deadline minus this.
+    let lead = ttl.saturating_sub(timing.safety_margin);
+    let rss0 = rss_bytes();
+    let started = Instant::now();
+    let root = QuorumQuestClient::builder(service, "root")
+        .address(url)
+        .ttl(ttl)
+        .build()
+        .await?;
+    let shards: Vec<_> = (0..n)
+        .map(|i| root.for_scope(service, format!("shard-{i}")))
+        .collect::<Result<_, _>>()?;
+    let mut all = futures::stream::select_all(
+        shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.leadership().map(move |ev| (i as u32, ev)).boxed()),
+    );
+    let (mut elected, mut failed, mut lost, mut renewals) = (0usize, 0u64, 0u64, 0u64);
+    let mut last_sent: Vec<Option<Instant>> = vec![None; n];
+    let mut lateness = Vec::new();
+    let give_up = started + Duration::from_secs(args.give_up);
+    let mut window: Option<(Instant, Duration)> = None;
+    let mut cpu0 = Duration::ZERO;
+    loop {
+        let until = match window {
+            Some((start, _)) => start + Duration::from_secs(args.window),
+            None => give_up,
+        };
+        let Ok(Some((i, ev))) = tokio::time::timeout_at(until, all.next()).await else {
+            break;
+        };
+        let i = i as usize;
+        let sent = shards[i]
+            .get_remaining_lease()
+            .and_then(|left| (Instant::now() + left).checked_sub(lead));
+        match ev {
+            LeadershipEvent::Elected { .. } => {
+                elected += 1;
+                last_sent[i] = sent;
+                if elected == n {
+                    let elect = started.elapsed();
+                    eprintln!("client: {n} elected in {elect:?}");
+                    window = Some((Instant::now(), elect));
+                    // Renewals and CPU time are counted from here.
+                    renewals = 0;
+                    lateness.clear();
+                    cpu0 = cpu_time();
+                }
+            }
+            LeadershipEvent::Renewed { .. } => {
+                renewals += 1;
+                if let (Some(prev), Some(now)) = (last_sent[i], sent) {
+                    let due = prev + timing.renew_interval;
+                    lateness.push(now.saturating_duration_since(due));
+                }
+                last_sent[i] = sent;
+            }
+            LeadershipEvent::RpcFailed { .. } => failed += 1,
+            LeadershipEvent::Lost { .. } => lost += 1,
+            _ => {}
+        }
+    }
+    let cpu_end = cpu_time();
+    let rss_delta = rss_bytes().saturating_sub(rss0);
+    let (elect, window_cpu) = match window {
+        Some((_, elect)) => (elect, cpu_end.saturating_sub(cpu0)),
+        None => (started.elapsed(), Duration::ZERO),
+    };
+    Ok(Run {
+        elected,
+        elect,
+        failed,
+        lost,
+        renewals,
+        window_cpu,
+        lateness,
+        rss_delta,
+    })
+}
+
+async fn run_stub(
+    args: &Args,
+    n: usize,
+    url: &str,
+    service: &str,
+    jitter: bool,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let ttl = Duration::from_secs(args.ttl);
+    let interval = ttl / 3;
+    // What a careful hand-written loop does: bound the calls in flight.
+    let permits = Arc::new(tokio::sync::Semaphore::new(100));
+    let rss0 = rss_bytes();
+    let started = Instant::now();
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let stub = LeaderElectionServiceClient::new(channel);
+    let elected = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let renewals = Arc::new(AtomicU64::new(0));
+    let lateness = Arc::new(Mutex::new(Vec::new()));
+    let all_elected = Arc::new(tokio::sync::Notify::new());
+    let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client_id: Arc<str> = format!("stub-{}", std::process::id()).into();
+    for i in 0..n {
+        let mut stub = stub.clone();
+        let permits = permits.clone();
+        let (elected, failed, renewals, lateness, all_elected, counting) = (
+            elected.clone(),
+            failed.clone(),
+            renewals.clone(),
+            lateness.clone(),
+            all_elected.clone(),
+            counting.clone(),
+        );
+        let (service, client_id) = (service.to_string(), client_id.clone());
+        let ttl_secs = args.ttl as i32;
+        tokio::spawn(async move {
+            let domain = format!("shard-{i}");
+            let acquire = TryAcquireLockRequest {
+                service: service.clone(),
+                domain: domain.clone(),
+                client_id: client_id.to_string(),
+                ttl: ttl_secs,
+            };
+            let keep = KeepAliveRequest {
+                service,
+                domain,
+                client_id: client_id.to_string(),
+                ttl: ttl_secs,
+            };
+            loop {
+                let permit = permits.acquire().await;
+                let answer = stub.try_acquire_lock(acquire.clone()).await;
+                drop(permit);
+                match answer {
+                    Ok(r) if r.get_ref().is_leader => break,
+                    Ok(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            // The nominal due instant of the next renewal (the previous
+            // send plus the interval), after a successful one.
+            let mut due: Option<Instant> = None;
+            let mut confirmed = false;
+            loop {
+                let permit = permits.acquire().await;
+                // Timed like the client's: the send, after the local queue.
+                let sent = Instant::now();
+                if let Some(due) = due.filter(|_| counting.load(Ordering::Relaxed)) {
+                    if let Ok(mut l) = lateness.lock() {
+                        l.push(sent.saturating_duration_since(due));
+                    }
+                }
+                let ok = stub.keep_alive(keep.clone()).await.is_ok();
+                drop(permit);
+                if !ok {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                if ok && !confirmed {
+                    confirmed = true;
+                    if elected.fetch_add(1, Ordering::Relaxed) + 1 == n as u64 {
+                        all_elected.notify_one();
+                    }
+                } else if ok && counting.load(Ordering::Relaxed) {
+                    renewals.fetch_add(1, Ordering::Relaxed);
+                }
+                let next = sent
+                    + if ok {
+                        interval
+                    } else {
+                        Duration::from_millis(100)
+                    };
+                due = ok.then_some(next);
+                let early = if jitter && ok {
+                    (interval / 10).mul_f64(fastrand::f64())
+                } else {
+                    Duration::ZERO
+                };
+                tokio::time::sleep_until(next - early).await;
+            }
+        });
+    }
+    let give_up = Duration::from_secs(args.give_up);
+    let all = tokio::time::timeout(give_up, all_elected.notified())
+        .await
+        .is_ok();
+    let elect = started.elapsed();
+    let mut window_cpu = Duration::ZERO;
+    if all {
+        eprintln!("stub: {n} elected in {elect:?}");
+        counting.store(true, Ordering::Relaxed);
+        let cpu0 = cpu_time();
+        tokio::time::sleep(Duration::from_secs(args.window)).await;
+        window_cpu = cpu_time().saturating_sub(cpu0);
+    }
+    counting.store(false, Ordering::Relaxed);
+    let rss_delta = rss_bytes().saturating_sub(rss0);
+    let lateness = lateness.lock().map(|l| l.clone()).unwrap_or_default();
+    Ok(Run {
+        elected: elected.load(Ordering::Relaxed) as usize,
+        elect,
+        failed: failed.load(Ordering::Relaxed),
+        lost: 0,
+        renewals: renewals.load(Ordering::Relaxed),
+        window_cpu,
+        lateness,
+        rss_delta,
+    })
+}

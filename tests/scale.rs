@@ -1,0 +1,212 @@
+//! Many elections on one connection: a cold start of thousands of locks
+//! created at once goes through the connection's admission control with no
+//! failed call and no redial; calls are timed from their send, not from their
+//! wait in the local queue; and a leader whose renewal waits in that queue
+//! still steps down at its deadline.
+#![cfg(feature = "testing")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use quorum_quest_client::{Error, LeadershipEvent, LossReason, QuorumQuestClient, RpcKind};
+use tokio::time::Instant;
+
+/// What a set of leadership streams reported.
+#[derive(Debug, Default)]
+struct Tally {
+    elected: HashSet<usize>,
+    failed: Vec<(usize, RpcKind, quorum_quest_client::tonic::Code, String)>,
+    lost: usize,
+}
+
+type Streams = futures::stream::SelectAll<BoxStream<'static, (usize, LeadershipEvent)>>;
+
+/// Follows the leadership streams of `shards` until every one was elected
+/// (or `within` ran out), counting failed calls and losses. The streams are
+/// returned: dropping them resigns the locks.
+async fn elect_all(shards: &[QuorumQuestClient], within: Duration) -> (Tally, Streams) {
+    let mut all = futures::stream::select_all(
+        shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.leadership().map(move |ev| (i, ev)).boxed()),
+    );
+    let mut tally = Tally::default();
+    let deadline = Instant::now() + within;
+    while tally.elected.len() < shards.len() {
+        let Ok(Some((i, ev))) = tokio::time::timeout_at(deadline, all.next()).await else {
+            break;
+        };
+        match ev {
+            LeadershipEvent::Elected { .. } => {
+                tally.elected.insert(i);
+            }
+            LeadershipEvent::RpcFailed {
+                rpc, code, message, ..
+            } => tally.failed.push((i, rpc, code, message)),
+            LeadershipEvent::Lost { .. } => tally.lost += 1,
+            _ => {}
+        }
+    }
+    (tally, all)
+}
+
+/// N locks created at once on one connection to a `TestServer` over loopback
+/// TCP (debug build on a busy 2-core machine: about 3 s for the whole test,
+/// see the printed figure; the 60 s bound is generous).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_elections_created_at_once_are_all_elected_with_no_failed_call_and_no_redial()
+{
+    const N: usize = 5_000;
+    let server = server().await;
+    let root = over_tcp(&server.url(), 30).build().await.unwrap();
+    let shards: Vec<_> = (0..N)
+        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let (tally, streams) = elect_all(&shards, 60 * SEC).await;
+    let took = started.elapsed();
+    eprintln!(
+        "{N} elections created at once: all elected in {took:?}; {} failed calls; {} connections",
+        tally.failed.len(),
+        server.connections_accepted()
+    );
+    assert!(
+        tally.failed.is_empty(),
+        "{} failed calls, e.g. {:?}",
+        tally.failed.len(),
+        tally.failed.first()
+    );
+    assert_eq!(tally.elected.len(), N, "every lock is elected");
+    assert_eq!(tally.lost, 0);
+    // Each lock was granted on its first attempt and confirmed once (a
+    // renewal is due only after 10 s), on the one connection `build()` opened.
+    assert_eq!(server.calls(RpcKind::TryAcquireLock), N as u64);
+    assert!(server.calls(RpcKind::KeepAlive) >= N as u64);
+    assert_eq!(server.connections_accepted(), 1, "no redial");
+    for (i, shard) in shards.iter().enumerate().step_by(499) {
+        assert!(shard.is_leader(), "shard {i}");
+        let lock = server.lock("indexer", &format!("shard-{i}")).unwrap();
+        assert_eq!(lock.owner, root.client_id());
+    }
+    // Dropping a leading stream releases before the drop returns (on this
+    // multi-thread runtime): one round trip each, in sequence.
+    let dropping = std::time::Instant::now();
+    drop(streams);
+    eprintln!(
+        "{N} leading streams dropped (each released) in {:?}",
+        dropping.elapsed()
+    );
+    assert!(server.lock("indexer", "shard-0").is_none());
+    assert!(server.lock("indexer", &format!("shard-{}", N - 1)).is_none());
+}
+
+/// Two calls in flight at a time, each answered after 50 ms: forty
+/// elections need two seconds of queueing, four times the 500 ms call
+/// timeout. Timed from the send, no call fails.
+#[tokio::test(start_paused = true)]
+async fn a_call_is_timed_from_its_send_not_from_its_wait_in_the_queue() {
+    let server = quorum_quest_client::testing::TestServer::builder()
+        .latency(ms(50))
+        .start()
+        .await
+        .unwrap();
+    let root = in_memory(&server, 5)
+        .rpc_timeout(ms(500))
+        .max_concurrent_calls(2)
+        .build()
+        .await
+        .unwrap();
+    let shards: Vec<_> = (0..40)
+        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
+        .collect();
+    let started = Instant::now();
+    let (tally, _streams) = elect_all(&shards, 30 * SEC).await;
+    assert!(tally.failed.is_empty(), "{:?}", tally.failed);
+    assert_eq!(tally.elected.len(), 40);
+    // The queue really was long: 80 calls, two at a time, 50 ms each.
+    assert!(started.elapsed() >= ms(1900), "{:?}", started.elapsed());
+    assert_eq!(server.connections_accepted(), 1, "no redial");
+}
+
+/// The only call slot is taken by a call that hangs; the leader's renewal
+/// waits for it in the queue, never reaches the server, and the leader
+/// steps down at its safe deadline all the same (the step-down timer does
+/// not wait for the queue).
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_renewal_waits_in_the_queue_steps_down_at_its_deadline() {
+    let server = server().await;
+    let leader = in_memory(&server, 3)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    let mut stream = leader.leadership();
+    let LeadershipEvent::Elected {
+        lease_remaining, ..
+    } = next(&mut stream, 5 * SEC, "Elected").await
+    else {
+        panic!("first event must be Elected");
+    };
+    let deadline = Instant::now() + lease_remaining;
+    let renewals_before = server.calls(RpcKind::KeepAlive);
+    // Another lock on the same connection takes the only slot with a call
+    // the server answers after a minute.
+    server.set_latency(60 * SEC);
+    let other = QuorumQuestClient::builder("other", "lock")
+        .share_connection(&leader)
+        .ttl(100 * SEC)
+        .rpc_timeout(30 * SEC)
+        .build()
+        .await
+        .unwrap();
+    let hog = tokio::spawn(async move { other.try_acquire_lock().await });
+    tokio::task::yield_now().await;
+    let lost = until(&mut stream, 5 * SEC, "Lost", |ev| {
+        matches!(ev, LeadershipEvent::Lost { .. })
+    })
+    .await;
+    assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    let at = Instant::now();
+    assert!(
+        at >= deadline && at <= deadline + ms(5),
+        "lost {:?} after the deadline",
+        at.saturating_duration_since(deadline)
+    );
+    assert!(!leader.is_leader());
+    // The renewal never left the queue.
+    assert_eq!(server.calls(RpcKind::KeepAlive), renewals_before);
+    hog.abort();
+}
+
+#[tokio::test]
+async fn max_concurrent_calls_must_be_positive_and_belongs_to_the_connection() {
+    let server = server().await;
+    let zero = over_tcp(&server.url(), 15)
+        .max_concurrent_calls(0)
+        .build()
+        .await;
+    match zero {
+        Err(Error::InvalidParameter(m)) => assert!(m.starts_with("max_concurrent_calls"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let first = over_tcp(&server.url(), 15)
+        .max_concurrent_calls(8)
+        .build()
+        .await
+        .unwrap();
+    let shared = QuorumQuestClient::builder("svc", "other")
+        .share_connection(&first)
+        .max_concurrent_calls(4)
+        .build()
+        .await;
+    match shared {
+        Err(Error::InvalidParameter(m)) => assert!(m.starts_with("max_concurrent_calls"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
