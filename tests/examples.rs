@@ -467,6 +467,15 @@ mod exits {
         standby.resign().await.expect("standby resigns");
     }
 
+    /// Sends SIGTERM to `pid`, as systemd, Docker and Kubernetes do.
+    #[cfg(unix)]
+    fn sigterm(pid: u32) {
+        let pid = libc::pid_t::try_from(pid).expect("a pid fits");
+        // SAFETY: kill(2) on a child process this test started.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM could not be sent");
+    }
+
     async fn exit_releases(how: &str, extra: &[&str]) {
         let server = TestServer::start().await.expect("test server starts");
         let service = format!("exit-{how}{}", extra.concat());
@@ -502,12 +511,7 @@ mod exits {
         let service = "exit-sigterm";
         let leader = lead(&server, service, &["--how", "signal"]).await;
         let (_standby_client, standby) = standby(&server, service).await;
-        let pid = leader.child.id().expect("the child runs").to_string();
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(kill.success());
+        sigterm(leader.child.id().expect("the child runs"));
         assert_released_on_exit(&server, service, leader, standby).await;
     }
 
@@ -535,12 +539,7 @@ mod exits {
                 other => panic!("the example did not lead and work: {other:?}; {seen:?}"),
             }
         }
-        let pid = child.id().expect("the child runs").to_string();
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(kill.success());
+        sigterm(child.id().expect("the child runs"));
         let status = timeout(LIMIT, child.wait())
             .await
             .expect("the example exits in time")

@@ -103,7 +103,9 @@ async fn five_thousand_elections_created_at_once_are_all_elected_with_no_failed_
         dropping.elapsed()
     );
     assert!(server.lock("indexer", "shard-0").is_none());
-    assert!(server.lock("indexer", &format!("shard-{}", N - 1)).is_none());
+    assert!(server
+        .lock("indexer", &format!("shard-{}", N - 1))
+        .is_none());
 }
 
 /// Two calls in flight at a time, each answered after 50 ms: forty
