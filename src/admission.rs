@@ -62,8 +62,9 @@ pub(crate) enum Wait {
     /// At most this long (a call a user awaits).
     AtMost(std::time::Duration),
     /// The call is worth nothing after this instant (a leader's renewal: the
-    /// lease's safe deadline). It must leave the queue before it, and its
-    /// answer is awaited no longer than it either.
+    /// lease's safe deadline; a release: one RPC timeout after it started,
+    /// the bound `shutdown()` promises). It must leave the queue before it,
+    /// and its answer is awaited no longer than it either.
     Until(Instant),
 }
 

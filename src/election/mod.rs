@@ -261,13 +261,14 @@ impl Session {
             acquires_before,
             settled: false,
         };
+        // One RPC timeout for the whole release, its wait for a call slot
+        // included: `shutdown()` and a drop promise about one second (to
+        // stop the campaign) plus the RPC timeout, and a release queued
+        // behind slow calls must not take twice that.
+        let end = crate::time::after(Instant::now(), self.timing.rpc_timeout);
         let answer = self
             .rpc
-            .release(
-                incarnation,
-                self.timing.rpc_timeout,
-                Wait::AtMost(self.timing.rpc_timeout),
-            )
+            .release(incarnation, self.timing.rpc_timeout, Wait::Until(end))
             .await;
         done.settled = answer.result.is_ok() && answer.attempts == 1;
         if !done.settled {
