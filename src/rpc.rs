@@ -385,7 +385,7 @@ impl Rpc {
                 Err(status)
                     if crate::transport::is_timeout(&status, sent_at, left, Instant::now()) =>
                 {
-                    self.transport.call_timed_out(connection, sent_at);
+                    self.transport.call_timed_out(connection, sent_at, left);
                     Err(as_deadline(rpc, timeout, status))
                 }
                 Err(status) => Err(explain(status, self.transport.address().as_deref())),
