@@ -305,3 +305,91 @@ async fn resigning_many_leading_streams_at_once_releases_every_lock() {
         failed.first()
     );
 }
+
+/// Many elections on one connection that the server ages out every 300 ms
+/// (GOAWAY, then cut after a 200 ms grace) while calls wait in the
+/// admission queue: every lock is elected, and no leader loses its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elections_queued_across_goaways_are_all_elected_and_keep_their_leases() {
+    const N: usize = 100;
+    let server = quorum_quest_client::testing::TestServer::builder()
+        .max_connection_age(ms(300))
+        .max_connection_age_grace(ms(200))
+        .latency(ms(20))
+        .start()
+        .await
+        .unwrap();
+    let root = over_tcp(&server.url(), 3)
+        .max_concurrent_calls(8)
+        .build()
+        .await
+        .unwrap();
+    let shards: Vec<_> = (0..N)
+        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
+        .collect();
+    let (tally, mut streams) = elect_all(&shards, 60 * SEC).await;
+    assert_eq!(tally.elected.len(), N, "{:?}", tally.failed.first());
+    // Three more seconds: each lease (3 s TTL) is renewed a few times across
+    // some ten GOAWAYs.
+    let mut failed = tally.failed.len();
+    let mut lost = tally.lost;
+    let end = Instant::now() + 3 * SEC;
+    while let Ok(Some((_, ev))) = tokio::time::timeout_at(end, streams.next()).await {
+        match ev {
+            LeadershipEvent::RpcFailed { .. } => failed += 1,
+            LeadershipEvent::Lost { .. } => lost += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "{N} elections across {} connections: {failed} failed calls, {lost} losses",
+        server.connections_accepted()
+    );
+    assert_eq!(lost, 0, "{failed} failed calls");
+    for (i, shard) in shards.iter().enumerate() {
+        assert!(shard.is_leader(), "shard {i}");
+    }
+}
+
+/// Every way a call can be abandoned (a `try_acquire_lock` future dropped
+/// while its call is on the wire, a stream dropped and `stop_keep_alive` /
+/// `shutdown()` called while their campaign's call waits for the only slot)
+/// gives the slot back: afterwards the one-slot connection still serves a
+/// call at once.
+#[tokio::test(start_paused = true)]
+async fn no_abandoned_call_keeps_a_slot() {
+    let server = server().await;
+    let root = in_memory(&server, 15)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    let shard = |i: usize| root.for_scope("indexer", format!("shard-{i}")).unwrap();
+    server.set_latency(SEC);
+    // On the wire, then dropped.
+    let a = shard(0);
+    let on_wire = tokio::spawn(async move { a.try_acquire_lock().await });
+    eventually(SEC, "on the wire", || {
+        server.calls(RpcKind::TryAcquireLock) == 1
+    })
+    .await;
+    // Queued behind it: a stream's campaign, a keep-alive, a shutdown.
+    let b = shard(1);
+    let mut stream = b.leadership();
+    let _ = tokio::time::timeout(ms(1), stream.next()).await;
+    let c = shard(2);
+    c.start_keep_alive().await.unwrap();
+    let d = shard(3);
+    d.start_keep_alive().await.unwrap();
+    tokio::time::sleep(ms(100)).await;
+    on_wire.abort();
+    drop(stream);
+    c.stop_keep_alive().await;
+    d.shutdown().await.ok();
+    server.set_latency(Duration::ZERO);
+    tokio::time::sleep(10 * SEC).await;
+    let e = shard(4);
+    let started = Instant::now();
+    assert!(e.try_acquire_lock().await.unwrap());
+    assert!(started.elapsed() <= ms(10), "{:?}", started.elapsed());
+}
