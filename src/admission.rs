@@ -45,8 +45,9 @@ pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 100;
 /// Which queue a call waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Priority {
-    /// A leader's renewal, a grant's confirmation, a release: a lease or a
-    /// lock is at stake.
+    /// A leader's renewal (a `KeepAlive`, or a re-entrant `TryAcquireLock`
+    /// of a leader), a grant's confirmation, a release: a lease or a lock is
+    /// at stake.
     Urgent,
     /// A follower's attempt to acquire.
     Normal,

@@ -214,11 +214,14 @@ impl Rpc {
         &self.transport
     }
 
+    /// `priority`: [`Priority::Urgent`] when the caller leads (a re-entrant
+    /// acquire renews its lease), else [`Priority::Normal`].
     pub(crate) async fn try_acquire(
         &self,
         incarnation: u32,
         timeout: Duration,
         wait: Wait,
+        priority: Priority,
     ) -> Answer<bool> {
         let s = &self.scope;
         let req = TryAcquireLockRequest {
@@ -228,7 +231,7 @@ impl Rpc {
             ttl: s.ttl_secs,
         };
         self.call(
-            RpcKind::TryAcquireLock,
+            (RpcKind::TryAcquireLock, priority),
             incarnation,
             (timeout, wait),
             req,
@@ -252,7 +255,7 @@ impl Rpc {
             ttl: s.ttl_secs,
         };
         self.call(
-            RpcKind::KeepAlive,
+            (RpcKind::KeepAlive, Priority::Urgent),
             incarnation,
             (timeout, wait),
             req,
@@ -275,7 +278,7 @@ impl Rpc {
             client_id: s.wire_id(incarnation),
         };
         self.call(
-            RpcKind::ReleaseLock,
+            (RpcKind::ReleaseLock, Priority::Urgent),
             incarnation,
             (timeout, wait),
             req,
@@ -298,7 +301,7 @@ impl Rpc {
     /// first attempt is sent, and never runs past a [`Wait::Until`] instant.
     async fn call<Req, Resp, F, Fut>(
         &self,
-        rpc: RpcKind,
+        (rpc, priority): (RpcKind, Priority),
         incarnation: u32,
         (timeout, wait): (Duration, Wait),
         req: Req,
@@ -309,10 +312,6 @@ impl Rpc {
         F: Fn(LeaderElectionServiceClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let priority = match rpc {
-            RpcKind::TryAcquireLock => Priority::Normal,
-            RpcKind::KeepAlive | RpcKind::ReleaseLock => Priority::Urgent,
-        };
         let queued_at = Instant::now();
         let mut queue_until = wait.queue_deadline(queued_at);
         // Set when the first attempt is sent.

@@ -859,10 +859,10 @@ async fn shards_queued_behind_two_call_slots_never_have_two_leaders_through_faul
             let mut samples = 0u64;
             let mut led = [0u64; 2];
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                for i in 0..N {
+                for (i, (a, b)) in shards[0].iter().zip(&shards[1]).enumerate() {
                     let domain = format!("s{i}");
                     let before = server.lock("shards", &domain).map(|l| l.owner);
-                    let leads = [shards[0][i].is_leader(), shards[1][i].is_leader()];
+                    let leads = [a.is_leader(), b.is_leader()];
                     let after = server.lock("shards", &domain).map(|l| l.owner);
                     if leads[0] && leads[1] {
                         violations.push(format!("s{i}: both lead"));

@@ -393,3 +393,39 @@ async fn no_abandoned_call_keeps_a_slot() {
     assert!(e.try_acquire_lock().await.unwrap());
     assert!(started.elapsed() <= ms(10), "{:?}", started.elapsed());
 }
+
+/// A leader that renews by calling `try_acquire_lock()` (re-entrant: "a
+/// leader's call renews") has its lease at stake like a keep-alive: its
+/// call must not wait behind other locks' attempts in the queue (found by
+/// attack: a `TryAcquireLock` always queued as a follower's attempt, so
+/// with eight followers ahead on a one-slot connection and a server
+/// answering in 1 s, the leader's renewal gave up unsent).
+#[tokio::test(start_paused = true)]
+async fn a_leader_renewing_with_try_acquire_lock_goes_ahead_of_followers() {
+    let server = server().await;
+    let leader = in_memory(&server, 15)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    assert!(leader.try_acquire_lock().await.unwrap());
+    server.set_latency(SEC);
+    let followers: Vec<_> = (0..8)
+        .map(|i| {
+            let domain = format!("taken-{i}");
+            server.set_owner("indexer", &domain, "someone-else", 1_000 * SEC);
+            leader.for_scope("indexer", domain).unwrap()
+        })
+        .collect();
+    let mut streams = futures::stream::select_all(followers.iter().map(|f| f.leadership()));
+    let _ = tokio::time::timeout(ms(10), streams.next()).await;
+    // Eight attempts now wait for the one slot, one per second.
+    let started = Instant::now();
+    let renewed = leader.try_acquire_lock().await;
+    assert!(matches!(renewed, Ok(true)), "{renewed:?}");
+    assert!(
+        started.elapsed() <= 4 * SEC,
+        "the renewal waited {:?} behind followers",
+        started.elapsed()
+    );
+}

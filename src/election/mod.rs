@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::admission::Wait;
+use crate::admission::{Priority, Wait};
 use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::error::{Error, Result};
@@ -222,11 +222,23 @@ impl Session {
 
     /// One `TryAcquireLock` call under the current identity, observed;
     /// `wait` bounds its wait for a free call slot on the connection.
+    /// A leader's (or a granted candidate's) acquire renews a lease at
+    /// stake: it waits ahead of followers' attempts.
     pub(crate) async fn try_acquire(&self, wait: Wait) -> (Answer<bool>, Vec<LeadershipEvent>) {
-        let incarnation = self.shared().election.acquire_sent();
+        let (incarnation, priority) = {
+            let mut shared = self.shared();
+            let state = &mut shared.election;
+            let leading = state.deadline().is_some() || state.is_granted();
+            let priority = if leading {
+                Priority::Urgent
+            } else {
+                Priority::Normal
+            };
+            (state.acquire_sent(), priority)
+        };
         let answer = self
             .rpc
-            .try_acquire(incarnation, self.timing.rpc_timeout, wait)
+            .try_acquire(incarnation, self.timing.rpc_timeout, wait, priority)
             .await;
         let events = self.observe(answer.observation());
         (answer, events)
