@@ -429,3 +429,41 @@ async fn a_leader_renewing_with_try_acquire_lock_goes_ahead_of_followers() {
         started.elapsed()
     );
 }
+
+/// Attack (admission): a call holds its slot until its future is polled to
+/// completion or dropped; its timeout only fires when it is polled. A
+/// `try_acquire_lock()` future polled once and then kept without being
+/// polled (a `&mut fut` kept across a `select!` loop while other work runs)
+/// keeps its slot for as long: on a one-slot connection the leader of
+/// another lock cannot renew and loses its lease.
+#[tokio::test(start_paused = true)]
+#[ignore = "finding: a call future kept without being polled holds its admission slot past its own timeout, starving every other lock on the connection"]
+async fn a_call_future_kept_unpolled_does_not_hold_its_slot_past_its_timeout() {
+    let server = server().await;
+    let leader = in_memory(&server, 3)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    let mut stream = leader.leadership();
+    assert!(matches!(
+        next(&mut stream, 5 * SEC, "Elected").await,
+        LeadershipEvent::Elected { .. }
+    ));
+    let other = leader.for_scope("indexer", "other").unwrap();
+    server.pause();
+    let mut kept = Box::pin(other.try_acquire_lock());
+    assert!(futures::FutureExt::now_or_never(kept.as_mut()).is_none());
+    server.resume();
+    // The kept call's own timeout (1 s) passes many times over; the leader
+    // renews every second and must keep its lease.
+    let lost = tokio::time::timeout(9 * SEC, async {
+        until(&mut stream, 10 * SEC, "Lost", |ev| {
+            matches!(ev, LeadershipEvent::Lost { .. })
+        })
+        .await
+    })
+    .await;
+    assert!(lost.is_err(), "the leader lost: {lost:?}");
+    drop(kept);
+}
