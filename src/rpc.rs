@@ -160,6 +160,11 @@ pub(crate) struct Rpc {
     metadata: Arc<CallMetadata>,
     /// The client span: every call and task of this client runs in it.
     span: tracing::Span,
+    /// Set when the client shuts down: an acquire still waiting for a call
+    /// slot then is not sent (the shutdown's release, urgent, may already
+    /// have passed it in the queue: sent after it, it would win the lock
+    /// back for a client that is gone).
+    acquiring_stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Rpc {
@@ -182,6 +187,7 @@ impl Rpc {
             scope,
             claim: Arc::new(claim),
             metadata: Arc::default(),
+            acquiring_stopped: Arc::default(),
         })
     }
 
@@ -194,6 +200,13 @@ impl Rpc {
     /// The metadata sent with every request.
     pub(crate) fn metadata(&self) -> &CallMetadata {
         &self.metadata
+    }
+
+    /// From now on no `TryAcquireLock` is sent, even one already waiting
+    /// for a call slot (see `acquiring_stopped`).
+    pub(crate) fn stop_acquiring(&self) {
+        self.acquiring_stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The client span.
@@ -327,6 +340,21 @@ impl Rpc {
             // The send instant: after the queue, before the request is handed
             // to the connection (so never later than its transmission).
             let sent_at = Instant::now();
+            if rpc == RpcKind::TryAcquireLock
+                && self
+                    .acquiring_stopped
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                // Never sent, so no outcome to settle.
+                return Answer {
+                    sent_at,
+                    incarnation,
+                    attempts,
+                    result: Err(Status::failed_precondition(
+                        "TryAcquireLock: not sent: the client was shut down",
+                    )),
+                };
+            }
             let end = *budget_end.get_or_insert_with(|| {
                 let end = crate::time::after(sent_at, timeout);
                 wait.hard_end().map_or(end, |hard| end.min(hard))

@@ -467,3 +467,48 @@ async fn a_call_future_kept_unpolled_does_not_hold_its_slot_past_its_timeout() {
     assert!(lost.is_err(), "the leader lost: {lost:?}");
     drop(kept);
 }
+
+/// An acquire that waits for a slot when `shutdown()` is called is not sent
+/// (it fails with `Error::Shutdown`). Found by attack: the shutdown's
+/// release, urgent, passed it in the queue, and the acquire went out after
+/// it: the client was granted the lock again, led after `shutdown()`
+/// returned, and left the lock held for nobody until its TTL.
+#[tokio::test(start_paused = true)]
+async fn an_acquire_queued_before_shutdown_is_not_sent_after_its_release() {
+    let server = server().await;
+    let client = in_memory(&server, 15)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    server.set_owner("other", "lock", "someone-else", 1_000 * SEC);
+    let other = QuorumQuestClient::builder("other", "lock")
+        .share_connection(&client)
+        .ttl(15 * SEC)
+        .build()
+        .await
+        .unwrap();
+    server.set_latency(SEC);
+    let hog = tokio::spawn(async move { other.try_acquire_lock().await });
+    eventually(SEC, "the other attempt is on the wire", || {
+        server.calls(RpcKind::TryAcquireLock) == 1
+    })
+    .await;
+    let acquiring = client.clone();
+    let queued = tokio::spawn(async move { acquiring.try_acquire_lock().await });
+    tokio::time::sleep(ms(100)).await;
+    let _ = client.shutdown().await;
+    let acquired = queued.await.unwrap();
+    let _ = hog.await;
+    tokio::time::sleep(SEC).await;
+    assert!(matches!(acquired, Err(Error::Shutdown)), "{acquired:?}");
+    assert!(
+        !client.is_leader(),
+        "leads after shutdown() (the queued attempt said {acquired:?})"
+    );
+    assert_eq!(
+        server.lock(SERVICE, DOMAIN).map(|l| l.owner),
+        None,
+        "the lock is held after shutdown() (the queued attempt said {acquired:?})"
+    );
+}

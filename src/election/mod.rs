@@ -425,6 +425,9 @@ impl Session {
     pub(crate) fn close(self: &Arc<Self>) -> Shutdown {
         let mut control = self.control();
         control.closed = true;
+        // An acquire still waiting for a call slot must not go out after
+        // the release that follows.
+        self.rpc.stop_acquiring();
         control.keep_alive = false;
         Shutdown {
             session: self.clone(),
