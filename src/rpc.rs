@@ -398,11 +398,15 @@ impl Rpc {
                     }
                 }
             };
-            // The slot is free for the next call (a retry queues again).
-            drop(permit);
+            // The answer is recorded before the slot is handed on, so that a
+            // call admitted by it is sent after the answer: "answered since
+            // it was sent" ([`Transport::call_timed_out`]) then never credits
+            // it with an answer that came before it.
             if result.is_ok() {
                 self.transport.answered(connection);
             }
+            // The slot is free for the next call (a retry queues again).
+            drop(permit);
             let result = match result {
                 // tonic's own deadline (from the request's grpc-timeout) may
                 // fire first and say `Cancelled`: a failure at or past the
