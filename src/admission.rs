@@ -45,8 +45,9 @@ pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 100;
 /// Which queue a call waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Priority {
-    /// A leader's renewal, a grant's confirmation, a release: a lease or a
-    /// lock is at stake.
+    /// A leader's renewal (a `KeepAlive`, or a re-entrant `TryAcquireLock`
+    /// of a leader), a grant's confirmation, a release: a lease or a lock is
+    /// at stake.
     Urgent,
     /// A follower's attempt to acquire.
     Normal,
@@ -62,8 +63,9 @@ pub(crate) enum Wait {
     /// At most this long (a call a user awaits).
     AtMost(std::time::Duration),
     /// The call is worth nothing after this instant (a leader's renewal: the
-    /// lease's safe deadline). It must leave the queue before it, and its
-    /// answer is awaited no longer than it either.
+    /// lease's safe deadline; a release: one RPC timeout after it started,
+    /// the bound `shutdown()` promises). It must leave the queue before it,
+    /// and its answer is awaited no longer than it either.
     Until(Instant),
 }
 

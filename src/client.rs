@@ -172,6 +172,10 @@ impl QuorumQuestClient {
         session.check_open()?;
         let wait = Wait::AtMost(session.timing.rpc_timeout);
         let (answer, _) = session.try_acquire(wait).await;
+        if answer.result.is_err() {
+            // Shut down while it waited for a call slot: it was not sent.
+            session.check_open()?;
+        }
         if !answer.result.map_err(Error::Rpc)? {
             return Ok(session.is_leader());
         }

@@ -160,6 +160,11 @@ pub(crate) struct Rpc {
     metadata: Arc<CallMetadata>,
     /// The client span: every call and task of this client runs in it.
     span: tracing::Span,
+    /// Set when the client shuts down: an acquire still waiting for a call
+    /// slot then is not sent (the shutdown's release, urgent, may already
+    /// have passed it in the queue: sent after it, it would win the lock
+    /// back for a client that is gone).
+    acquiring_stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Rpc {
@@ -182,6 +187,7 @@ impl Rpc {
             scope,
             claim: Arc::new(claim),
             metadata: Arc::default(),
+            acquiring_stopped: Arc::default(),
         })
     }
 
@@ -194,6 +200,13 @@ impl Rpc {
     /// The metadata sent with every request.
     pub(crate) fn metadata(&self) -> &CallMetadata {
         &self.metadata
+    }
+
+    /// From now on no `TryAcquireLock` is sent, even one already waiting
+    /// for a call slot (see `acquiring_stopped`).
+    pub(crate) fn stop_acquiring(&self) {
+        self.acquiring_stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The client span.
@@ -214,11 +227,14 @@ impl Rpc {
         &self.transport
     }
 
+    /// `priority`: [`Priority::Urgent`] when the caller leads (a re-entrant
+    /// acquire renews its lease), else [`Priority::Normal`].
     pub(crate) async fn try_acquire(
         &self,
         incarnation: u32,
         timeout: Duration,
         wait: Wait,
+        priority: Priority,
     ) -> Answer<bool> {
         let s = &self.scope;
         let req = TryAcquireLockRequest {
@@ -228,7 +244,7 @@ impl Rpc {
             ttl: s.ttl_secs,
         };
         self.call(
-            RpcKind::TryAcquireLock,
+            (RpcKind::TryAcquireLock, priority),
             incarnation,
             (timeout, wait),
             req,
@@ -252,7 +268,7 @@ impl Rpc {
             ttl: s.ttl_secs,
         };
         self.call(
-            RpcKind::KeepAlive,
+            (RpcKind::KeepAlive, Priority::Urgent),
             incarnation,
             (timeout, wait),
             req,
@@ -275,7 +291,7 @@ impl Rpc {
             client_id: s.wire_id(incarnation),
         };
         self.call(
-            RpcKind::ReleaseLock,
+            (RpcKind::ReleaseLock, Priority::Urgent),
             incarnation,
             (timeout, wait),
             req,
@@ -298,7 +314,7 @@ impl Rpc {
     /// first attempt is sent, and never runs past a [`Wait::Until`] instant.
     async fn call<Req, Resp, F, Fut>(
         &self,
-        rpc: RpcKind,
+        (rpc, priority): (RpcKind, Priority),
         incarnation: u32,
         (timeout, wait): (Duration, Wait),
         req: Req,
@@ -309,10 +325,6 @@ impl Rpc {
         F: Fn(LeaderElectionServiceClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let priority = match rpc {
-            RpcKind::TryAcquireLock => Priority::Normal,
-            RpcKind::KeepAlive | RpcKind::ReleaseLock => Priority::Urgent,
-        };
         let queued_at = Instant::now();
         let mut queue_until = wait.queue_deadline(queued_at);
         // Set when the first attempt is sent.
@@ -328,6 +340,21 @@ impl Rpc {
             // The send instant: after the queue, before the request is handed
             // to the connection (so never later than its transmission).
             let sent_at = Instant::now();
+            if rpc == RpcKind::TryAcquireLock
+                && self
+                    .acquiring_stopped
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                // Never sent, so no outcome to settle.
+                return Answer {
+                    sent_at,
+                    incarnation,
+                    attempts,
+                    result: Err(Status::failed_precondition(
+                        "TryAcquireLock: not sent: the client was shut down",
+                    )),
+                };
+            }
             let end = *budget_end.get_or_insert_with(|| {
                 let end = crate::time::after(sent_at, timeout);
                 wait.hard_end().map_or(end, |hard| end.min(hard))
@@ -371,11 +398,15 @@ impl Rpc {
                     }
                 }
             };
-            // The slot is free for the next call (a retry queues again).
-            drop(permit);
+            // The answer is recorded before the slot is handed on, so that a
+            // call admitted by it is sent after the answer: "answered since
+            // it was sent" ([`Transport::call_timed_out`]) then never credits
+            // it with an answer that came before it.
             if result.is_ok() {
                 self.transport.answered(connection);
             }
+            // The slot is free for the next call (a retry queues again).
+            drop(permit);
             let result = match result {
                 // tonic's own deadline (from the request's grpc-timeout) may
                 // fire first and say `Cancelled`: a failure at or past the
@@ -385,7 +416,7 @@ impl Rpc {
                 Err(status)
                     if crate::transport::is_timeout(&status, sent_at, left, Instant::now()) =>
                 {
-                    self.transport.call_timed_out(connection, sent_at);
+                    self.transport.call_timed_out(connection, sent_at, left);
                     Err(as_deadline(rpc, timeout, status))
                 }
                 Err(status) => Err(explain(status, self.transport.address().as_deref())),

@@ -47,7 +47,9 @@
 //!   one call among them was slow). Only a call that was on the wire counts: calls wait
 //!   for a slot in the connection's [admission queue](crate::admission)
 //!   first, and their timeout starts when they leave it, so local queueing
-//!   never looks like a dead connection.
+//!   never looks like a dead connection; nor does a call whose budget was
+//!   cut to under a quarter of the call timeout (by its wait in the queue,
+//!   or by a lease's deadline), too short a window to judge the connection.
 //!
 //! **TLS** lives in the [`Endpoint`] (tonic builds its connector from the
 //! `ClientTlsConfig` once, in `endpoint_for`), so every redial, being a
@@ -733,10 +735,22 @@ impl Transport {
     /// alive (it answered another call since this one was sent, within the
     /// last quarter of the call timeout: the server is slow, not the
     /// connection dead), it was already replaced, or it was dialed recently.
-    pub(crate) fn call_timed_out(&self, generation: u64, sent_at: Instant) {
+    ///
+    /// A call whose `budget` was under a quarter of `redial_after` (cut
+    /// short by its wait for a call slot, or by a lease's deadline) says
+    /// nothing either way: the window in which an answer could show the
+    /// connection alive was too short to judge it.
+    pub(crate) fn call_timed_out(&self, generation: u64, sent_at: Instant, budget: Duration) {
         let Some(endpoint) = &self.endpoint else {
             return;
         };
+        if budget < self.redial_after / 4 {
+            tracing::debug!(
+                ?budget,
+                "a call with a short budget timed out: no evidence about the connection"
+            );
+            return;
+        }
         let mut cur = self.lock();
         if cur.generation != generation {
             return;
@@ -880,7 +894,7 @@ mod tests {
         tokio::time::advance(4 * SEC).await;
         // Another call was answered just now: the connection lives.
         t.answered(first);
-        t.call_timed_out(first, sent);
+        t.call_timed_out(first, sent, 4 * SEC);
         assert_eq!(
             t.channel().1,
             first,
@@ -888,21 +902,31 @@ mod tests {
         );
         // That answer is now more than a quarter of the timeout old.
         tokio::time::advance(2 * SEC).await;
-        t.call_timed_out(first, sent);
+        t.call_timed_out(first, sent, 4 * SEC);
         let (_, second) = t.channel();
         assert_ne!(second, first, "silent for too long: redialed");
         // A time-out on the connection already replaced changes nothing, and
         // neither does one within `redial_after` of the redial.
-        t.call_timed_out(first, Instant::now());
-        t.call_timed_out(second, Instant::now());
+        t.call_timed_out(first, Instant::now(), 4 * SEC);
+        t.call_timed_out(second, Instant::now(), 4 * SEC);
         assert_eq!(t.channel().1, second);
         // An answer from before the call was sent is no evidence.
         tokio::time::advance(5 * SEC).await;
         t.answered(second);
         tokio::time::advance(ms(1)).await;
         let sent = Instant::now();
-        t.call_timed_out(second, sent);
-        assert_ne!(t.channel().1, second);
+        t.call_timed_out(second, sent, 4 * SEC);
+        let (_, third) = t.channel();
+        assert_ne!(third, second);
+        // A call given under a quarter of the timeout (cut short by the
+        // queue) is no evidence of a dead connection.
+        tokio::time::advance(5 * SEC).await;
+        let sent = Instant::now();
+        tokio::time::advance(ms(900)).await;
+        t.call_timed_out(third, sent, ms(900));
+        assert_eq!(t.channel().1, third, "too short a call to judge");
+        t.call_timed_out(third, sent, SEC);
+        assert_ne!(t.channel().1, third);
     }
 
     fn ms(n: u64) -> Duration {

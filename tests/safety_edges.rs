@@ -803,3 +803,124 @@ fn a_lease_just_over_the_margin_does_not_renew_in_a_loop() {
         }
     }
 }
+
+// ----- admission control under faults -----
+
+/// Two processes, A and B, each with one connection (through its own
+/// proxy) limited to two calls in flight, campaign for the same ten shards
+/// against a server that answers after 60 ms, so that renewals and attempts
+/// wait in the admission queue. Their connections are partitioned, held
+/// and reset in turn, and the server pauses. Sampled every few
+/// milliseconds throughout: a client never believes it leads a shard that
+/// the server gives to someone else, and never do both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_queued_behind_two_call_slots_never_have_two_leaders_through_faults() {
+    use quorum_quest_client::testing::ProxyMode;
+    const N: usize = 10;
+    let server = TestServer::builder().latency(ms(60)).start().await.unwrap();
+    let proxies = [
+        FaultProxy::start(server.addr()).await.unwrap(),
+        FaultProxy::start(server.addr()).await.unwrap(),
+    ];
+    let ids = ["node-a", "node-b"];
+    let mut shards: Vec<Vec<QuorumQuestClient>> = Vec::new();
+    let mut drains = Vec::new();
+    for (id, proxy) in ids.iter().zip(&proxies) {
+        let root = QuorumQuestClient::builder("svc", "root")
+            .address(proxy.url())
+            .client_id(*id)
+            .ttl(3 * SEC)
+            .max_concurrent_calls(2)
+            .build()
+            .await
+            .unwrap();
+        let mine: Vec<_> = (0..N)
+            .map(|i| root.for_scope("shards", format!("s{i}")).unwrap())
+            .collect();
+        let streams = futures::stream::select_all(mine.iter().map(|s| s.leadership()));
+        drains.push(tokio::spawn(async move {
+            futures::pin_mut!(streams);
+            while streams.next().await.is_some() {}
+        }));
+        shards.push(mine);
+    }
+    let owner_is = |owner: &Option<String>, id: &str| {
+        owner
+            .as_deref()
+            .is_some_and(|o| o == id || o.starts_with(&format!("{id}#")))
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let server = server.clone();
+        let shards = shards.clone();
+        tokio::spawn(async move {
+            let mut violations = Vec::new();
+            let mut samples = 0u64;
+            let mut led = [0u64; 2];
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for (i, (a, b)) in shards[0].iter().zip(&shards[1]).enumerate() {
+                    let domain = format!("s{i}");
+                    let before = server.lock("shards", &domain).map(|l| l.owner);
+                    let leads = [a.is_leader(), b.is_leader()];
+                    let after = server.lock("shards", &domain).map(|l| l.owner);
+                    if leads[0] && leads[1] {
+                        violations.push(format!("s{i}: both lead"));
+                    }
+                    for (k, id) in ids.iter().enumerate() {
+                        if leads[k] {
+                            led[k] += 1;
+                            if !owner_is(&before, id) && !owner_is(&after, id) {
+                                violations.push(format!(
+                                    "s{i}: {id} leads, server owner {before:?} / {after:?}"
+                                ));
+                            }
+                        }
+                    }
+                }
+                samples += 1;
+                tokio::time::sleep(ms(3)).await;
+            }
+            (violations, samples, led)
+        })
+    };
+    let pause = |d: Duration| tokio::time::sleep(d);
+    pause(3 * SEC).await;
+    proxies[0].set_mode(ProxyMode::Blackhole);
+    pause(3 * SEC).await;
+    proxies[0].set_mode(ProxyMode::Pass);
+    pause(2 * SEC).await;
+    proxies[1].hold_live();
+    pause(3 * SEC).await;
+    proxies[1].deliver_held();
+    pause(2 * SEC).await;
+    proxies[0].set_mode(ProxyMode::Reset);
+    pause(ms(500)).await;
+    proxies[0].set_mode(ProxyMode::Pass);
+    pause(2 * SEC).await;
+    server.pause();
+    pause(2 * SEC).await;
+    server.resume();
+    pause(2 * SEC).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (violations, samples, led) = sampler.await.unwrap();
+    let tenures = server.tenures().len();
+    eprintln!(
+        "{samples} samples; leader samples A {} / B {}; {tenures} tenures",
+        led[0], led[1]
+    );
+    for d in drains {
+        d.abort();
+    }
+    assert!(
+        violations.is_empty(),
+        "{} violations, e.g. {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+    assert!(led[0] > 0 && led[1] > 0, "both led at some point");
+    assert!(
+        tenures > N,
+        "the faults moved some locks ({tenures} tenures)"
+    );
+}

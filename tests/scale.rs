@@ -212,3 +212,303 @@ async fn max_concurrent_calls_must_be_positive_and_belongs_to_the_connection() {
         other => panic!("{other:?}"),
     }
 }
+
+/// `shutdown()` is bounded by about one second plus the RPC timeout, its
+/// release's wait for a call slot included (found by attack: the release
+/// waited up to the RPC timeout for a slot and then had a whole RPC timeout
+/// of its own, so a release queued behind a slow call took 8 s here). The
+/// release still goes out, with what is left of the budget.
+#[tokio::test(start_paused = true)]
+async fn shutdown_stays_within_one_second_plus_the_rpc_timeout_when_its_release_waits_for_a_slot() {
+    let server = server().await;
+    let leader = in_memory(&server, 15)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    assert!(leader.try_acquire_lock().await.unwrap());
+    let rpc_timeout = leader.timing().rpc_timeout;
+    assert_eq!(rpc_timeout, 5 * SEC);
+    // Another lock on the same connection, held by someone else: its
+    // attempt is refused, after the server's 4 s latency.
+    server.set_owner("other", "lock", "someone-else", 100 * SEC);
+    let other = QuorumQuestClient::builder("other", "lock")
+        .share_connection(&leader)
+        .ttl(15 * SEC)
+        .build()
+        .await
+        .unwrap();
+    server.set_latency(4 * SEC);
+    let hog = tokio::spawn(async move { other.try_acquire_lock().await });
+    eventually(SEC, "the other attempt is on the wire", || {
+        server.calls(RpcKind::TryAcquireLock) == 2
+    })
+    .await;
+    let started = Instant::now();
+    // The release waits 4 s for the slot, goes out with 1 s left, and the
+    // server acts on it (its answer comes too late).
+    let _ = leader.shutdown().await;
+    let took = started.elapsed();
+    assert!(!leader.is_leader());
+    assert_eq!(
+        server.calls(RpcKind::ReleaseLock),
+        1,
+        "the release was sent"
+    );
+    assert!(server.lock(SERVICE, DOMAIN).is_none());
+    assert!(
+        took <= SEC + rpc_timeout,
+        "shutdown took {took:?}, over 1 s + the RPC timeout ({rpc_timeout:?})"
+    );
+    assert!(matches!(hog.await.unwrap(), Ok(false)));
+}
+
+/// Attack (admission): the README's way to let go of many locks at once,
+/// `join_all(streams.map(|s| s.resign()))`, "releases them through the
+/// admission queue together". Each release waits at most the RPC timeout
+/// for a slot and then gives up without being sent: forty leaders on a
+/// connection that serves two calls per 50 ms leave about half their locks
+/// held for nobody until they expire.
+#[tokio::test(start_paused = true)]
+#[ignore = "finding: a release waits at most the RPC timeout for a call slot, so resigning more locks at once than the connection serves within it leaves the rest held (never sent) until their TTL; the README recommends join_all(resign) for many locks"]
+async fn resigning_many_leading_streams_at_once_releases_every_lock() {
+    let server = quorum_quest_client::testing::TestServer::builder()
+        .latency(ms(50))
+        .start()
+        .await
+        .unwrap();
+    let root = in_memory(&server, 5)
+        .rpc_timeout(ms(500))
+        .max_concurrent_calls(2)
+        .build()
+        .await
+        .unwrap();
+    let shards: Vec<_> = (0..40)
+        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
+        .collect();
+    let mut streams: Vec<_> = shards.iter().map(|s| s.leadership()).collect();
+    futures::future::join_all(streams.iter_mut().map(|s| {
+        until(s, 30 * SEC, "Elected", |ev| {
+            matches!(ev, LeadershipEvent::Elected { .. })
+        })
+    }))
+    .await;
+    let results = futures::future::join_all(streams.into_iter().map(|s| s.resign())).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let still_held = (0..40)
+        .filter(|i| server.lock("indexer", &format!("shard-{i}")).is_some())
+        .count();
+    assert!(
+        failed.is_empty() && still_held == 0,
+        "{} resigns failed (e.g. {:?}); {still_held} of 40 locks still held",
+        failed.len(),
+        failed.first()
+    );
+}
+
+/// Many elections on one connection that the server ages out every 300 ms
+/// (GOAWAY, then cut after a 200 ms grace) while calls wait in the
+/// admission queue: every lock is elected, and no leader loses its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elections_queued_across_goaways_are_all_elected_and_keep_their_leases() {
+    const N: usize = 100;
+    let server = quorum_quest_client::testing::TestServer::builder()
+        .max_connection_age(ms(300))
+        .max_connection_age_grace(ms(200))
+        .latency(ms(20))
+        .start()
+        .await
+        .unwrap();
+    let root = over_tcp(&server.url(), 6)
+        .max_concurrent_calls(8)
+        .build()
+        .await
+        .unwrap();
+    let shards: Vec<_> = (0..N)
+        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
+        .collect();
+    let (tally, mut streams) = elect_all(&shards, 60 * SEC).await;
+    assert_eq!(tally.elected.len(), N, "{:?}", tally.failed.first());
+    // Four more seconds: each lease (6 s TTL, renewed every 2 s) is renewed
+    // twice across some ten GOAWAYs.
+    let mut failed = tally.failed.len();
+    let mut lost = tally.lost;
+    let end = Instant::now() + 4 * SEC;
+    while let Ok(Some((_, ev))) = tokio::time::timeout_at(end, streams.next()).await {
+        match ev {
+            LeadershipEvent::RpcFailed { .. } => failed += 1,
+            LeadershipEvent::Lost { .. } => lost += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "{N} elections across {} connections: {failed} failed calls, {lost} losses",
+        server.connections_accepted()
+    );
+    assert_eq!(lost, 0, "{failed} failed calls");
+    for (i, shard) in shards.iter().enumerate() {
+        assert!(shard.is_leader(), "shard {i}");
+    }
+}
+
+/// Every way a call can be abandoned (a `try_acquire_lock` future dropped
+/// while its call is on the wire, a stream dropped and `stop_keep_alive` /
+/// `shutdown()` called while their campaign's call waits for the only slot)
+/// gives the slot back: afterwards the one-slot connection still serves a
+/// call at once.
+#[tokio::test(start_paused = true)]
+async fn no_abandoned_call_keeps_a_slot() {
+    let server = server().await;
+    let root = in_memory(&server, 15)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    let shard = |i: usize| root.for_scope("indexer", format!("shard-{i}")).unwrap();
+    server.set_latency(SEC);
+    // On the wire, then dropped.
+    let a = shard(0);
+    let on_wire = tokio::spawn(async move { a.try_acquire_lock().await });
+    eventually(SEC, "on the wire", || {
+        server.calls(RpcKind::TryAcquireLock) == 1
+    })
+    .await;
+    // Queued behind it: a stream's campaign, a keep-alive, a shutdown.
+    let b = shard(1);
+    let mut stream = b.leadership();
+    let _ = tokio::time::timeout(ms(1), stream.next()).await;
+    let c = shard(2);
+    c.start_keep_alive().await.unwrap();
+    let d = shard(3);
+    d.start_keep_alive().await.unwrap();
+    tokio::time::sleep(ms(100)).await;
+    on_wire.abort();
+    drop(stream);
+    c.stop_keep_alive().await;
+    d.shutdown().await.ok();
+    server.set_latency(Duration::ZERO);
+    tokio::time::sleep(10 * SEC).await;
+    let e = shard(4);
+    let started = Instant::now();
+    assert!(e.try_acquire_lock().await.unwrap());
+    assert!(started.elapsed() <= ms(10), "{:?}", started.elapsed());
+}
+
+/// A leader that renews by calling `try_acquire_lock()` (re-entrant: "a
+/// leader's call renews") has its lease at stake like a keep-alive: its
+/// call must not wait behind other locks' attempts in the queue (found by
+/// attack: a `TryAcquireLock` always queued as a follower's attempt, so
+/// with eight followers ahead on a one-slot connection and a server
+/// answering in 1 s, the leader's renewal gave up unsent).
+#[tokio::test(start_paused = true)]
+async fn a_leader_renewing_with_try_acquire_lock_goes_ahead_of_followers() {
+    let server = server().await;
+    let leader = in_memory(&server, 15)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    assert!(leader.try_acquire_lock().await.unwrap());
+    server.set_latency(SEC);
+    let followers: Vec<_> = (0..8)
+        .map(|i| {
+            let domain = format!("taken-{i}");
+            server.set_owner("indexer", &domain, "someone-else", 1_000 * SEC);
+            leader.for_scope("indexer", domain).unwrap()
+        })
+        .collect();
+    let mut streams = futures::stream::select_all(followers.iter().map(|f| f.leadership()));
+    let _ = tokio::time::timeout(ms(10), streams.next()).await;
+    // Eight attempts now wait for the one slot, one per second.
+    let started = Instant::now();
+    let renewed = leader.try_acquire_lock().await;
+    assert!(matches!(renewed, Ok(true)), "{renewed:?}");
+    assert!(
+        started.elapsed() <= 4 * SEC,
+        "the renewal waited {:?} behind followers",
+        started.elapsed()
+    );
+}
+
+/// Attack (admission): a call holds its slot until its future is polled to
+/// completion or dropped; its timeout only fires when it is polled. A
+/// `try_acquire_lock()` future polled once and then kept without being
+/// polled (a `&mut fut` kept across a `select!` loop while other work runs)
+/// keeps its slot for as long: on a one-slot connection the leader of
+/// another lock cannot renew and loses its lease.
+#[tokio::test(start_paused = true)]
+#[ignore = "finding: a call future kept without being polled holds its admission slot past its own timeout, starving every other lock on the connection"]
+async fn a_call_future_kept_unpolled_does_not_hold_its_slot_past_its_timeout() {
+    let server = server().await;
+    let leader = in_memory(&server, 3)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    let mut stream = leader.leadership();
+    assert!(matches!(
+        next(&mut stream, 5 * SEC, "Elected").await,
+        LeadershipEvent::Elected { .. }
+    ));
+    let other = leader.for_scope("indexer", "other").unwrap();
+    server.pause();
+    let mut kept = Box::pin(other.try_acquire_lock());
+    assert!(futures::FutureExt::now_or_never(kept.as_mut()).is_none());
+    server.resume();
+    // The kept call's own timeout (1 s) passes many times over; the leader
+    // renews every second and must keep its lease.
+    let lost = tokio::time::timeout(9 * SEC, async {
+        until(&mut stream, 10 * SEC, "Lost", |ev| {
+            matches!(ev, LeadershipEvent::Lost { .. })
+        })
+        .await
+    })
+    .await;
+    assert!(lost.is_err(), "the leader lost: {lost:?}");
+    drop(kept);
+}
+
+/// An acquire that waits for a slot when `shutdown()` is called is not sent
+/// (it fails with `Error::Shutdown`). Found by attack: the shutdown's
+/// release, urgent, passed it in the queue, and the acquire went out after
+/// it: the client was granted the lock again, led after `shutdown()`
+/// returned, and left the lock held for nobody until its TTL.
+#[tokio::test(start_paused = true)]
+async fn an_acquire_queued_before_shutdown_is_not_sent_after_its_release() {
+    let server = server().await;
+    let client = in_memory(&server, 15)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    server.set_owner("other", "lock", "someone-else", 1_000 * SEC);
+    let other = QuorumQuestClient::builder("other", "lock")
+        .share_connection(&client)
+        .ttl(15 * SEC)
+        .build()
+        .await
+        .unwrap();
+    server.set_latency(SEC);
+    let hog = tokio::spawn(async move { other.try_acquire_lock().await });
+    eventually(SEC, "the other attempt is on the wire", || {
+        server.calls(RpcKind::TryAcquireLock) == 1
+    })
+    .await;
+    let acquiring = client.clone();
+    let queued = tokio::spawn(async move { acquiring.try_acquire_lock().await });
+    tokio::time::sleep(ms(100)).await;
+    let _ = client.shutdown().await;
+    let acquired = queued.await.unwrap();
+    let _ = hog.await;
+    tokio::time::sleep(SEC).await;
+    assert!(matches!(acquired, Err(Error::Shutdown)), "{acquired:?}");
+    assert!(
+        !client.is_leader(),
+        "leads after shutdown() (the queued attempt said {acquired:?})"
+    );
+    assert_eq!(
+        server.lock(SERVICE, DOMAIN).map(|l| l.owner),
+        None,
+        "the lock is held after shutdown() (the queued attempt said {acquired:?})"
+    );
+}

@@ -291,3 +291,54 @@ async fn a_user_channel_is_never_redialed() {
     assert_eq!(proxy.connections_accepted(), 1);
     assert_eq!(server.connections_accepted(), 1);
 }
+
+/// A call whose budget was cut short by its wait for a call slot (here a
+/// release, which gets one RPC timeout in all, queue included, behind
+/// another lock's slow call on the one slot) says nothing about the
+/// connection when it times out: the connection answered the call ahead of
+/// it a moment before. It must not be redialed (found by attack: it was,
+/// because only answers after the short call's own send counted as evidence).
+#[tokio::test]
+async fn a_call_timed_out_on_a_budget_cut_short_by_the_queue_does_not_redial_a_live_connection() {
+    let server = server().await;
+    let leader = QuorumQuestClient::builder(SERVICE, DOMAIN)
+        .address(server.url())
+        .ttl(Duration::from_secs(6))
+        .rpc_timeout(3 * SEC)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    assert!(leader.try_acquire_lock().await.unwrap());
+    // With the waits below, long enough after the dial for a redial to be
+    // allowed.
+    tokio::time::sleep(ms(500)).await;
+    server.set_owner("other", "lock", "someone-else", 100 * SEC);
+    let other = QuorumQuestClient::builder("other", "lock")
+        .share_connection(&leader)
+        .ttl(Duration::from_secs(30))
+        .rpc_timeout(10 * SEC)
+        .build()
+        .await
+        .unwrap();
+    server.set_latency(ms(2_900));
+    let acquires = server.calls(quorum_quest_client::RpcKind::TryAcquireLock);
+    let hog = tokio::spawn(async move { other.try_acquire_lock().await });
+    eventually(SOON, "the other attempt is on the wire", || {
+        server.calls(quorum_quest_client::RpcKind::TryAcquireLock) > acquires
+    })
+    .await;
+    // Queued for about 2.9 s behind it, the release goes out with about
+    // 0.1 s left of its 3 s (under the quarter, 0.75 s, that can judge the
+    // connection), and times out.
+    let released = leader.release_lock().await;
+    assert!(released.is_err(), "{released:?}");
+    assert!(matches!(hog.await.unwrap(), Ok(false)));
+    server.set_latency(Duration::ZERO);
+    assert!(leader.try_acquire_lock().await.unwrap());
+    assert_eq!(
+        server.connections_accepted(),
+        1,
+        "a live connection was redialed"
+    );
+}

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::admission::Wait;
+use crate::admission::{Priority, Wait};
 use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::error::{Error, Result};
@@ -222,11 +222,23 @@ impl Session {
 
     /// One `TryAcquireLock` call under the current identity, observed;
     /// `wait` bounds its wait for a free call slot on the connection.
+    /// A leader's (or a granted candidate's) acquire renews a lease at
+    /// stake: it waits ahead of followers' attempts.
     pub(crate) async fn try_acquire(&self, wait: Wait) -> (Answer<bool>, Vec<LeadershipEvent>) {
-        let incarnation = self.shared().election.acquire_sent();
+        let (incarnation, priority) = {
+            let mut shared = self.shared();
+            let state = &mut shared.election;
+            let leading = state.deadline().is_some() || state.is_granted();
+            let priority = if leading {
+                Priority::Urgent
+            } else {
+                Priority::Normal
+            };
+            (state.acquire_sent(), priority)
+        };
         let answer = self
             .rpc
-            .try_acquire(incarnation, self.timing.rpc_timeout, wait)
+            .try_acquire(incarnation, self.timing.rpc_timeout, wait, priority)
             .await;
         let events = self.observe(answer.observation());
         (answer, events)
@@ -261,13 +273,14 @@ impl Session {
             acquires_before,
             settled: false,
         };
+        // One RPC timeout for the whole release, its wait for a call slot
+        // included: `shutdown()` and a drop promise about one second (to
+        // stop the campaign) plus the RPC timeout, and a release queued
+        // behind slow calls must not take twice that.
+        let end = crate::time::after(Instant::now(), self.timing.rpc_timeout);
         let answer = self
             .rpc
-            .release(
-                incarnation,
-                self.timing.rpc_timeout,
-                Wait::AtMost(self.timing.rpc_timeout),
-            )
+            .release(incarnation, self.timing.rpc_timeout, Wait::Until(end))
             .await;
         done.settled = answer.result.is_ok() && answer.attempts == 1;
         if !done.settled {
@@ -412,6 +425,9 @@ impl Session {
     pub(crate) fn close(self: &Arc<Self>) -> Shutdown {
         let mut control = self.control();
         control.closed = true;
+        // An acquire still waiting for a call slot must not go out after
+        // the release that follows.
+        self.rpc.stop_acquiring();
         control.keep_alive = false;
         Shutdown {
             session: self.clone(),
