@@ -12,6 +12,11 @@
 //!    on one connection, each kept by a `leadership()` stream, against a
 //!    hand-written minimal keep-alive loop per shard (one task, one stub).
 
+#[path = "../examples/common/proc_stats.rs"]
+mod proc_stats;
+
+use proc_stats::{cpu_time, rss_bytes};
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -25,32 +30,6 @@ const CALLS_PER_ROUND: usize = 300;
 const SHARDS: usize = 500;
 const SHARD_TTL: Duration = Duration::from_secs(3);
 const SHARD_WINDOW: Duration = Duration::from_secs(6);
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
-/// User + system CPU time of this process.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which is in parentheses).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after ')'.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

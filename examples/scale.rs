@@ -40,6 +40,11 @@
 //!   as 0. For the client the send instant is read from the lease (deadline
 //!   minus ttl minus safety margin) when its `Renewed` event arrives.
 
+#[path = "common/proc_stats.rs"]
+mod proc_stats;
+
+use proc_stats::{cpu_time, rss_bytes};
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -340,30 +345,6 @@ fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 // ----- one variant, in its own process -----
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
-/// User + system CPU time of this process (10 ms ticks).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {

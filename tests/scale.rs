@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::*;
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use quorum_quest_client::testing::TestServer;
 use quorum_quest_client::{Error, LeadershipEvent, LossReason, QuorumQuestClient, RpcKind};
 use tokio::time::Instant;
 
@@ -25,6 +26,16 @@ struct Tally {
 }
 
 type Streams = futures::stream::SelectAll<BoxStream<'static, (usize, LeadershipEvent)>>;
+
+/// A client over in-memory pipes whose connection carries one call at a
+/// time, so that every other call on it queues.
+async fn on_one_slot(server: &TestServer, ttl_secs: u64) -> QuorumQuestClient {
+    in_memory(server, ttl_secs)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap()
+}
 
 /// Follows the leadership streams of `shards` until every one was elected
 /// (or `within` ran out), counting failed calls and losses. The streams are
@@ -143,11 +154,7 @@ async fn a_call_is_timed_from_its_send_not_from_its_wait_in_the_queue() {
 #[tokio::test(start_paused = true)]
 async fn a_leader_whose_renewal_waits_in_the_queue_steps_down_at_its_deadline() {
     let server = server().await;
-    let leader = in_memory(&server, 3)
-        .max_concurrent_calls(1)
-        .build()
-        .await
-        .unwrap();
+    let leader = on_one_slot(&server, 3).await;
     let mut stream = leader.leadership();
     let LeadershipEvent::Elected {
         lease_remaining, ..
@@ -221,11 +228,7 @@ async fn max_concurrent_calls_must_be_positive_and_belongs_to_the_connection() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_stays_within_one_second_plus_the_rpc_timeout_when_its_release_waits_for_a_slot() {
     let server = server().await;
-    let leader = in_memory(&server, 15)
-        .max_concurrent_calls(1)
-        .build()
-        .await
-        .unwrap();
+    let leader = on_one_slot(&server, 15).await;
     assert!(leader.try_acquire_lock().await.unwrap());
     let rpc_timeout = leader.timing().rpc_timeout;
     assert_eq!(rpc_timeout, 5 * SEC);
@@ -316,11 +319,7 @@ async fn elections_queued_across_goaways_are_all_elected_and_keep_their_leases()
 #[tokio::test(start_paused = true)]
 async fn no_abandoned_call_keeps_a_slot() {
     let server = server().await;
-    let root = in_memory(&server, 15)
-        .max_concurrent_calls(1)
-        .build()
-        .await
-        .unwrap();
+    let root = on_one_slot(&server, 15).await;
     let shard = |i: usize| root.for_scope("indexer", format!("shard-{i}")).unwrap();
     server.set_latency(SEC);
     // On the wire, then dropped.
@@ -360,11 +359,7 @@ async fn no_abandoned_call_keeps_a_slot() {
 #[tokio::test(start_paused = true)]
 async fn a_leader_renewing_with_try_acquire_lock_goes_ahead_of_followers() {
     let server = server().await;
-    let leader = in_memory(&server, 15)
-        .max_concurrent_calls(1)
-        .build()
-        .await
-        .unwrap();
+    let leader = on_one_slot(&server, 15).await;
     assert!(leader.try_acquire_lock().await.unwrap());
     server.set_latency(SEC);
     let followers: Vec<_> = (0..8)
@@ -395,11 +390,7 @@ async fn a_leader_renewing_with_try_acquire_lock_goes_ahead_of_followers() {
 #[tokio::test(start_paused = true)]
 async fn an_acquire_queued_before_shutdown_is_not_sent_after_its_release() {
     let server = server().await;
-    let client = in_memory(&server, 15)
-        .max_concurrent_calls(1)
-        .build()
-        .await
-        .unwrap();
+    let client = on_one_slot(&server, 15).await;
     server.set_owner("other", "lock", "someone-else", 1_000 * SEC);
     let other = QuorumQuestClient::builder("other", "lock")
         .share_connection(&client)
