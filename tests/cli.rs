@@ -147,6 +147,17 @@ async fn has_beats(path: &Path) {
     .await;
 }
 
+/// The pid a command's script wrote to `path` (waits for it).
+async fn written_pid(path: &Path, whose: &str) -> i32 {
+    let read = || {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    };
+    eventually(&format!("{whose}'s pid is written"), || read().is_some()).await;
+    read().expect("pid")
+}
+
 /// One partition of a leader, measured.
 struct Handover {
     /// The next leader's first heartbeat minus the old one's last, in ms.
@@ -423,13 +434,7 @@ async fn grandchildren_die_with_the_command() {
         &dir,
     );
     has_beats(&gc_hb).await;
-    let read_pid = || {
-        std::fs::read_to_string(&gc_pid)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-    };
-    eventually("the grandchild's pid is written", || read_pid().is_some()).await;
-    let pid = read_pid().expect("pid");
+    let pid = written_pid(&gc_pid, "the grandchild").await;
     a.signal(libc::SIGTERM);
     assert_eq!(a.exit(WITHIN).await.code(), Some(143), "log:\n{}", a.log());
     // The tool reaped the whole group before exiting: the grandchild is
@@ -746,13 +751,7 @@ async fn a_killed_tools_descendants_die_before_the_next_leader_starts() {
         &dir,
     );
     has_beats(&a_hb).await;
-    let read_pid = || {
-        std::fs::read_to_string(&gc_pid)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-    };
-    eventually("the worker's pid is written", || read_pid().is_some()).await;
-    let worker_pid = read_pid().expect("pid");
+    let worker_pid = written_pid(&gc_pid, "the worker").await;
 
     a.signal(libc::SIGKILL);
     let _ = a.child.wait();

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use quorum_quest_client::{LeadershipEvent, RpcKind, Unhealthy};
+use quorum_quest_client::testing::TestServer;
+use quorum_quest_client::{Leadership, LeadershipEvent, QuorumQuestClient, RpcKind, Unhealthy};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Subscriber};
@@ -362,13 +363,14 @@ async fn callbacks_run_in_the_client_span() {
     assert_eq!(span.fields["service"], SERVICE);
 }
 
-#[tokio::test(start_paused = true)]
-async fn another_node_leading_is_logged_at_info_once() {
-    let capture = Capture::default();
-    let _guard = capture.install();
-    let server = server().await;
-    let leader = in_memory(&server, 3).build().await.unwrap();
-    let follower = in_memory(&server, 3).build().await.unwrap();
+/// Two clients of one lock: the first elected, the second told it follows;
+/// their streams keep them campaigning.
+async fn leader_and_follower(
+    server: &TestServer,
+    ttl_secs: u64,
+) -> (QuorumQuestClient, Leadership, QuorumQuestClient, Leadership) {
+    let leader = in_memory(server, ttl_secs).build().await.unwrap();
+    let follower = in_memory(server, ttl_secs).build().await.unwrap();
     let mut leading = leader.leadership();
     until(&mut leading, 10 * SEC, "Elected", |e| e.is_elected()).await;
     let mut following = follower.leadership();
@@ -376,6 +378,15 @@ async fn another_node_leading_is_logged_at_info_once() {
         matches!(e, LeadershipEvent::Follower)
     })
     .await;
+    (leader, leading, follower, following)
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_node_leading_is_logged_at_info_once() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let server = server().await;
+    let (_leader, _leading, _follower, _following) = leader_and_follower(&server, 3).await;
     tokio::time::sleep(10 * SEC).await; // many refused attempts
     let (_, events) = capture.snapshot();
     let info: Vec<&str> = client_events(&events)
@@ -391,16 +402,8 @@ async fn another_node_leading_is_logged_at_info_once() {
 #[tokio::test(start_paused = true)]
 async fn a_renewing_leader_and_a_waiting_follower_are_healthy() {
     let server = server().await;
-    let leader = in_memory(&server, 15).build().await.unwrap();
-    let follower = in_memory(&server, 15).build().await.unwrap();
+    let (leader, _leading, follower, _following) = leader_and_follower(&server, 15).await;
     let idle = in_memory(&server, 15).build().await.unwrap();
-    let mut leading = leader.leadership();
-    until(&mut leading, 10 * SEC, "Elected", |e| e.is_elected()).await;
-    let mut following = follower.leadership();
-    until(&mut following, 10 * SEC, "Follower", |e| {
-        matches!(e, LeadershipEvent::Follower)
-    })
-    .await;
     for _ in 0..12 {
         tokio::time::sleep(5 * SEC).await;
         let h = leader.health();

@@ -81,6 +81,17 @@ async fn tls_server(ca: &Ca) -> TestServer {
         .expect("TLS test server starts")
 }
 
+/// A TLS server that also requires a client certificate issued by `ca`.
+async fn mtls_server(ca: &Ca) -> TestServer {
+    let leaf = ca.server();
+    TestServer::builder()
+        .tls(&leaf.cert, &leaf.key)
+        .client_ca(ca.pem())
+        .start()
+        .await
+        .expect("mTLS test server starts")
+}
+
 async fn leads(client: &QuorumQuestClient, server: &TestServer) {
     assert!(client.try_acquire_lock().await.expect("acquire succeeds"));
     let owner = server
@@ -151,13 +162,7 @@ async fn a_server_certificate_from_another_ca_is_a_connection_error_naming_the_c
 #[tokio::test]
 async fn mutual_tls_required_and_given_elects() {
     let ca = Ca::new("mtls CA");
-    let leaf = ca.server();
-    let server = TestServer::builder()
-        .tls(&leaf.cert, &leaf.key)
-        .client_ca(ca.pem())
-        .start()
-        .await
-        .unwrap();
+    let server = mtls_server(&ca).await;
     let me = ca.client();
     let client = over_tcp(&server.url(), 3)
         .ca_certificate(ca.pem())
@@ -173,13 +178,7 @@ async fn mutual_tls_required_and_given_elects() {
 #[tokio::test]
 async fn mutual_tls_required_but_not_given_is_a_clear_error() {
     let ca = Ca::new("mtls CA");
-    let leaf = ca.server();
-    let server = TestServer::builder()
-        .tls(&leaf.cert, &leaf.key)
-        .client_ca(ca.pem())
-        .start()
-        .await
-        .unwrap();
+    let server = mtls_server(&ca).await;
     // TLS 1.3: the client's handshake may complete before the server checks
     // for a certificate, so the refusal shows on build() or on the first
     // call; either way it says a client certificate is wanted.
