@@ -167,7 +167,7 @@ impl QuorumQuestClient {
     /// campaign does that by itself). [`Error::NoRuntime`] outside a Tokio
     /// runtime.
     pub async fn try_acquire_lock(&self) -> Result<bool> {
-        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        crate::sync::runtime()?;
         let session = &self.inner.session;
         session.check_open()?;
         let wait = Wait::AtMost(session.timing.rpc_timeout);
@@ -199,7 +199,7 @@ impl QuorumQuestClient {
     /// [`Error::Rpc`] if the release call fails; this client is not leader
     /// either way, and the lock expires after its TTL.
     pub async fn release_lock(&self) -> Result<()> {
-        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        crate::sync::runtime()?;
         let session = &self.inner.session;
         session.stop_keep_alive().await;
         session.release().await
@@ -235,7 +235,7 @@ impl QuorumQuestClient {
     /// # Ok(()) }
     /// ```
     pub async fn shutdown(&self) -> Result<()> {
-        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        crate::sync::runtime()?;
         self.inner.session.close().run().await
     }
 
@@ -876,7 +876,7 @@ impl ClientBuilder {
         // Everything after this point (connecting, the step-down timer, the
         // callbacks adapter) needs a Tokio runtime: say so instead of
         // panicking inside tokio.
-        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        crate::sync::runtime()?;
         let transport = match plan {
             Plan::Open(endpoint, dialing, lazy) => Arc::new(
                 Transport::open(*endpoint, dialing, lazy)

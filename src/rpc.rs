@@ -209,6 +209,12 @@ impl Rpc {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// `true` once [`stop_acquiring`](Self::stop_acquiring) was called.
+    pub(crate) fn acquiring_stopped(&self) -> bool {
+        self.acquiring_stopped
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The client span.
     pub(crate) fn span(&self) -> &tracing::Span {
         &self.span
@@ -340,11 +346,7 @@ impl Rpc {
             // The send instant: after the queue, before the request is handed
             // to the connection (so never later than its transmission).
             let sent_at = Instant::now();
-            if rpc == RpcKind::TryAcquireLock
-                && self
-                    .acquiring_stopped
-                    .load(std::sync::atomic::Ordering::SeqCst)
-            {
+            if rpc == RpcKind::TryAcquireLock && self.acquiring_stopped() {
                 // Never sent, so no outcome to settle.
                 return Answer {
                     sent_at,

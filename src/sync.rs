@@ -9,6 +9,15 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The Tokio runtime this thread runs in, or [`Error::NoRuntime`]: the
+/// check every call that needs one makes first, instead of panicking inside
+/// tokio.
+///
+/// [`Error::NoRuntime`]: crate::Error::NoRuntime
+pub(crate) fn runtime() -> crate::error::Result<tokio::runtime::Handle> {
+    tokio::runtime::Handle::try_current().map_err(|_| crate::error::Error::NoRuntime)
+}
+
 /// Cancels `stop`, then waits up to `grace` for each task to end; a task
 /// still running after that is aborted and awaited (so its sockets and its
 /// hold on shared state are gone when this returns). `what` names the

@@ -75,8 +75,6 @@ struct Control {
     streams: usize,
     keep_alive: bool,
     campaign: Option<Campaign>,
-    /// Set by `shutdown()`: nothing campaigns again.
-    closed: bool,
 }
 
 #[derive(Debug)]
@@ -297,11 +295,7 @@ impl Session {
     /// server may hold the lock for us without our knowing; release it so
     /// that nobody waits a whole TTL for a lock held for no one.
     pub(crate) async fn settle_unknown_acquire(&self) {
-        let candidate = {
-            let shared = self.shared();
-            shared.election.deadline().is_some() || shared.election.is_granted()
-        };
-        if candidate {
+        if self.holds_lock() {
             return;
         }
         if let Err(e) = self.release().await {
@@ -313,7 +307,7 @@ impl Session {
 
     /// Starts the campaign task if it is not running. Needs a Tokio runtime.
     fn ensure_campaign(self: &Arc<Self>, control: &mut Control) -> Result<()> {
-        if control.closed {
+        if self.rpc.acquiring_stopped() {
             return Err(Error::Shutdown);
         }
         if control
@@ -323,7 +317,7 @@ impl Session {
         {
             return Ok(());
         }
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let runtime = crate::sync::runtime()?;
         self.ensure_timer();
         let stop = CancellationToken::new();
         let task = runtime.spawn(
@@ -413,7 +407,9 @@ impl Session {
 
     /// `Err(Error::Shutdown)` once [`close`](Self::close) was called.
     pub(crate) fn check_open(&self) -> Result<()> {
-        if self.control().closed {
+        // The call layer's flag is the one record of a shutdown: set under
+        // the control lock, so a campaign started under it sees it too.
+        if self.rpc.acquiring_stopped() {
             return Err(Error::Shutdown);
         }
         Ok(())
@@ -424,9 +420,8 @@ impl Session {
     /// releases the lock and then ends every stream and the callbacks.
     pub(crate) fn close(self: &Arc<Self>) -> Shutdown {
         let mut control = self.control();
-        control.closed = true;
-        // An acquire still waiting for a call slot must not go out after
-        // the release that follows.
+        // From now on nothing campaigns, and an acquire still waiting for a
+        // call slot must not go out after the release that follows.
         self.rpc.stop_acquiring();
         control.keep_alive = false;
         Shutdown {
@@ -442,9 +437,10 @@ impl Session {
         self.shared().subscribers.clear();
     }
 
-    /// Whether a drop must wait for the release: the server holds (or was
-    /// just asked for) the lock for us. A follower's drop releases in the
-    /// background, as the lock it may hold is at most one unanswered acquire.
+    /// Leader or granted: the server holds (or was just asked for) the lock
+    /// for us. A drop waits for the release only then: a follower's drop
+    /// releases in the background, as the lock it may hold is at most one
+    /// unanswered acquire.
     fn holds_lock(&self) -> bool {
         let shared = self.shared();
         shared.election.deadline().is_some() || shared.election.is_granted()
