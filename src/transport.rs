@@ -608,6 +608,9 @@ pub(crate) struct Transport {
     /// The cap on calls in flight and the queue of the others
     /// ([`crate::admission`]).
     admission: Arc<Admission>,
+    /// The task that campaigns for, and keeps the step-down timers of, every
+    /// election on this connection (started on first use).
+    driver: Mutex<Option<crate::election::DriverHandle>>,
 }
 
 #[derive(Debug)]
@@ -687,7 +690,30 @@ impl Transport {
                 ),
             },
             admission: Admission::new(DEFAULT_MAX_CONCURRENT_CALLS),
+            driver: Mutex::new(None),
         }
+    }
+
+    /// This connection's driver, started on the current runtime if it is
+    /// not running (first use, or its runtime shut down); `None` outside a
+    /// runtime when none runs.
+    pub(crate) fn driver(&self) -> Option<crate::election::DriverHandle> {
+        let mut slot = crate::sync::lock(&self.driver);
+        if let Some(driver) = slot.as_ref().filter(|d| d.is_alive()) {
+            return Some(driver.clone());
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let driver = crate::election::DriverHandle::spawn(&runtime);
+        *slot = Some(driver.clone());
+        Some(driver)
+    }
+
+    /// This connection's driver if it runs (never starts one).
+    pub(crate) fn running_driver(&self) -> Option<crate::election::DriverHandle> {
+        crate::sync::lock(&self.driver)
+            .as_ref()
+            .filter(|d| d.is_alive())
+            .cloned()
     }
 
     /// Lets at most `cap` calls be in flight on this connection at once.

@@ -1,7 +1,7 @@
-//! The campaign: an `async-stream` generator that loops try-acquire /
-//! confirm / keep-alive / wait around the pure state machine and yields the
-//! events each step causes; the task that drives it (and restarts it if it
-//! ever ends unexpectedly); and the step-down timer.
+//! The campaign of one election: what to do next, and what to do after each
+//! answer. No I/O and no timers of its own: the [driver](super::driver)
+//! makes the calls it asks for and wakes it when the instant it asks for
+//! comes (one task and one timer queue for every election on a connection).
 //!
 //! Not leader: try to acquire every retry period (jittered, never longer than
 //! the period; backoff after errors, see [`crate::backoff`]). After an acquire
@@ -10,30 +10,44 @@
 //! `KeepAlive`, whose answer tells the real lease. Leader: keep alive every
 //! renew interval (counted from the send instant of the answer in force, and
 //! up to a tenth of it earlier, at random, so that elections elected together
-//! drift apart),
-//! retrying failures with backoff while the lease lasts; each call's timeout
-//! is capped by the time left. The step-down timer reports `Lost { Expired }`
-//! at the deadline even while a call hangs.
+//! drift apart), retrying failures with backoff while the lease lasts; each
+//! call's timeout is capped by the time left. The step-down timer (in the
+//! driver) reports `Lost { Expired }` at the deadline even while a call hangs.
 
-use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures::{FutureExt, Stream, StreamExt};
-use tokio::sync::watch;
-use tokio::time::{sleep, sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 
 use super::Session;
-use crate::admission::Wait;
-use crate::backoff::classify;
-use crate::event::{LeadershipEvent, LeaseView};
+use crate::backoff::{classify, Class};
+use crate::rpc::{Answer, LeaseAnswer};
 use crate::state::Observation;
 
-/// The pause before a campaign that ended unexpectedly is restarted.
-const RESTART_PAUSE: Duration = Duration::from_secs(1);
+/// What the campaign asks the driver for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Action {
+    /// Make this call, then report its answer.
+    Call(Call),
+    /// Wake the campaign at `at`. `renew_wait`: waiting for a renewal to
+    /// come due, so a lease change made elsewhere (a loss by the timer, a
+    /// release, an imperative renewal) wakes it early.
+    Sleep { at: Instant, renew_wait: bool },
+}
 
-/// What the campaign does next.
+/// A call the campaign asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Call {
+    /// `TryAcquireLock`, waiting for a call slot as long as it takes.
+    Acquire,
+    /// `KeepAlive`, waiting for a call slot (ahead of followers) and for its
+    /// answer no later than `until` (the deadline, or the grant's expiry).
+    Renew { until: Instant },
+    /// After an acquire whose outcome is unknown: release the lock the
+    /// server may hold for us, then back off by `class`.
+    Settle { class: Class },
+}
+
+/// What the campaign does next, read from the state.
 enum Step {
     /// Not a candidate: ask for the lock.
     Acquire,
@@ -69,231 +83,153 @@ impl Session {
     }
 }
 
-/// The campaign loop as a stream of the events it causes. Ends when `stop`
-/// is cancelled (without releasing: whoever stops it decides that).
-pub(crate) fn campaign(
-    session: Arc<Session>,
-    stop: CancellationToken,
-) -> impl Stream<Item = LeadershipEvent> + Send + 'static {
-    async_stream::stream! {
-        let timing = session.timing;
-        let mut lease = session.lease();
-        let mut failures: u32 = 0;
-        // When the next renewal attempt is due after a failed one.
-        let mut retry_at: Option<Instant> = None;
-        // The next renewal goes out this much before the renew interval is
-        // up (redrawn after each renewal), so that elections elected
-        // together do not renew in lockstep for ever.
-        let mut early = session.backoff().renew_early();
-        loop {
-            #[cfg(test)]
-            if session.inject_panic.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                panic!("injected campaign panic");
-            }
-            match session.next_step(retry_at, early) {
+/// One election's campaign state: consecutive failures, a pending retry
+/// after a failed renewal, and the current renewal jitter.
+#[derive(Debug)]
+pub(super) struct Plan {
+    failures: u32,
+    /// When the next renewal attempt is due after a failed one.
+    retry_at: Option<Instant>,
+    /// The next renewal goes out this much before the renew interval is up
+    /// (redrawn after each renewal), so that elections elected together do
+    /// not renew in lockstep for ever.
+    early: Duration,
+}
+
+impl Plan {
+    pub(super) fn new(session: &Session) -> Self {
+        Plan {
+            failures: 0,
+            retry_at: None,
+            early: session.backoff().renew_early(),
+        }
+    }
+
+    fn sleep(at: Instant) -> Action {
+        Action::Sleep {
+            at,
+            renew_wait: false,
+        }
+    }
+
+    fn sleep_for(wait: Duration) -> Action {
+        Self::sleep(crate::time::after(Instant::now(), wait))
+    }
+
+    /// What to do now that the campaign is free to act.
+    pub(super) fn next(&mut self, session: &Session) -> Action {
+        // A deadline that passed is settled by a tick, after which the state
+        // no longer asks for a renewal; the bound only guards against a bug
+        // turning this into a spin.
+        for _ in 0..4 {
+            match session.next_step(self.retry_at, self.early) {
                 Step::Acquire => {
-                    retry_at = None;
-                    let (answer, events) = tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => break,
-                        // A queued attempt costs nothing: it waits for a
-                        // free call slot as long as it takes.
-                        // Boxed: an idle election (most of them, most of
-                        // the time) does not carry a call's state.
-                        out = Box::pin(session.try_acquire(Wait::Unbounded)) => out,
-                    };
-                    for ev in events {
-                        yield ev;
-                    }
-                    let wait = match &answer.result {
-                        Ok(true) => {
-                            failures = 0;
-                            // Granted: confirm at once. A grant that came too
-                            // late to use: ask again after the period.
-                            if !matches!(session.next_step(None, early), Step::Acquire) {
-                                continue;
-                            }
-                            session.backoff().follower_wait()
-                        }
-                        Ok(false) => {
-                            failures = 0;
-                            session.backoff().follower_wait()
-                        }
-                        Err(status) => {
-                            failures = failures.saturating_add(1);
-                            // Logged (at `warn` if permanent) where the
-                            // failure is observed: `crate::observe`.
-                            let class = classify(status.code());
-                            if answer.outcome_unknown() {
-                                tokio::select! {
-                                    biased;
-                                    _ = stop.cancelled() => break,
-                                    () = Box::pin(session.settle_unknown_acquire()) => {}
-                                }
-                            }
-                            session.backoff().after_failure_as_follower(failures, class)
-                        }
-                    };
-                    tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => break,
-                        _ = sleep(wait) => {}
-                    }
+                    self.retry_at = None;
+                    return Action::Call(Call::Acquire);
                 }
                 Step::Renew { due, until } => {
-                    if Instant::now() < due {
-                        // Wake early if the lease changes (a loss by the
-                        // timer, a release, an imperative renewal).
-                        let changed = tokio::select! {
-                            biased;
-                            _ = stop.cancelled() => break,
-                            changed = lease.changed() => changed.is_ok(),
-                            _ = sleep_until(due) => false,
+                    let now = Instant::now();
+                    if now < due {
+                        return Action::Sleep {
+                            at: due,
+                            renew_wait: true,
                         };
-                        if changed {
-                            lease.borrow_and_update();
-                            continue;
-                        }
                     }
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        // The timer reports the loss; nothing to renew.
-                        retry_at = None;
-                        let events = session.observe(Observation::Tick);
-                        for ev in events {
-                            yield ev;
-                        }
-                        continue;
+                    if until > now {
+                        return Action::Call(Call::Renew { until });
                     }
-                    let (answer, events) = tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => break,
-                        // Waits for a call slot (ahead of followers) and
-                        // for its answer no later than the deadline.
-                        out = Box::pin(session.keep_alive(timing.rpc_timeout, Wait::Until(until))) => out,
-                    };
-                    // The lease this answer published is taken into account
-                    // by the next step (computed from the state, after this
-                    // line): no need to wake up again for it. A change after
-                    // this line still wakes the wait below.
-                    lease.borrow_and_update();
-                    for ev in events {
-                        yield ev;
-                    }
-                    match &answer.result {
-                        Ok(_) if matches!(session.next_step(None, early), Step::Acquire) => {
-                            // Refused, or a lease too short to lead on: the
-                            // lock is not (safely) ours. Ask again after the
-                            // retry period, not in a tight loop.
-                            failures = 0;
-                            retry_at = None;
-                            let wait = session.backoff().follower_wait();
-                            tokio::select! {
-                                biased;
-                                _ = stop.cancelled() => break,
-                                _ = sleep(wait) => {}
-                            }
-                        }
-                        Ok(_) => {
-                            failures = 0;
-                            retry_at = None;
-                            early = session.backoff().renew_early();
-                        }
-                        Err(status) => {
-                            failures = failures.saturating_add(1);
-                            let class = classify(status.code());
-                            let left = until.saturating_duration_since(Instant::now());
-                            let wait = session.backoff().after_failure_as_leader(failures, class, left);
-                            // Logged at `warn` (lease left, code) where the
-                            // failure is observed: `crate::observe`.
-                            tracing::debug!(
-                                code = ?status.code(),
-                                failures,
-                                retry_in = ?wait.unwrap_or(left),
-                                "next KeepAlive attempt"
-                            );
-                            // No retry fits before the deadline: wait for it.
-                            retry_at = Some(wait.map_or(until, |w| crate::time::after(Instant::now(), w)));
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Drives the campaign generator until `stop` is cancelled. If it ever ends
-/// otherwise (a panic, a bug), the term ends at once (`Lost { Failed }` on
-/// every consumer) and the campaign restarts after a pause: a client never
-/// sits with a keep-alive "running" and nothing campaigning.
-pub(crate) async fn drive(session: Arc<Session>, stop: CancellationToken) {
-    loop {
-        let events = campaign(session.clone(), stop.clone());
-        let outcome = AssertUnwindSafe(async {
-            futures::pin_mut!(events);
-            // Each event is logged where it is published (`crate::observe`).
-            while events.next().await.is_some() {}
-        })
-        .catch_unwind()
-        .await;
-        if stop.is_cancelled() {
-            return;
-        }
-        match outcome {
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".into());
-                tracing::error!(panic = %what, "the campaign panicked; stepping down and restarting it");
-            }
-            Ok(()) => {
-                tracing::error!("the campaign ended unexpectedly; stepping down and restarting it")
-            }
-        }
-        session.observe(Observation::CampaignFailed);
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            _ = sleep(RESTART_PAUSE) => {}
-        }
-    }
-}
-
-/// The one step-down timer of a session: at the published deadline it
-/// applies a tick, so `Lost { Expired }` reaches every consumer even when no
-/// call returns and nothing campaigns. Ends with the session.
-pub(crate) async fn step_down_timer(session: Weak<Session>, mut lease: watch::Receiver<LeaseView>) {
-    loop {
-        let deadline = lease
-            .borrow_and_update()
-            .current
-            .as_ref()
-            .map(|c| c.deadline);
-        let fired = match deadline {
-            Some(deadline) => tokio::select! {
-                changed = lease.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    false
-                }
-                _ = sleep_until(deadline) => true,
-            },
-            None => {
-                if lease.changed().await.is_err() {
-                    return;
-                }
-                false
-            }
-        };
-        if fired {
-            match session.upgrade() {
-                Some(session) => {
+                    // The timer reports the loss; nothing to renew.
+                    self.retry_at = None;
                     session.observe(Observation::Tick);
                 }
-                None => return,
+            }
+        }
+        Self::sleep_for(session.timing.retry_period)
+    }
+
+    /// After an acquire's answer: `None` to go on at once (granted: confirm).
+    pub(super) fn acquired(&mut self, session: &Session, answer: &Answer<bool>) -> Option<Action> {
+        match &answer.result {
+            Ok(true) => {
+                self.failures = 0;
+                // Granted: confirm at once. A grant that came too late to
+                // use: ask again after the period.
+                if !matches!(session.next_step(None, self.early), Step::Acquire) {
+                    return None;
+                }
+                Some(Self::sleep_for(session.backoff().follower_wait()))
+            }
+            Ok(false) => {
+                self.failures = 0;
+                Some(Self::sleep_for(session.backoff().follower_wait()))
+            }
+            Err(status) => {
+                self.failures = self.failures.saturating_add(1);
+                // Logged (at `warn` if permanent) where the failure is
+                // observed: `crate::observe`.
+                let class = classify(status.code());
+                if answer.outcome_unknown() {
+                    return Some(Action::Call(Call::Settle { class }));
+                }
+                Some(Self::sleep_for(
+                    session
+                        .backoff()
+                        .after_failure_as_follower(self.failures, class),
+                ))
+            }
+        }
+    }
+
+    /// After the release that settles an unknown acquire.
+    pub(super) fn settled(&mut self, session: &Session, class: Class) -> Action {
+        Self::sleep_for(
+            session
+                .backoff()
+                .after_failure_as_follower(self.failures, class),
+        )
+    }
+
+    /// After a keep-alive's answer (sent while the lease lasted until
+    /// `until`): `None` to go on at once.
+    pub(super) fn renewed(
+        &mut self,
+        session: &Session,
+        answer: &Answer<LeaseAnswer>,
+        until: Instant,
+    ) -> Option<Action> {
+        match &answer.result {
+            Ok(_) if matches!(session.next_step(None, self.early), Step::Acquire) => {
+                // Refused, or a lease too short to lead on: the lock is not
+                // (safely) ours. Ask again after the retry period, not in a
+                // tight loop.
+                self.failures = 0;
+                self.retry_at = None;
+                Some(Self::sleep_for(session.backoff().follower_wait()))
+            }
+            Ok(_) => {
+                self.failures = 0;
+                self.retry_at = None;
+                self.early = session.backoff().renew_early();
+                None
+            }
+            Err(status) => {
+                self.failures = self.failures.saturating_add(1);
+                let class = classify(status.code());
+                let left = until.saturating_duration_since(Instant::now());
+                let wait = session
+                    .backoff()
+                    .after_failure_as_leader(self.failures, class, left);
+                // Logged at `warn` (lease left, code) where the failure is
+                // observed: `crate::observe`.
+                tracing::debug!(
+                    code = ?status.code(),
+                    failures = self.failures,
+                    retry_in = ?wait.unwrap_or(left),
+                    "next KeepAlive attempt"
+                );
+                // No retry fits before the deadline: wait for it.
+                self.retry_at = Some(wait.map_or(until, |w| crate::time::after(Instant::now(), w)));
+                None
             }
         }
     }

@@ -16,17 +16,15 @@
 //! ordering in [`crate::callbacks`].
 
 mod campaign;
+mod driver;
 mod stream;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::admission::{Priority, Wait};
 use crate::backoff::Backoff;
@@ -37,7 +35,9 @@ use crate::fanout::{self, EventReceiver, EventSender};
 use crate::observe::Observer;
 use crate::rpc::{Answer, LeaseAnswer, Rpc};
 use crate::state::{ElectionState, Observation};
-use crate::sync::{cancel_and_join, lock};
+use crate::sync::lock;
+
+pub(crate) use driver::Handle as DriverHandle;
 
 pub use stream::Leadership;
 
@@ -47,6 +47,8 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 /// One client's election: state, subscribers and the campaign task.
 #[derive(Debug)]
 pub(crate) struct Session {
+    /// This session, for the driver's registry (which must not keep it).
+    me: std::sync::Weak<Session>,
     pub(crate) rpc: Rpc,
     pub(crate) timing: Timing,
     shared: Mutex<Shared>,
@@ -55,8 +57,14 @@ pub(crate) struct Session {
     lease: watch::Sender<LeaseView>,
     /// Retry timing, with its own RNG (not under the state lock).
     backoff: Mutex<Backoff>,
-    /// Whether the step-down timer task runs.
-    timer_started: AtomicBool,
+    /// Names this election to its connection's driver.
+    id: driver::SessionId,
+    /// A lease change made outside the driver was reported to it and not
+    /// yet taken: no second report is sent meanwhile.
+    poke_pending: AtomicBool,
+    /// Counts campaign stops: a call the campaign asked for before the
+    /// latest stop is not sent.
+    generation: AtomicU64,
     /// Logs, metrics and health counters (see [`crate::observe`]).
     pub(crate) observer: Observer,
     /// Test hook: the campaign panics at its next step.
@@ -77,22 +85,48 @@ struct Control {
     campaign: Option<Campaign>,
 }
 
+/// A running campaign: the driver that runs it.
 #[derive(Debug)]
 struct Campaign {
-    stop: CancellationToken,
-    task: JoinHandle<()>,
+    driver: driver::Handle,
+    id: driver::SessionId,
 }
 
 impl Campaign {
-    /// Stops the task and waits until it can no longer touch the state.
+    /// Whether the driver running it is alive.
+    fn is_running(&self) -> bool {
+        self.driver.is_alive()
+    }
+
+    /// Stops the campaign and waits (within [`STOP_GRACE`] for the driver
+    /// and again for the call in flight) until it can no longer touch the
+    /// state. Campaign calls not sent yet are not sent after this returns
+    /// (the session's generation moved on before this was called).
     async fn stop(self) {
-        self.stop.cancel();
+        let Some(ack) = self.driver.stop(self.id) else {
+            return;
+        };
         if tokio::runtime::Handle::try_current().is_err() {
-            // No timer to wait with: make sure it cannot touch the state again.
-            self.task.abort();
             return;
         }
-        cancel_and_join(&self.stop, [self.task], STOP_GRACE, "campaign task").await;
+        match tokio::time::timeout(STOP_GRACE, ack).await {
+            Ok(Ok(Some(call))) => {
+                // Aborted by the driver: resolves as soon as it is dropped.
+                if tokio::time::timeout(STOP_GRACE, call).await.is_err() {
+                    tracing::warn!("a campaign call did not stop within {STOP_GRACE:?}");
+                }
+            }
+            Ok(_) => {}
+            Err(_) => tracing::warn!(
+                "the campaign driver did not answer a stop within {STOP_GRACE:?}; \
+                 its calls not yet sent will not be sent"
+            ),
+        }
+    }
+
+    /// Stops the campaign without waiting (for `Drop` paths).
+    fn stop_now(self) {
+        let _ = self.driver.stop(self.id);
     }
 }
 
@@ -102,7 +136,8 @@ impl Session {
         let ttl = rpc.scope().ttl();
         let start = rpc.claim().start();
         let observer = Observer::new(rpc.scope(), rpc.span().clone());
-        let session = Arc::new(Session {
+        Arc::new_cyclic(|me| Session {
+            me: me.clone(),
             rpc,
             timing,
             shared: Mutex::new(Shared {
@@ -116,13 +151,13 @@ impl Session {
                 timing.renew_interval,
                 seed,
             )),
-            timer_started: AtomicBool::new(false),
+            id: driver::session_id(),
+            poke_pending: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             observer,
             #[cfg(test)]
             inject_panic: AtomicBool::new(false),
-        });
-        session.ensure_timer();
-        session
+        })
     }
 
     fn shared(&self) -> MutexGuard<'_, Shared> {
@@ -160,8 +195,14 @@ impl Session {
     }
 
     /// Publishes the lease (ending a term that left it) and fans `events` out.
+    /// A change made outside the driver is reported to it (it keeps the
+    /// step-down timer and wakes a campaign waiting to renew).
     fn publish(&self, shared: &mut Shared, events: &[LeadershipEvent]) {
+        let before = self.published_deadline();
         shared.election.view().publish(&self.lease);
+        if self.published_deadline() != before {
+            self.poke();
+        }
         self.observer.published(events);
         if !events.is_empty() {
             shared
@@ -188,11 +229,6 @@ impl Session {
         rx
     }
 
-    /// A receiver of the published lease.
-    pub(crate) fn lease(&self) -> watch::Receiver<LeaseView> {
-        self.lease.subscribe()
-    }
-
     pub(crate) fn is_leader(&self) -> bool {
         self.remaining().is_some()
     }
@@ -214,6 +250,33 @@ impl Session {
             .as_ref()
             .filter(|c| now < c.deadline)
             .map(|c| c.deadline.duration_since(now))
+    }
+
+    /// The published deadline, if leader (passed or not).
+    pub(crate) fn published_deadline(&self) -> Option<Instant> {
+        self.lease.borrow().current.as_ref().map(|c| c.deadline)
+    }
+
+    /// Tells the driver that the lease changed, unless the driver (or a call
+    /// it runs) made the change, or a report is already pending.
+    fn poke(&self) {
+        let Some(driver) = self.rpc.transport().driver() else {
+            return;
+        };
+        if driver.is_current() || self.poke_pending.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        driver.poke(self.id, self.me.clone());
+    }
+
+    /// The driver took this session's pending report.
+    fn poke_taken(&self) {
+        self.poke_pending.store(false, Ordering::SeqCst);
+    }
+
+    /// The generation campaign calls are made under (see `generation`).
+    fn campaign_generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     // ----- the three calls, observed -----
@@ -310,38 +373,30 @@ impl Session {
         if self.rpc.acquiring_stopped() {
             return Err(Error::Shutdown);
         }
-        if control
-            .campaign
-            .as_ref()
-            .is_some_and(|c| !c.task.is_finished())
-        {
+        if control.campaign.as_ref().is_some_and(Campaign::is_running) {
             return Ok(());
         }
-        let runtime = crate::sync::runtime()?;
-        self.ensure_timer();
-        let stop = CancellationToken::new();
-        let task = runtime.spawn(
-            campaign::drive(self.clone(), stop.clone()).instrument(self.observer.span().clone()),
-        );
+        crate::sync::runtime()?;
+        let driver = self.rpc.transport().driver().ok_or(Error::NoRuntime)?;
+        if !driver.start(self.clone()) {
+            return Err(Error::NoRuntime);
+        }
         self.observer.campaign_started(Instant::now());
-        control.campaign = Some(Campaign { stop, task });
+        control.campaign = Some(Campaign {
+            driver,
+            id: self.id,
+        });
         Ok(())
     }
 
-    /// Starts the step-down timer if a runtime is at hand and it is not
-    /// running yet (one per session, whether or not anything campaigns).
-    pub(crate) fn ensure_timer(self: &Arc<Self>) {
-        if self.timer_started.load(Ordering::SeqCst) {
-            return;
+    /// Takes the running campaign out of `control`, so that none of its calls
+    /// not yet sent goes out any more; the caller stops it.
+    fn take_campaign(&self, control: &mut Control) -> Option<Campaign> {
+        let campaign = control.campaign.take();
+        if campaign.is_some() {
+            self.generation.fetch_add(1, Ordering::SeqCst);
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            if !self.timer_started.swap(true, Ordering::SeqCst) {
-                runtime.spawn(
-                    campaign::step_down_timer(Arc::downgrade(self), self.lease())
-                        .instrument(self.observer.span().clone()),
-                );
-            }
-        }
+        campaign
     }
 
     /// If nobody wants the campaign any more: stopping it and releasing.
@@ -351,7 +406,7 @@ impl Session {
         }
         Some(Shutdown {
             session: self.clone(),
-            campaign: control.campaign.take(),
+            campaign: self.take_campaign(control),
             close: false,
         })
     }
@@ -391,7 +446,7 @@ impl Session {
             let mut control = self.control();
             control.keep_alive = false;
             if control.streams == 0 {
-                control.campaign.take()
+                self.take_campaign(&mut control)
             } else {
                 None
             }
@@ -426,7 +481,7 @@ impl Session {
         control.keep_alive = false;
         Shutdown {
             session: self.clone(),
-            campaign: control.campaign.take(),
+            campaign: self.take_campaign(&mut control),
             close: true,
         }
     }
@@ -450,10 +505,7 @@ impl Session {
     pub(crate) fn health(&self) -> crate::health::Health {
         let (campaign_wanted, campaign_running) = {
             let control = self.control();
-            let running = control
-                .campaign
-                .as_ref()
-                .is_some_and(|c| !c.task.is_finished());
+            let running = control.campaign.as_ref().is_some_and(Campaign::is_running);
             (control.streams > 0 || control.keep_alive, running)
         };
         let inputs = crate::health::Inputs {
@@ -486,6 +538,9 @@ impl Drop for Session {
         // tell it whether a later client may reuse the bare client id.
         if self.shared().election.leaves_bare_id_unsafe() {
             self.rpc.claim().retire_bare_id();
+        }
+        if let Some(driver) = self.rpc.transport().running_driver() {
+            driver.forget(self.id);
         }
     }
 }
@@ -616,7 +671,7 @@ impl Shutdown {
     fn block_in_place(self, runtime: &tokio::runtime::Handle, bound: Duration) {
         let session = self.session.clone();
         let close = self.close;
-        let stop = self.campaign.as_ref().map(|c| c.stop.clone());
+        let stop = self.campaign.as_ref().map(|c| (c.driver.clone(), c.id));
         let block = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tokio::task::block_in_place(|| block_on_bounded(runtime, self, bound))
         }));
@@ -624,8 +679,8 @@ impl Shutdown {
             return;
         }
         tracing::debug!("cannot block to release on drop; releasing in the background");
-        if let Some(stop) = stop {
-            stop.cancel();
+        if let Some((driver, id)) = stop {
+            Campaign { driver, id }.stop_now();
         }
         let retry = Shutdown {
             session,
@@ -639,8 +694,7 @@ impl Shutdown {
     /// locally without a release call (the lock then expires after its TTL).
     fn without_runtime(self) {
         if let Some(c) = self.campaign {
-            c.stop.cancel();
-            c.task.abort();
+            c.stop_now();
         }
         let (events, incarnation) = self
             .session
