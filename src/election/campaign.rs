@@ -20,14 +20,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::{FutureExt, Stream, StreamExt};
-use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Session;
 use crate::admission::Wait;
 use crate::backoff::classify;
-use crate::event::{LeadershipEvent, LeaseView};
+use crate::event::{LeadershipEvent, LeaseWatch};
 use crate::state::Observation;
 
 /// The pause before a campaign that ended unexpectedly is restarted.
@@ -151,7 +150,7 @@ pub(crate) fn campaign(
                             _ = sleep_until(due) => false,
                         };
                         if changed {
-                            lease.borrow_and_update();
+                            lease.mark_seen();
                             continue;
                         }
                     }
@@ -176,7 +175,7 @@ pub(crate) fn campaign(
                     // by the next step (computed from the state, after this
                     // line): no need to wake up again for it. A change after
                     // this line still wakes the wait below.
-                    lease.borrow_and_update();
+                    lease.mark_seen();
                     for ev in events {
                         yield ev;
                     }
@@ -264,13 +263,9 @@ pub(crate) async fn drive(session: Arc<Session>, stop: CancellationToken) {
 /// The one step-down timer of a session: at the published deadline it
 /// applies a tick, so `Lost { Expired }` reaches every consumer even when no
 /// call returns and nothing campaigns. Ends with the session.
-pub(crate) async fn step_down_timer(session: Weak<Session>, mut lease: watch::Receiver<LeaseView>) {
+pub(crate) async fn step_down_timer(session: Weak<Session>, mut lease: LeaseWatch) {
     loop {
-        let deadline = lease
-            .borrow_and_update()
-            .current
-            .as_ref()
-            .map(|c| c.deadline);
+        let deadline = lease.mark_seen();
         let fired = match deadline {
             Some(deadline) => tokio::select! {
                 changed = lease.changed() => {

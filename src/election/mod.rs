@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +31,7 @@ use crate::admission::{Priority, Wait};
 use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::error::{Error, Result};
-use crate::event::{LeaderTerm, LeadershipEvent, LeaseView};
+use crate::event::{LeaderTerm, LeadershipEvent, LeaseOwner, LeaseWatch};
 use crate::fanout::{self, EventReceiver, EventSender};
 use crate::observe::Observer;
 use crate::rpc::{Answer, LeaseAnswer, Rpc};
@@ -52,7 +51,7 @@ pub(crate) struct Session {
     shared: Mutex<Shared>,
     control: Mutex<Control>,
     /// The published lease: the one deadline terms and readers see.
-    lease: watch::Sender<LeaseView>,
+    lease: LeaseOwner,
     /// Retry timing, with its own RNG (not under the state lock).
     backoff: Mutex<Backoff>,
     /// Whether the step-down timer task runs.
@@ -98,7 +97,8 @@ impl Campaign {
 
 impl Session {
     pub(crate) fn new(rpc: Rpc, timing: Timing, seed: Option<u64>) -> Arc<Self> {
-        let (lease, lease_rx) = watch::channel(LeaseView::default());
+        let lease = LeaseOwner::default();
+        let lease_rx = lease.cell();
         let ttl = rpc.scope().ttl();
         let start = rpc.claim().start();
         let observer = Observer::new(rpc.scope(), rpc.span().clone());
@@ -161,7 +161,7 @@ impl Session {
 
     /// Publishes the lease (ending a term that left it) and fans `events` out.
     fn publish(&self, shared: &mut Shared, events: &[LeadershipEvent]) {
-        shared.election.view().publish(&self.lease);
+        self.lease.publish(shared.election.view());
         self.observer.published(events);
         if !events.is_empty() {
             shared
@@ -188,9 +188,9 @@ impl Session {
         rx
     }
 
-    /// A receiver of the published lease.
-    pub(crate) fn lease(&self) -> watch::Receiver<LeaseView> {
-        self.lease.subscribe()
+    /// A change notification on the published lease.
+    pub(crate) fn lease(&self) -> LeaseWatch {
+        LeaseWatch::new(self.lease.cell())
     }
 
     pub(crate) fn is_leader(&self) -> bool {
@@ -209,11 +209,9 @@ impl Session {
     pub(crate) fn remaining(&self) -> Option<Duration> {
         let now = Instant::now();
         self.lease
-            .borrow()
-            .current
-            .as_ref()
-            .filter(|c| now < c.deadline)
-            .map(|c| c.deadline.duration_since(now))
+            .deadline()
+            .filter(|d| now < *d)
+            .map(|d| d.duration_since(now))
     }
 
     // ----- the three calls, observed -----
