@@ -338,8 +338,7 @@ mod tests {
         let ttl = Duration::from_secs(15);
         for (interval, lease) in [(5, 15), (5, 4), (1, 15), (14, 15)] {
             let interval = Duration::from_secs(interval);
-            let (_tx, rx) = tokio::sync::watch::channel(Default::default());
-            let mut state = ElectionState::new(ttl, MS * 1_500, rx);
+            let mut state = ElectionState::new(ttl, MS * 1_500, Default::default());
             let t0 = tokio::time::Instant::now();
             state.apply(
                 Observation::Granted {

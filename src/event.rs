@@ -3,13 +3,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::sync::lock;
 
 /// One thing that happened to this client's leadership.
 ///
@@ -166,7 +168,7 @@ struct TermInner {
     /// Cancelled by the client when the term is reported lost.
     ended: CancellationToken,
     /// The client's published lease: the one deadline of the current term.
-    lease: watch::Receiver<LeaseView>,
+    lease: Arc<LeaseCell>,
     /// A child of `ended` that one watcher task also cancels at the
     /// deadline; [`LeaderTerm::token`] hands out children of it.
     by_deadline: OnceLock<CancellationToken>,
@@ -190,22 +192,6 @@ pub(crate) struct CurrentTerm {
 }
 
 impl LeaseView {
-    /// Publishes `self` on `tx` if it differs from what is there (a new term
-    /// or a moved deadline), and ends the term that left the view.
-    pub(crate) fn publish(self, tx: &watch::Sender<LeaseView>) {
-        let key = |v: &LeaseView| v.current.as_ref().map(|c| (c.id, c.deadline));
-        if key(&self) == key(&tx.borrow()) {
-            return;
-        }
-        let new_id = self.current.as_ref().map(|c| c.id);
-        let old = tx.send_replace(self);
-        if let Some(old) = old.current {
-            if new_id != Some(old.id) {
-                old.ended.cancel();
-            }
-        }
-    }
-
     /// The deadline of term `id` if it is the current one.
     fn deadline_of(&self, id: u64) -> Option<Instant> {
         self.current
@@ -213,14 +199,118 @@ impl LeaseView {
             .filter(|c| c.id == id)
             .map(|c| c.deadline)
     }
+
+    /// The current term's id and deadline: what a publish compares.
+    fn key(&self) -> Option<(u64, Instant)> {
+        self.current.as_ref().map(|c| (c.id, c.deadline))
+    }
+}
+
+/// The one published [`LeaseView`] of a client, shared (as
+/// `Arc<LeaseCell>`) by its session, its election state and its terms.
+///
+/// A std mutex around the view (never held across an `.await`) and one
+/// [`Notify`] for the tasks waiting on it, woken only when a deadline can
+/// have come closer: the term changed or ended, or its deadline moved
+/// earlier. A later deadline wakes nobody: a waiter sleeping to the old
+/// deadline re-reads the cell when it wakes up.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseCell {
+    state: Mutex<CellState>,
+    moved: Notify,
+}
+
+#[derive(Debug, Default)]
+struct CellState {
+    view: LeaseView,
+}
+
+impl LeaseCell {
+    /// Publishes `view` if it differs from what is there (a new term or a
+    /// moved deadline), and ends the term that left the view.
+    pub(crate) fn publish(&self, view: LeaseView) {
+        let (left, wake) = {
+            let mut state = lock(&self.state);
+            let (old_key, new_key) = (state.view.key(), view.key());
+            if old_key == new_key {
+                return;
+            }
+            // A later deadline of the same term wakes nobody.
+            let wake = match (old_key, new_key) {
+                (Some((old_id, old_deadline)), Some((new_id, new_deadline))) => {
+                    old_id != new_id || new_deadline < old_deadline
+                }
+                _ => true,
+            };
+            let new_id = new_key.map(|(id, _)| id);
+            let old = std::mem::replace(&mut state.view, view);
+            let left = old.current.filter(|c| Some(c.id) != new_id);
+            (left, wake)
+        };
+        // Outside the lock: both wake other tasks.
+        if let Some(left) = left {
+            left.ended.cancel();
+        }
+        if wake {
+            self.moved.notify_waiters();
+        }
+    }
+
+    /// The current term's deadline, if leader (it may have passed).
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        lock(&self.state).view.key().map(|(_, deadline)| deadline)
+    }
+
+    /// The deadline of term `id` if it is the current one.
+    fn deadline_of(&self, id: u64) -> Option<Instant> {
+        lock(&self.state).view.deadline_of(id)
+    }
+
+    /// The client is gone: its term ends now (nobody renews it), and every
+    /// waiter wakes up.
+    fn close(&self) {
+        let old = {
+            let mut state = lock(&self.state);
+            std::mem::take(&mut state.view)
+        };
+        if let Some(c) = old.current {
+            c.ended.cancel();
+        }
+        self.moved.notify_waiters();
+    }
+}
+
+/// The session's handle on its [`LeaseCell`]: the one publisher. Dropping
+/// it (the client is gone) ends the published term and wakes every waiter,
+/// as dropping a channel's sender would.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseOwner {
+    cell: Arc<LeaseCell>,
+}
+
+impl LeaseOwner {
+    /// The shared cell, for the election state and readers.
+    pub(crate) fn cell(&self) -> Arc<LeaseCell> {
+        self.cell.clone()
+    }
+}
+
+impl std::ops::Deref for LeaseOwner {
+    type Target = LeaseCell;
+
+    fn deref(&self) -> &LeaseCell {
+        &self.cell
+    }
+}
+
+impl Drop for LeaseOwner {
+    fn drop(&mut self) {
+        self.cell.close();
+    }
 }
 
 impl LeaderTerm {
-    pub(crate) fn new(
-        id: u64,
-        ended: CancellationToken,
-        lease: watch::Receiver<LeaseView>,
-    ) -> Self {
+    pub(crate) fn new(id: u64, ended: CancellationToken, lease: Arc<LeaseCell>) -> Self {
         LeaderTerm {
             inner: Arc::new(TermInner {
                 id,
@@ -250,7 +340,7 @@ impl LeaderTerm {
         if self.inner.ended.is_cancelled() {
             return None;
         }
-        self.inner.lease.borrow().deadline_of(self.inner.id)
+        self.inner.lease.deadline_of(self.inner.id)
     }
 
     /// Time left before the safe deadline, or zero once the term has ended.
@@ -340,15 +430,18 @@ impl LeaderTerm {
 }
 
 impl TermInner {
-    /// Completes when the term is reported lost, leaves the published view,
-    /// or its deadline passes on this task's clock.
+    /// Completes when the term is reported lost, leaves the published view
+    /// (the client gone included), or its deadline passes on this task's
+    /// clock. The deadline is re-read at every wake-up: a renewal moves it
+    /// later without waking anyone, an earlier one wakes this future.
     async fn ended(&self) {
-        let mut lease = self.lease.clone();
         loop {
+            // Created before reading: a wake-up after the read is not lost.
+            let moved = self.lease.moved.notified();
             if self.ended.is_cancelled() {
                 return;
             }
-            let Some(deadline) = lease.borrow_and_update().deadline_of(self.id) else {
+            let Some(deadline) = self.lease.deadline_of(self.id) else {
                 return;
             };
             if Instant::now() >= deadline {
@@ -356,12 +449,7 @@ impl TermInner {
             }
             tokio::select! {
                 () = self.ended.cancelled() => return,
-                changed = lease.changed() => {
-                    if changed.is_err() {
-                        // The client is gone: nobody renews this term.
-                        return;
-                    }
-                }
+                () = moved => {}
                 () = tokio::time::sleep_until(deadline) => {}
             }
         }
@@ -406,3 +494,142 @@ impl PartialEq for LeaderTerm {
 }
 
 impl Eq for LeaderTerm {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(id: u64, deadline: Instant, ended: &CancellationToken) -> LeaseView {
+        LeaseView {
+            current: Some(CurrentTerm {
+                id,
+                deadline,
+                ended: ended.clone(),
+            }),
+        }
+    }
+
+    /// A term of `cell` whose deadline is `deadline`, and a task that
+    /// returns the instant its `cancelled()` completed.
+    fn waiting_term(
+        cell: &Arc<LeaseCell>,
+        deadline: Instant,
+    ) -> (LeaderTerm, tokio::task::JoinHandle<Instant>) {
+        let ended = CancellationToken::new();
+        let term = LeaderTerm::new(1, ended.clone(), cell.clone());
+        cell.publish(view(1, deadline, &ended));
+        let waiter = term.clone();
+        let done = tokio::spawn(async move {
+            waiter.cancelled().await;
+            Instant::now()
+        });
+        (term, done)
+    }
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_deadline_ends_a_waiting_term_by_the_new_deadline() {
+        let t0 = Instant::now();
+        let cell = Arc::new(LeaseCell::default());
+        let (term, done) = waiting_term(&cell, t0 + SEC * 10);
+        let token = term.token();
+        // The waiter now sleeps towards the old deadline.
+        tokio::time::sleep(SEC).await;
+        cell.publish(view(1, t0 + SEC * 2, &term.ended_token()));
+        assert_eq!(term.deadline(), Some(t0 + SEC * 2));
+        let ended_at = done.await.unwrap();
+        assert!(ended_at >= t0 + SEC * 2, "{:?}", ended_at - t0);
+        assert!(ended_at < t0 + SEC * 3, "{:?}", ended_at - t0);
+        assert!(!term.is_active());
+        token.cancelled().await;
+        assert!(Instant::now() < t0 + SEC * 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_deadline_keeps_a_waiting_term_until_then() {
+        let t0 = Instant::now();
+        let cell = Arc::new(LeaseCell::default());
+        let (term, done) = waiting_term(&cell, t0 + SEC * 2);
+        tokio::time::sleep(SEC).await;
+        // A renewal: nobody is woken, the waiter re-reads at the old deadline.
+        cell.publish(view(1, t0 + SEC * 5, &term.ended_token()));
+        tokio::time::sleep(SEC * 2).await;
+        assert!(term.is_active());
+        assert!(!done.is_finished());
+        let ended_at = done.await.unwrap();
+        assert!(ended_at >= t0 + SEC * 5, "{:?}", ended_at - t0);
+        assert!(ended_at < t0 + SEC * 6, "{:?}", ended_at - t0);
+        // Ended by its deadline only: the client did not report it lost.
+        assert!(!term.ended_token().is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_term_of_a_dropped_client_ends_by_its_deadline() {
+        let t0 = Instant::now();
+        let owner = LeaseOwner::default();
+        let cell = owner.cell();
+        let (term, done) = waiting_term(&cell, t0 + SEC * 10);
+        let token = term.token();
+        tokio::time::sleep(SEC).await;
+        assert_eq!(cell.deadline(), Some(t0 + SEC * 10));
+        drop(owner);
+        let ended_at = done.await.unwrap();
+        assert!(ended_at <= t0 + SEC * 10, "{:?}", ended_at - t0);
+        // Nobody keeps its deadline any more: it reports none.
+        assert_eq!(term.deadline(), None);
+        assert!(!term.is_active());
+        token.cancelled().await;
+        assert!(Instant::now() <= t0 + SEC * 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publish_ends_the_term_that_leaves_the_view_and_nothing_else() {
+        let t0 = Instant::now();
+        let cell = Arc::new(LeaseCell::default());
+        // Whether a publish wakes the cell's waiters.
+        let wakes = |publish: &dyn Fn()| {
+            let notified = cell.moved.notified();
+            futures::pin_mut!(notified);
+            notified.as_mut().enable();
+            publish();
+            futures::FutureExt::now_or_never(notified).is_some()
+        };
+        let first = CancellationToken::new();
+        assert!(wakes(&|| cell.publish(view(1, t0 + SEC * 5, &first))));
+        // Renewed later: same term, no wake-up.
+        assert!(
+            !wakes(&|| cell.publish(view(1, t0 + SEC * 8, &first))),
+            "a later deadline wakes nobody"
+        );
+        assert!(!first.is_cancelled());
+        assert_eq!(cell.deadline(), Some(t0 + SEC * 8));
+        // The same (id, deadline) again: nothing happens.
+        assert!(!wakes(&|| cell.publish(view(
+            1,
+            t0 + SEC * 8,
+            &CancellationToken::new()
+        ))));
+        assert!(!first.is_cancelled());
+        // Shortened: a wake-up, the term goes on.
+        assert!(wakes(&|| cell.publish(view(1, t0 + SEC * 6, &first))));
+        assert!(!first.is_cancelled());
+        // The next term replaces it: the first one ends.
+        let second = CancellationToken::new();
+        assert!(wakes(&|| cell.publish(view(2, t0 + SEC * 9, &second))));
+        assert!(first.is_cancelled());
+        assert!(wakes(&|| cell.publish(LeaseView::default())));
+        assert!(second.is_cancelled());
+        assert_eq!(cell.deadline(), None);
+    }
+
+    /// Issue 12's budget: 100,000 elections in one process. The cell is the
+    /// one allocation a client's lease costs (a tokio watch channel of the
+    /// same view took 368 bytes).
+    #[test]
+    fn the_lease_cell_stays_small() {
+        // The Arc's allocation: two counters and the cell.
+        let heap = std::mem::size_of::<usize>() * 2 + std::mem::size_of::<LeaseCell>();
+        assert!(heap <= 150, "LeaseCell takes {heap} B on the heap");
+    }
+}

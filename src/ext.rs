@@ -237,9 +237,8 @@ mod tests {
     }
 
     fn lost() -> LeadershipEvent {
-        let (_, lease) = tokio::sync::watch::channel(Default::default());
         LeadershipEvent::Lost {
-            term: LeaderTerm::new(1, Default::default(), lease),
+            term: LeaderTerm::new(1, Default::default(), Default::default()),
             reason: LossReason::Expired,
         }
     }

@@ -239,7 +239,7 @@ mod tests {
     /// The one place that builds a term, so a change of `LeaderTerm::new`
     /// touches only this line.
     fn term(id: u64) -> LeaderTerm {
-        let (_, lease) = tokio::sync::watch::channel(crate::event::LeaseView::default());
+        let lease = std::sync::Arc::default();
         LeaderTerm::new(id, tokio_util::sync::CancellationToken::new(), lease)
     }
 

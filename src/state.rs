@@ -29,9 +29,9 @@
 //! The term's deadline is published by the session after every change as a
 //! [`LeaseView`]; terms, `is_leader()` and `get_remaining_lease()` read it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,9 @@ use crate::backoff::MIN_SPACING;
 /// The least a lease must leave after the safety margin for this client to
 /// lead on it: room for a renewal and its answer at the minimum spacing.
 pub(crate) const MIN_USABLE_LEASE: Duration = Duration::from_millis(100);
-use crate::event::{CurrentTerm, LeaderTerm, LeadershipEvent, LeaseView, LossReason, RpcKind};
+use crate::event::{
+    CurrentTerm, LeaderTerm, LeadershipEvent, LeaseCell, LeaseView, LossReason, RpcKind,
+};
 
 /// What the I/O layer saw.
 #[derive(Debug, Clone)]
@@ -126,16 +128,12 @@ pub(crate) struct ElectionState {
     /// `acquires_sent` when the last settled release started.
     released_after: u64,
     /// Handed to new terms so they read the published deadline.
-    lease: watch::Receiver<LeaseView>,
+    lease: Arc<LeaseCell>,
 }
 
 impl ElectionState {
     #[cfg(test)]
-    pub(crate) fn new(
-        ttl: Duration,
-        safety_margin: Duration,
-        lease: watch::Receiver<LeaseView>,
-    ) -> Self {
+    pub(crate) fn new(ttl: Duration, safety_margin: Duration, lease: Arc<LeaseCell>) -> Self {
         Self::starting_at(ttl, safety_margin, lease, 0)
     }
 
@@ -145,7 +143,7 @@ impl ElectionState {
     pub(crate) fn starting_at(
         ttl: Duration,
         safety_margin: Duration,
-        lease: watch::Receiver<LeaseView>,
+        lease: Arc<LeaseCell>,
         incarnation: u32,
     ) -> Self {
         ElectionState {
@@ -537,21 +535,21 @@ mod tests {
     /// live deadline as they do in the client.
     struct Harness {
         s: ElectionState,
-        lease: watch::Sender<LeaseView>,
+        lease: Arc<LeaseCell>,
     }
 
     impl Harness {
         fn new() -> Self {
-            let (lease, rx) = watch::channel(LeaseView::default());
+            let lease = Arc::new(LeaseCell::default());
             Harness {
-                s: ElectionState::new(TTL, MARGIN, rx),
+                s: ElectionState::new(TTL, MARGIN, lease.clone()),
                 lease,
             }
         }
 
         fn apply(&mut self, obs: Observation, now: Instant) -> Vec<LeadershipEvent> {
             let evs = self.s.apply(obs, now);
-            self.s.view().publish(&self.lease);
+            self.lease.publish(self.s.view());
             evs
         }
 

@@ -23,14 +23,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::admission::{Priority, Wait};
 use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::error::{Error, Result};
-use crate::event::{LeaderTerm, LeadershipEvent, LeaseView};
+use crate::event::{LeaderTerm, LeadershipEvent, LeaseOwner};
 use crate::fanout::{self, EventReceiver, EventSender};
 use crate::observe::Observer;
 use crate::rpc::{Answer, LeaseAnswer, Rpc};
@@ -54,7 +53,7 @@ pub(crate) struct Session {
     shared: Mutex<Shared>,
     control: Mutex<Control>,
     /// The published lease: the one deadline terms and readers see.
-    lease: watch::Sender<LeaseView>,
+    lease: LeaseOwner,
     /// Retry timing, with its own RNG (not under the state lock).
     backoff: Mutex<Backoff>,
     /// Names this election to its connection's driver.
@@ -132,7 +131,8 @@ impl Campaign {
 
 impl Session {
     pub(crate) fn new(rpc: Rpc, timing: Timing, seed: Option<u64>) -> Arc<Self> {
-        let (lease, lease_rx) = watch::channel(LeaseView::default());
+        let lease = LeaseOwner::default();
+        let lease_rx = lease.cell();
         let ttl = rpc.scope().ttl();
         let start = rpc.claim().start();
         let observer = Observer::new(rpc.scope(), rpc.span().clone());
@@ -199,7 +199,7 @@ impl Session {
     /// step-down timer and wakes a campaign waiting to renew).
     fn publish(&self, shared: &mut Shared, events: &[LeadershipEvent]) {
         let before = self.published_deadline();
-        shared.election.view().publish(&self.lease);
+        self.lease.publish(shared.election.view());
         if self.published_deadline() != before {
             self.poke();
         }
@@ -245,16 +245,14 @@ impl Session {
     pub(crate) fn remaining(&self) -> Option<Duration> {
         let now = Instant::now();
         self.lease
-            .borrow()
-            .current
-            .as_ref()
-            .filter(|c| now < c.deadline)
-            .map(|c| c.deadline.duration_since(now))
+            .deadline()
+            .filter(|d| now < *d)
+            .map(|d| d.duration_since(now))
     }
 
     /// The published deadline, if leader (passed or not).
     pub(crate) fn published_deadline(&self) -> Option<Instant> {
-        self.lease.borrow().current.as_ref().map(|c| c.deadline)
+        self.lease.deadline()
     }
 
     /// Tells the driver that the lease changed, unless the driver (or a call
