@@ -703,7 +703,8 @@ impl Transport {
             return Some(driver.clone());
         }
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let driver = crate::election::DriverHandle::spawn(&runtime);
+        let driver =
+            crate::election::DriverHandle::spawn(&runtime, self.admission.cap().saturating_mul(2));
         *slot = Some(driver.clone());
         Some(driver)
     }

@@ -119,6 +119,85 @@ async fn five_thousand_elections_created_at_once_are_all_elected_with_no_failed_
         .is_none());
 }
 
+/// A cold start costs a bounded number of tasks, not one or two per
+/// election: the connection's driver runs every campaign and every step-down
+/// timer, and at most twice the cap on calls of follower attempts are in
+/// flight; the other elections wait as ids in the driver's queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_holds_a_bounded_number_of_tasks_not_one_per_election() {
+    const N: usize = 3_000;
+    const CAP: usize = 10;
+    let server = server().await;
+    let root = over_tcp(&server.url(), 30)
+        .max_concurrent_calls(CAP)
+        .build()
+        .await
+        .unwrap();
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    // Nothing is answered: every election stays at its first attempt.
+    server.pause();
+    let shards: Vec<_> = (0..N)
+        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
+        .collect();
+    let mut all = futures::stream::select_all(
+        shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.leadership().map(move |ev| (i, ev)).boxed()),
+    );
+    // Streams campaign once polled: read them in a task of their own.
+    let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Some(ev) = all.next().await {
+            if events.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    let waiting = Instant::now() + 20 * SEC;
+    while server.calls(RpcKind::TryAcquireLock) < CAP as u64 {
+        assert!(
+            Instant::now() < waiting,
+            "the first attempts reach the server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Every election has had time to ask its driver for its first call.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tasks = metrics.num_alive_tasks().saturating_sub(before);
+    eprintln!("{N} elections waiting for their first answer: {tasks} tasks");
+    // Client: 2 x CAP call tasks, the driver and the reader; server: a few
+    // per connection and one per call it holds (CAP). Two per election
+    // would be 6,000.
+    assert!(tasks <= 4 * CAP + 50, "{tasks} tasks for {N} elections");
+    assert_eq!(
+        server.calls(RpcKind::TryAcquireLock),
+        CAP as u64,
+        "the cap holds"
+    );
+    server.resume();
+    let mut elected = HashSet::new();
+    let deadline = Instant::now() + 60 * SEC;
+    while elected.len() < N {
+        let Ok(Some((i, ev))) = tokio::time::timeout_at(deadline, received.recv()).await else {
+            panic!("{} of {N} elected", elected.len());
+        };
+        match ev {
+            LeadershipEvent::Elected { .. } => {
+                elected.insert(i);
+            }
+            LeadershipEvent::RpcFailed { rpc, code, .. } => panic!("{rpc:?} failed: {code:?}"),
+            LeadershipEvent::Lost { reason, .. } => panic!("lost: {reason:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(server.calls(RpcKind::TryAcquireLock), N as u64);
+    // The streams resign (each releases) before the runtime shuts down.
+    reader.abort();
+    let _ = reader.await;
+}
+
 /// Two calls in flight at a time, each answered after 50 ms: forty
 /// elections need two seconds of queueing, four times the 500 ms call
 /// timeout. Timed from the send, no call fails.

@@ -27,7 +27,7 @@
 //! of elections.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,8 +79,9 @@ pub(crate) struct Handle {
 }
 
 impl Handle {
-    /// Spawns a driver on `runtime`.
-    pub(crate) fn spawn(runtime: &tokio::runtime::Handle) -> Handle {
+    /// Spawns a driver on `runtime` that lets at most `acquires` follower
+    /// attempts be in flight at once (see [`Driver::queued`]).
+    pub(crate) fn spawn(runtime: &tokio::runtime::Handle, acquires: usize) -> Handle {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = NEXT_DRIVER.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
@@ -89,6 +90,9 @@ impl Handle {
             tx: tx.downgrade(),
             entries: HashMap::new(),
             timers: DelayQueue::new(),
+            acquires: acquires.max(1),
+            acquiring: 0,
+            queued: VecDeque::new(),
         };
         runtime.spawn(OnDriver {
             id,
@@ -194,8 +198,11 @@ enum Mode {
         key: delay_queue::Key,
         renew_wait: bool,
     },
-    /// A call of it is in flight.
-    Call { task: JoinHandle<()> },
+    /// A call of it is in flight (`acquire`: a follower attempt, counted in
+    /// [`Driver::acquiring`]).
+    Call { task: JoinHandle<()>, acquire: bool },
+    /// Its follower attempt waits for its turn (see [`Driver::queued`]).
+    Queued,
 }
 
 struct Driver {
@@ -206,6 +213,16 @@ struct Driver {
     tx: mpsc::WeakUnboundedSender<Command>,
     entries: HashMap<SessionId, Entry>,
     timers: DelayQueue<(SessionId, Timer)>,
+    /// At most this many follower attempts are in flight at once (twice
+    /// the connection's cap on calls, so that the connection stays busy).
+    acquires: usize,
+    /// Follower attempts in flight.
+    acquiring: usize,
+    /// Follower attempts waiting for their turn, first come first served,
+    /// by campaign and `seq`. A cold start of 100,000 elections thus holds
+    /// 100,000 ids here, not 100,000 calls waiting for a slot on the
+    /// connection (each a task and a call's state). Renewals never wait here.
+    queued: VecDeque<(SessionId, u64)>,
 }
 
 impl Driver {
@@ -250,14 +267,17 @@ impl Driver {
                 let mut call = None;
                 if let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.take()) {
                     match running.mode {
-                        Mode::Call { task } => {
+                        Mode::Call { task, acquire } => {
                             task.abort();
                             call = Some(task);
+                            if acquire {
+                                self.acquire_ended();
+                            }
                         }
                         Mode::Sleep { key, .. } => {
                             self.timers.try_remove(&key);
                         }
-                        Mode::Ready => {}
+                        Mode::Ready | Mode::Queued => {}
                     }
                 }
                 let _ = ack.send(call);
@@ -298,11 +318,16 @@ impl Driver {
         }
         if let Some(running) = entry.campaign {
             match running.mode {
-                Mode::Call { task } => task.abort(),
+                Mode::Call { task, acquire } => {
+                    task.abort();
+                    if acquire {
+                        self.acquire_ended();
+                    }
+                }
                 Mode::Sleep { key, .. } => {
                     self.timers.try_remove(&key);
                 }
-                Mode::Ready => {}
+                Mode::Ready | Mode::Queued => {}
             }
         }
     }
@@ -338,8 +363,16 @@ impl Driver {
             session.observe(Observation::CampaignFailed);
             running.plan = Plan::new(&session);
         }));
-        if let Mode::Sleep { key, .. } = &running.mode {
-            self.timers.try_remove(key);
+        let mut ended_acquire = false;
+        match &running.mode {
+            Mode::Sleep { key, .. } => {
+                self.timers.try_remove(key);
+            }
+            Mode::Call { task, acquire } => {
+                task.abort();
+                ended_acquire = *acquire;
+            }
+            Mode::Ready | Mode::Queued => {}
         }
         running.seq += 1;
         let key = self.timers.insert_at(
@@ -350,7 +383,28 @@ impl Driver {
             key,
             renew_wait: false,
         };
+        if ended_acquire {
+            self.acquire_ended();
+        }
         self.sync_deadline(id);
+    }
+
+    /// A follower attempt in flight ended: the next queued one may go.
+    fn acquire_ended(&mut self) {
+        self.acquiring = self.acquiring.saturating_sub(1);
+        while self.acquiring < self.acquires {
+            let Some((id, seq)) = self.queued.pop_front() else {
+                return;
+            };
+            let waiting = self
+                .entries
+                .get(&id)
+                .and_then(|e| e.campaign.as_ref())
+                .is_some_and(|r| r.seq == seq && matches!(r.mode, Mode::Queued));
+            if waiting {
+                self.guarded(id, |driver, id| driver.launch(id, Call::Acquire));
+            }
+        }
     }
 
     fn fired(&mut self, id: SessionId, timer: Timer) {
@@ -463,9 +517,28 @@ impl Driver {
                 running.mode = Mode::Sleep { key, renew_wait };
                 true
             }
+            Action::Call(Call::Acquire) if self.acquiring >= self.acquires => {
+                running.mode = Mode::Queued;
+                self.queued.push_back((id, seq));
+                true
+            }
             Action::Call(call) => {
+                self.launch(id, call);
+                true
+            }
+        }
+    }
+
+    /// Starts `call` for campaign `id` in a task of its own.
+    fn launch(&mut self, id: SessionId, call: Call) {
+        let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
+            return;
+        };
+        let seq = running.seq;
+        {
+            {
                 let Some(tx) = self.tx.upgrade() else {
-                    return true;
+                    return;
                 };
                 let session = running.session.clone();
                 let span = session.observer.span().clone();
@@ -483,8 +556,11 @@ impl Driver {
                     }
                     .instrument(span),
                 });
-                running.mode = Mode::Call { task };
-                true
+                let acquire = matches!(call, Call::Acquire);
+                running.mode = Mode::Call { task, acquire };
+                if acquire {
+                    self.acquiring += 1;
+                }
             }
         }
     }
@@ -495,11 +571,21 @@ impl Driver {
         let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
             return;
         };
-        if running.seq != seq || !matches!(running.mode, Mode::Call { .. }) {
+        let Mode::Call { acquire, .. } = running.mode else {
+            return;
+        };
+        if running.seq != seq {
             return;
         }
         running.mode = Mode::Ready;
         let session = running.session.clone();
+        if acquire {
+            // Before this campaign acts again: it may queue at the back.
+            self.acquire_ended();
+        }
+        let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
+            return;
+        };
         let next = match outcome {
             Outcome::Acquired(answer) => running.plan.acquired(&session, &answer),
             Outcome::Renewed(answer, until) => running.plan.renewed(&session, &answer, until),
