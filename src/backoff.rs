@@ -147,8 +147,6 @@ pub(crate) fn classify(code: tonic::Code) -> Class {
 pub(crate) struct Backoff {
     retry_period: Duration,
     renew_interval: Duration,
-    base: Duration,
-    min_spacing: Duration,
     rng: fastrand::Rng,
 }
 
@@ -159,8 +157,6 @@ impl Backoff {
         Backoff {
             retry_period,
             renew_interval,
-            base: BACKOFF_BASE,
-            min_spacing: MIN_SPACING,
             rng: seed.map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed),
         }
     }
@@ -176,7 +172,7 @@ impl Backoff {
         let spread = period.saturating_sub(floor);
         floor
             .saturating_add(self.random_share(spread))
-            .max(self.min_spacing)
+            .max(MIN_SPACING)
     }
 
     /// The wait of a follower after its `failures`-th consecutive failed
@@ -187,10 +183,10 @@ impl Backoff {
         let cap = self.retry_period;
         let wait = match class {
             Class::Permanent => cap,
-            Class::Transient => self.equal_jitter(self.step(self.base, failures, cap)),
+            Class::Transient => self.equal_jitter(self.step(BACKOFF_BASE, failures, cap)),
             Class::Overloaded => self.equal_jitter(self.step(self.overload_base(), failures, cap)),
         };
-        wait.max(self.min_spacing)
+        wait.max(MIN_SPACING)
     }
 
     /// The wait of a leader before retrying a renewal after its
@@ -213,16 +209,16 @@ impl Backoff {
         class: Class,
         left: Duration,
     ) -> Option<Duration> {
-        if left < self.min_spacing.saturating_mul(2) {
+        if left < MIN_SPACING.saturating_mul(2) {
             return None;
         }
         let cap = self.renew_interval;
         let base = match class {
-            Class::Transient | Class::Permanent => self.base,
+            Class::Transient | Class::Permanent => BACKOFF_BASE,
             Class::Overloaded => self.overload_base(),
         };
         let backoff = self.equal_jitter(self.step(base, failures, cap));
-        Some(backoff.min(left / 2).max(self.min_spacing))
+        Some(backoff.min(left / 2).max(MIN_SPACING))
     }
 
     /// How much earlier than the renew interval the next renewal goes out:
@@ -234,7 +230,7 @@ impl Backoff {
     }
 
     fn overload_base(&self) -> Duration {
-        self.base.saturating_mul(OVERLOAD_FACTOR)
+        BACKOFF_BASE.saturating_mul(OVERLOAD_FACTOR)
     }
 
     /// `base × 2^(failures − 1)`, capped at `cap`.

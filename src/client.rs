@@ -363,15 +363,11 @@ impl QuorumQuestClient {
         service: impl Into<String>,
         domain: impl Into<String>,
     ) -> Result<QuorumQuestClient> {
-        let mine = self.inner.session.rpc.scope();
-        let scope = Scope::new(
-            service.into(),
-            domain.into(),
-            Some(mine.client_id.clone()),
-            mine.ttl(),
-        )?;
-        let rpc = Rpc::new(self.inner.session.rpc.transport().clone(), Arc::new(scope))?
-            .with_metadata(self.inner.session.rpc.metadata().clone());
+        let parent = &self.inner.session.rpc;
+        // Shares the parent's id, connection and metadata (no copies).
+        let scope = parent.scope().sibling(service.into(), domain.into())?;
+        let rpc = Rpc::new(parent.transport().clone(), Arc::new(scope))?
+            .with_metadata(parent.metadata().clone());
         Ok(QuorumQuestClient {
             inner: Arc::new(ClientInner {
                 session: Session::new(rpc, self.inner.session.timing, None),
@@ -576,7 +572,7 @@ impl ClientBuilder {
     /// [`interceptor`](Self::interceptor), replaces `other`'s.
     pub fn share_connection(mut self, other: &QuorumQuestClient) -> Self {
         let rpc = &other.inner.session.rpc;
-        self.connection = Connection::Shared(rpc.transport().clone(), rpc.metadata().clone());
+        self.connection = Connection::Shared(rpc.transport().clone(), (**rpc.metadata()).clone());
         self
     }
 
@@ -888,7 +884,7 @@ impl ClientBuilder {
             }
             Plan::Shared(transport) => transport,
         };
-        let rpc = Rpc::new(transport, Arc::new(scope))?.with_metadata(metadata);
+        let rpc = Rpc::new(transport, Arc::new(scope))?.with_metadata(Arc::new(metadata));
         let session = Session::new(rpc, timing, self.seed);
         if let Some(callbacks) = self.callbacks {
             let mut events = session.subscribe();

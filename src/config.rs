@@ -4,6 +4,7 @@
 //! [`Error::InvalidParameter`](crate::Error::InvalidParameter) that names the
 //! parameter, instead of surfacing later as a confusing RPC failure.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -22,11 +23,16 @@ pub(crate) const MAX_KNOB: Duration = Duration::from_secs(i32::MAX as u64);
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The lock a client campaigns for and the identity it campaigns with.
+///
+/// The names are shared (`Arc<str>`): the identity registry's claim
+/// ([`crate::identity`]) holds the same strings, and a client made with
+/// `for_scope` shares its parent's client id (and its service when it is the
+/// same), so 100,000 shards do not hold 100,000 copies of one id.
 #[derive(Debug, Clone)]
 pub(crate) struct Scope {
-    pub(crate) service: String,
-    pub(crate) domain: String,
-    pub(crate) client_id: String,
+    pub(crate) service: Arc<str>,
+    pub(crate) domain: Arc<str>,
+    pub(crate) client_id: Arc<str>,
     /// The TTL in whole seconds, as sent on the wire.
     pub(crate) ttl_secs: i32,
     /// A random tag that makes this client's retired-identity names its own
@@ -52,10 +58,31 @@ impl Scope {
         };
         let ttl_secs = validate_ttl(ttl)?;
         Ok(Scope {
-            service,
-            domain,
-            client_id,
+            service: service.into(),
+            domain: domain.into(),
+            client_id: client_id.into(),
             ttl_secs,
+            tag: fastrand::u32(..),
+        })
+    }
+
+    /// The scope of another (service, domain) lock with this scope's
+    /// identity and TTL (and a tag of its own): what `for_scope` makes. The
+    /// client id, and the service when it is the same, are shared, not
+    /// copied.
+    pub(crate) fn sibling(&self, service: String, domain: String) -> Result<Self> {
+        validate_name("service", &service)?;
+        validate_name("domain", &domain)?;
+        let service = if *self.service == *service {
+            self.service.clone()
+        } else {
+            service.into()
+        };
+        Ok(Scope {
+            service,
+            domain: domain.into(),
+            client_id: self.client_id.clone(),
+            ttl_secs: self.ttl_secs,
             tag: fastrand::u32(..),
         })
     }
@@ -67,7 +94,7 @@ impl Scope {
     /// tag keeps the name from equalling another contender's id (`node#1`).
     pub(crate) fn wire_id(&self, incarnation: u32) -> String {
         if incarnation == 0 {
-            self.client_id.clone()
+            self.client_id.to_string()
         } else {
             format!("{}#{incarnation}.{:08x}", self.client_id, self.tag)
         }
@@ -319,5 +346,22 @@ mod tests {
         let b = Scope::new("s".into(), "d".into(), None, ttl).unwrap();
         assert_ne!(a.client_id, b.client_id);
         assert_eq!(a.ttl(), ttl);
+    }
+
+    #[test]
+    fn a_sibling_scope_shares_the_identity_and_validates_its_names() {
+        let ttl = Duration::from_secs(7);
+        let a = Scope::new("s".into(), "d".into(), Some("node".into()), ttl).unwrap();
+        let b = a.sibling("s".into(), "shard-1".into()).unwrap();
+        assert!(Arc::ptr_eq(&a.client_id, &b.client_id));
+        assert!(Arc::ptr_eq(&a.service, &b.service));
+        assert_eq!(&*b.domain, "shard-1");
+        assert_eq!(b.ttl(), ttl);
+        assert_eq!(b.wire_id(0), "node");
+        assert!(b.wire_id(1).starts_with("node#1."));
+        let c = a.sibling("other".into(), "d".into()).unwrap();
+        assert_eq!(&*c.service, "other");
+        assert!(msg(a.sibling("".into(), "d".into())).starts_with("service:"));
+        assert!(msg(a.sibling("s".into(), "\n".into())).starts_with("domain:"));
     }
 }

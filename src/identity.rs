@@ -18,20 +18,41 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::sync::lock;
 
-/// Connection name, service, domain, client id.
-type LiveKey = (String, String, String, String);
+/// Connection name, service, domain, client id: one live client's claim.
+///
+/// The strings are the client's own (`Arc<str>` shared with its scope and
+/// connection), so a claim costs the registry one pointer, not four copies.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct LiveKey {
+    connection: Arc<str>,
+    service: Arc<str>,
+    domain: Arc<str>,
+    client_id: Arc<str>,
+}
+
 /// Service, domain, client id.
-type IdKey = (String, String, String);
+type IdKey = (Arc<str>, Arc<str>, Arc<str>);
+
+impl LiveKey {
+    fn id_key(&self) -> IdKey {
+        (
+            self.service.clone(),
+            self.domain.clone(),
+            self.client_id.clone(),
+        )
+    }
+}
 
 #[derive(Debug, Default)]
 struct Registry {
-    /// Claims of live clients, per connection.
-    live: HashSet<LiveKey>,
+    /// Claims of live clients, per connection (the same allocation as the
+    /// claim's own key).
+    live: HashSet<Arc<LiveKey>>,
     /// Lock identities whose bare id an earlier client may have left a
     /// stale release for (on any connection: the same server can be reached
     /// by several addresses).
@@ -46,7 +67,7 @@ fn registry() -> &'static Mutex<Registry> {
 /// A live client's claim on its lock and identity; given back when dropped.
 #[derive(Debug)]
 pub(crate) struct Claim {
-    key: LiveKey,
+    key: Arc<LiveKey>,
     /// The incarnation the client must start at (1 if the bare id is retired).
     start: u32,
     /// Set by the client when it ends leaving the bare id unsafe to reuse.
@@ -61,17 +82,17 @@ impl Claim {
     /// `InvalidParameter` if a live client of this process already campaigns
     /// for that lock under that identity on that connection's server.
     pub(crate) fn new(
-        connection: &str,
-        service: &str,
-        domain: &str,
-        client_id: &str,
+        connection: &Arc<str>,
+        service: &Arc<str>,
+        domain: &Arc<str>,
+        client_id: &Arc<str>,
     ) -> Result<Claim> {
-        let key = (
-            connection.to_string(),
-            service.to_string(),
-            domain.to_string(),
-            client_id.to_string(),
-        );
+        let key = LiveKey {
+            connection: connection.clone(),
+            service: service.clone(),
+            domain: domain.clone(),
+            client_id: client_id.clone(),
+        };
         let mut registry = lock(registry());
         if registry.live.contains(&key) {
             return Err(Error::invalid(
@@ -82,7 +103,8 @@ impl Claim {
                 ),
             ));
         }
-        let retired = registry.retired.contains(&id_key(&key));
+        let retired = registry.retired.contains(&key.id_key());
+        let key = Arc::new(key);
         registry.live.insert(key.clone());
         Ok(Claim {
             start: u32::from(retired),
@@ -103,16 +125,18 @@ impl Claim {
     }
 }
 
-fn id_key(key: &LiveKey) -> IdKey {
-    (key.1.clone(), key.2.clone(), key.3.clone())
-}
-
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut registry = lock(registry());
-        registry.live.remove(&self.key);
+        registry.live.remove(&*self.key);
         if self.retire.load(Ordering::SeqCst) {
-            registry.retired.insert(id_key(&self.key));
+            registry.retired.insert(self.key.id_key());
+        }
+        // A registry that shrank a lot gives its memory back (a process that
+        // ran 100,000 elections and now runs a few).
+        let live = &mut registry.live;
+        if live.capacity() > 64 && live.len() < live.capacity() / 4 {
+            live.shrink_to(live.len() * 2);
         }
     }
 }
@@ -121,16 +145,25 @@ impl Drop for Claim {
 mod tests {
     use super::*;
 
+    fn claim(connection: &str, service: &str, domain: &str, id: &str) -> Result<Claim> {
+        Claim::new(
+            &connection.into(),
+            &service.into(),
+            &domain.into(),
+            &id.into(),
+        )
+    }
+
     #[test]
     fn one_live_claim_per_connection_and_a_retired_bare_id_stays_retired_everywhere() {
-        let a = Claim::new("conn-test-1", "s-id-test", "d", "id").unwrap();
+        let a = claim("conn-test-1", "s-id-test", "d", "id").unwrap();
         assert_eq!(a.start(), 0);
-        assert!(Claim::new("conn-test-1", "s-id-test", "d", "id").is_err());
-        let other = Claim::new("conn-test-2", "s-id-test", "d", "id").unwrap();
+        assert!(claim("conn-test-1", "s-id-test", "d", "id").is_err());
+        let other = claim("conn-test-2", "s-id-test", "d", "id").unwrap();
         assert_eq!(other.start(), 0);
         a.retire_bare_id();
         drop(a);
-        let b = Claim::new("conn-test-1", "s-id-test", "d", "id").unwrap();
+        let b = claim("conn-test-1", "s-id-test", "d", "id").unwrap();
         assert_eq!(
             b.start(),
             1,
@@ -138,7 +171,7 @@ mod tests {
         );
         drop(b);
         drop(other);
-        let c = Claim::new("conn-test-3", "s-id-test", "d", "id").unwrap();
+        let c = claim("conn-test-3", "s-id-test", "d", "id").unwrap();
         assert_eq!(
             c.start(),
             1,

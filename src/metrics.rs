@@ -47,7 +47,7 @@
 //! against an in-process server and prints the scrape.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ::metrics::{Label, Unit};
@@ -101,8 +101,8 @@ fn describe() {
 /// How many clients of this process lead each lock: the gauge is set from
 /// it, so two clients of one lock in one process (tests, migrations) add up,
 /// and a recorder installed late never sees a negative value.
-fn leaders() -> &'static Mutex<HashMap<(String, String), u32>> {
-    static LEADERS: OnceLock<Mutex<HashMap<(String, String), u32>>> = OnceLock::new();
+fn leaders() -> &'static Mutex<HashMap<LockKey, u32>> {
+    static LEADERS: OnceLock<Mutex<HashMap<LockKey, u32>>> = OnceLock::new();
     LEADERS.get_or_init(Mutex::default)
 }
 
@@ -112,19 +112,28 @@ pub(crate) fn rpc_attempt(rpc: RpcKind, code: &'static str, latency: Duration) {
         .record(latency.as_secs_f64());
 }
 
-/// The labels of one lock, and its share of the metrics.
+/// Service, domain.
+type LockKey = (Arc<str>, Arc<str>);
+
+/// The labels of one lock, and its share of the metrics. The names are the
+/// client's own (shared with its scope), and so are the label values handed
+/// to the recorder: no copy per client or per event.
 #[derive(Debug)]
 pub(crate) struct LockLabels {
-    service: String,
-    domain: String,
+    service: Arc<str>,
+    domain: Arc<str>,
 }
 
 impl LockLabels {
-    pub(crate) fn new(service: &str, domain: &str) -> Self {
+    pub(crate) fn new(service: &Arc<str>, domain: &Arc<str>) -> Self {
         LockLabels {
-            service: service.to_owned(),
-            domain: domain.to_owned(),
+            service: service.clone(),
+            domain: domain.clone(),
         }
+    }
+
+    fn key(&self) -> LockKey {
+        (self.service.clone(), self.domain.clone())
     }
 
     fn labels(&self) -> Vec<Label> {
@@ -137,17 +146,14 @@ impl LockLabels {
     /// A client for this lock was built: make its series visible.
     pub(crate) fn register(&self) {
         describe();
-        let count = lock(leaders())
-            .get(&(self.service.clone(), self.domain.clone()))
-            .copied()
-            .unwrap_or(0);
+        let count = lock(leaders()).get(&self.key()).copied().unwrap_or(0);
         ::metrics::gauge!(LEADER, self.labels()).set(f64::from(count));
     }
 
     /// This client started (`true`) or stopped leading.
     pub(crate) fn leading(&self, leading: bool) {
         let mut leaders = lock(leaders());
-        let key = (self.service.clone(), self.domain.clone());
+        let key = self.key();
         let count = leaders.entry(key.clone()).or_insert(0);
         *count = if leading {
             count.saturating_add(1)

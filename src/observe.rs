@@ -47,9 +47,9 @@ use crate::sync::lock;
 pub(crate) fn client_span(scope: &Scope) -> Span {
     tracing::warn_span!(
         "quorum_quest.client",
-        service = scope.service.as_str(),
-        domain = scope.domain.as_str(),
-        client_id = scope.client_id.as_str(),
+        service = &*scope.service,
+        domain = &*scope.domain,
+        client_id = &*scope.client_id,
     )
 }
 

@@ -12,6 +12,7 @@
 //! reached the connection (it does not count towards a redial).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,13 +151,17 @@ pub(crate) fn lease_answer(lease: Option<prost_types::Duration>) -> LeaseAnswer 
 }
 
 /// Typed calls for one scope over a shared transport.
-#[derive(Debug, Clone)]
+///
+/// One per client, inside its session: everything it owns is inline (the
+/// scope, the claim, the shutdown flag) and the metadata is shared with the
+/// clients made from it, so that a `for_scope` client costs little.
+#[derive(Debug)]
 pub(crate) struct Rpc {
     transport: Arc<Transport>,
-    scope: Arc<Scope>,
+    scope: Scope,
     /// This client's claim on its scope and identity on the transport.
-    claim: Arc<Claim>,
-    /// Metadata put on every request (auth).
+    claim: Claim,
+    /// Metadata put on every request (auth); shared with `for_scope` clients.
     metadata: Arc<CallMetadata>,
     /// The client span: every call and task of this client runs in it.
     span: tracing::Span,
@@ -164,17 +169,19 @@ pub(crate) struct Rpc {
     /// slot then is not sent (the shutdown's release, urgent, may already
     /// have passed it in the queue: sent after it, it would win the lock
     /// back for a client that is gone).
-    acquiring_stopped: Arc<std::sync::atomic::AtomicBool>,
+    acquiring_stopped: AtomicBool,
 }
 
 impl Rpc {
-    /// Calls for `scope` over `transport`.
+    /// Calls for `scope` over `transport` (the scope is moved in, or copied
+    /// if the `Arc` is shared).
     ///
     /// # Errors
     ///
     /// `InvalidParameter` if another live client on `transport` already
     /// campaigns for the same lock under the same client id.
     pub(crate) fn new(transport: Arc<Transport>, scope: Arc<Scope>) -> crate::error::Result<Self> {
+        let scope = Arc::unwrap_or_clone(scope);
         let claim = Claim::new(
             transport.name(),
             &scope.service,
@@ -185,34 +192,32 @@ impl Rpc {
             span: crate::observe::client_span(&scope),
             transport,
             scope,
-            claim: Arc::new(claim),
+            claim,
             metadata: Arc::default(),
-            acquiring_stopped: Arc::default(),
+            acquiring_stopped: AtomicBool::new(false),
         })
     }
 
     /// The same calls, sending `metadata` with every request.
-    pub(crate) fn with_metadata(mut self, metadata: CallMetadata) -> Self {
-        self.metadata = Arc::new(metadata);
+    pub(crate) fn with_metadata(mut self, metadata: Arc<CallMetadata>) -> Self {
+        self.metadata = metadata;
         self
     }
 
     /// The metadata sent with every request.
-    pub(crate) fn metadata(&self) -> &CallMetadata {
+    pub(crate) fn metadata(&self) -> &Arc<CallMetadata> {
         &self.metadata
     }
 
     /// From now on no `TryAcquireLock` is sent, even one already waiting
     /// for a call slot (see `acquiring_stopped`).
     pub(crate) fn stop_acquiring(&self) {
-        self.acquiring_stopped
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.acquiring_stopped.store(true, Ordering::SeqCst);
     }
 
     /// `true` once [`stop_acquiring`](Self::stop_acquiring) was called.
     pub(crate) fn acquiring_stopped(&self) -> bool {
-        self.acquiring_stopped
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.acquiring_stopped.load(Ordering::SeqCst)
     }
 
     /// The client span.
@@ -244,8 +249,8 @@ impl Rpc {
     ) -> Answer<bool> {
         let s = &self.scope;
         let req = TryAcquireLockRequest {
-            service: s.service.clone(),
-            domain: s.domain.clone(),
+            service: s.service.to_string(),
+            domain: s.domain.to_string(),
             client_id: s.wire_id(incarnation),
             ttl: s.ttl_secs,
         };
@@ -268,8 +273,8 @@ impl Rpc {
     ) -> Answer<LeaseAnswer> {
         let s = &self.scope;
         let req = KeepAliveRequest {
-            service: s.service.clone(),
-            domain: s.domain.clone(),
+            service: s.service.to_string(),
+            domain: s.domain.to_string(),
             client_id: s.wire_id(incarnation),
             ttl: s.ttl_secs,
         };
@@ -292,8 +297,8 @@ impl Rpc {
     ) -> Answer<()> {
         let s = &self.scope;
         let req = ReleaseLockRequest {
-            service: s.service.clone(),
-            domain: s.domain.clone(),
+            service: s.service.to_string(),
+            domain: s.domain.to_string(),
             client_id: s.wire_id(incarnation),
         };
         self.call(

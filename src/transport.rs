@@ -604,7 +604,8 @@ pub(crate) struct Transport {
     current: Mutex<Current>,
     /// What names this connection in the identity registry: the endpoint's
     /// URI, or a number of its own for a channel the user handed us.
-    name: String,
+    /// Shared with every client's claim on this connection.
+    name: Arc<str>,
     /// The cap on calls in flight and the queue of the others
     /// ([`crate::admission`]).
     admission: Arc<Admission>,
@@ -683,11 +684,12 @@ impl Transport {
                 last_answer: None,
             }),
             name: match &endpoint_name {
-                Some(uri) => uri.clone(),
+                Some(uri) => uri.as_str().into(),
                 None => format!(
                     "channel-{}",
                     CHANNELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                ),
+                )
+                .into(),
             },
             admission: Admission::new(DEFAULT_MAX_CONCURRENT_CALLS),
             driver: Mutex::new(None),
@@ -730,7 +732,7 @@ impl Transport {
 
     /// What names this connection in the identity registry
     /// ([`crate::identity`]).
-    pub(crate) fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &Arc<str> {
         &self.name
     }
 
