@@ -7,12 +7,12 @@
 //! process with 100,000 elections on one connection runs one driver, not
 //! 200,000 tasks.
 //!
-//! Each call the campaign asks for runs in a task of its own, which applies
-//! its answer to the election state as it arrives (so a late answer is
-//! fenced by the state machine, as every answer is) and then reports to the
-//! driver. Stopping a campaign aborts that task and hands it to the stopper,
-//! who waits for it: once a stop returns, the campaign can no longer touch
-//! the state.
+//! The calls the campaign asks for are futures the driver polls (no task of
+//! their own); each applies its answer to the election state as it arrives
+//! (so a late answer is fenced by the state machine, as every answer is) and
+//! then hands the outcome to the campaign. Stopping a campaign aborts its
+//! call, and the stop is acknowledged once that call is dropped: once a stop
+//! returns, the campaign can no longer touch the state.
 //!
 //! The step-down timer fires at the published deadline (read from the state,
 //! never kept as a copy beyond the timer entry) and applies a tick, so
@@ -35,9 +35,10 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::future::{AbortHandle, Abortable, Aborted, BoxFuture};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::time::{delay_queue, DelayQueue};
 use tracing::Instrument;
@@ -85,9 +86,9 @@ impl Handle {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = NEXT_DRIVER.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
-            id,
             rx,
-            tx: tx.downgrade(),
+            calls: FuturesUnordered::new(),
+            stopping: HashMap::new(),
             entries: HashMap::new(),
             timers: DelayQueue::new(),
             acquires: acquires.max(1),
@@ -116,10 +117,9 @@ impl Handle {
         self.tx.send(Command::Start(session)).is_ok()
     }
 
-    /// Stops campaign `id`: the returned receiver yields the task of the
-    /// call in flight (already aborted), if any, once the driver has let go
-    /// of the campaign.
-    pub(crate) fn stop(&self, id: SessionId) -> Option<oneshot::Receiver<Option<JoinHandle<()>>>> {
+    /// Stops campaign `id`: the returned receiver completes once the driver
+    /// has let go of the campaign and dropped its call in flight, if any.
+    pub(crate) fn stop(&self, id: SessionId) -> Option<oneshot::Receiver<()>> {
         let (ack, rx) = oneshot::channel();
         self.tx.send(Command::Stop { id, ack }).ok()?;
         Some(rx)
@@ -140,19 +140,18 @@ enum Command {
     Start(Arc<Session>),
     Stop {
         id: SessionId,
-        ack: oneshot::Sender<Option<JoinHandle<()>>>,
+        ack: oneshot::Sender<()>,
     },
     Poke {
         id: SessionId,
         session: Weak<Session>,
     },
     Forget(SessionId),
-    Done {
-        id: SessionId,
-        seq: u64,
-        outcome: Outcome,
-    },
 }
+
+/// A campaign call in flight: its campaign, its `seq`, and its outcome (or
+/// `Aborted` if its campaign stopped).
+type CallFuture = BoxFuture<'static, (SessionId, u64, Result<Outcome, Aborted>)>;
 
 /// What a call task reports.
 enum Outcome {
@@ -200,17 +199,17 @@ enum Mode {
     },
     /// A call of it is in flight (`acquire`: a follower attempt, counted in
     /// [`Driver::acquiring`]).
-    Call { task: JoinHandle<()>, acquire: bool },
+    Call { abort: AbortHandle, acquire: bool },
     /// Its follower attempt waits for its turn (see [`Driver::queued`]).
     Queued,
 }
 
 struct Driver {
-    id: u64,
     rx: mpsc::UnboundedReceiver<Command>,
-    /// For call tasks to report with (weak: the driver ends when every
-    /// session and the connection are gone).
-    tx: mpsc::WeakUnboundedSender<Command>,
+    /// The campaigns' calls in flight.
+    calls: FuturesUnordered<CallFuture>,
+    /// Stops waiting for an aborted call to be dropped, by campaign and seq.
+    stopping: HashMap<(SessionId, u64), oneshot::Sender<()>>,
     entries: HashMap<SessionId, Entry>,
     timers: DelayQueue<(SessionId, Timer)>,
     /// At most this many follower attempts are in flight at once (twice
@@ -226,11 +225,34 @@ struct Driver {
 }
 
 impl Driver {
+    /// Runs until every handle (the connection's, and so every session's)
+    /// is gone.
     async fn run(mut self) {
         loop {
-            tokio::select! {
-                cmd = self.rx.recv() => {
-                    let Some(cmd) = cmd else { return };
+            let (cmd, timer, call) = futures::future::poll_fn(|cx| {
+                let cmd = self.rx.poll_recv(cx);
+                let timer = match self.timers.poll_expired(cx) {
+                    Poll::Ready(Some(expired)) => Some(expired.into_inner()),
+                    _ => None,
+                };
+                let call = match self.calls.poll_next_unpin(cx) {
+                    Poll::Ready(Some(done)) => Some(done),
+                    _ => None,
+                };
+                if cmd.is_pending() && timer.is_none() && call.is_none() {
+                    return Poll::Pending;
+                }
+                Poll::Ready((cmd, timer, call))
+            })
+            .await;
+            if let Some((id, seq, outcome)) = call {
+                self.call_ended(id, seq, outcome);
+            }
+            if let Some((id, timer)) = timer {
+                self.fired(id, timer);
+            }
+            match cmd {
+                Poll::Ready(Some(cmd)) => {
                     self.command(cmd);
                     for _ in 1..BATCH {
                         match self.rx.try_recv() {
@@ -239,11 +261,20 @@ impl Driver {
                         }
                     }
                 }
-                Some(expired) = futures::future::poll_fn(|cx| self.timers.poll_expired(cx)) => {
-                    let (id, timer) = expired.into_inner();
-                    self.fired(id, timer);
-                }
+                Poll::Ready(None) => return,
+                Poll::Pending => {}
             }
+        }
+    }
+
+    /// A call future ended: answered (its outcome goes to its campaign) or
+    /// dropped after an abort (its stop is acknowledged).
+    fn call_ended(&mut self, id: SessionId, seq: u64, outcome: Result<Outcome, Aborted>) {
+        if let Some(ack) = self.stopping.remove(&(id, seq)) {
+            let _ = ack.send(());
+        }
+        if let Ok(outcome) = outcome {
+            self.guarded(id, |driver, id| driver.done(id, seq, outcome));
         }
     }
 
@@ -264,23 +295,29 @@ impl Driver {
                 }
             }
             Command::Stop { id, ack } => {
-                let mut call = None;
-                if let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.take()) {
-                    match running.mode {
-                        Mode::Call { task, acquire } => {
-                            task.abort();
-                            call = Some(task);
-                            if acquire {
-                                self.acquire_ended();
-                            }
+                let running = self.entries.get_mut(&id).and_then(|e| e.campaign.take());
+                let Some(running) = running else {
+                    let _ = ack.send(());
+                    return;
+                };
+                match running.mode {
+                    Mode::Call { abort, acquire } => {
+                        // Acknowledged once the call is dropped (at the
+                        // driver's next poll: aborting wakes it).
+                        abort.abort();
+                        self.stopping.insert((id, running.seq), ack);
+                        if acquire {
+                            self.acquire_ended();
                         }
-                        Mode::Sleep { key, .. } => {
-                            self.timers.try_remove(&key);
-                        }
-                        Mode::Ready | Mode::Queued => {}
+                    }
+                    Mode::Sleep { key, .. } => {
+                        self.timers.try_remove(&key);
+                        let _ = ack.send(());
+                    }
+                    Mode::Ready | Mode::Queued => {
+                        let _ = ack.send(());
                     }
                 }
-                let _ = ack.send(call);
             }
             Command::Poke { id, session } => {
                 if let Some(s) = session.upgrade() {
@@ -296,9 +333,6 @@ impl Driver {
                 if let Some(entry) = self.entries.remove(&id) {
                     self.drop_entry(entry);
                 }
-            }
-            Command::Done { id, seq, outcome } => {
-                self.guarded(id, |driver, id| driver.done(id, seq, outcome));
             }
         }
     }
@@ -318,8 +352,8 @@ impl Driver {
         }
         if let Some(running) = entry.campaign {
             match running.mode {
-                Mode::Call { task, acquire } => {
-                    task.abort();
+                Mode::Call { abort, acquire } => {
+                    abort.abort();
                     if acquire {
                         self.acquire_ended();
                     }
@@ -368,8 +402,8 @@ impl Driver {
             Mode::Sleep { key, .. } => {
                 self.timers.try_remove(key);
             }
-            Mode::Call { task, acquire } => {
-                task.abort();
+            Mode::Call { abort, acquire } => {
+                abort.abort();
                 ended_acquire = *acquire;
             }
             Mode::Ready | Mode::Queued => {}
@@ -529,39 +563,31 @@ impl Driver {
         }
     }
 
-    /// Starts `call` for campaign `id` in a task of its own.
+    /// Starts `call` for campaign `id`. The driver polls it (so the lease
+    /// it publishes is the driver's own change: no poke).
     fn launch(&mut self, id: SessionId, call: Call) {
         let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
             return;
         };
         let seq = running.seq;
-        {
-            {
-                let Some(tx) = self.tx.upgrade() else {
-                    return;
-                };
-                let session = running.session.clone();
-                let span = session.observer.span().clone();
-                let generation = session.campaign_generation();
-                // Marked as the driver's own: the lease this call publishes
-                // is taken into account when it reports, not poked about.
-                let task = tokio::spawn(OnDriver {
-                    id: self.id,
-                    inner: async move {
-                        let outcome = AssertUnwindSafe(make_call(&session, call, generation))
-                            .catch_unwind()
-                            .await
-                            .unwrap_or_else(|panic| Outcome::Panicked(describe(panic.as_ref())));
-                        let _ = tx.send(Command::Done { id, seq, outcome });
-                    }
-                    .instrument(span),
-                });
-                let acquire = matches!(call, Call::Acquire);
-                running.mode = Mode::Call { task, acquire };
-                if acquire {
-                    self.acquiring += 1;
-                }
-            }
+        let session = running.session.clone();
+        let span = session.observer.span().clone();
+        let generation = session.campaign_generation();
+        let (abort, registration) = AbortHandle::new_pair();
+        let work = async move {
+            AssertUnwindSafe(make_call(&session, call, generation))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Outcome::Panicked(describe(panic.as_ref())))
+        }
+        .instrument(span);
+        self.calls.push(Box::pin(
+            Abortable::new(work, registration).map(move |outcome| (id, seq, outcome)),
+        ));
+        let acquire = matches!(call, Call::Acquire);
+        running.mode = Mode::Call { abort, acquire };
+        if acquire {
+            self.acquiring += 1;
         }
     }
 

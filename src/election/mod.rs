@@ -108,18 +108,13 @@ impl Campaign {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        match tokio::time::timeout(STOP_GRACE, ack).await {
-            Ok(Ok(Some(call))) => {
-                // Aborted by the driver: resolves as soon as it is dropped.
-                if tokio::time::timeout(STOP_GRACE, call).await.is_err() {
-                    tracing::warn!("a campaign call did not stop within {STOP_GRACE:?}");
-                }
-            }
-            Ok(_) => {}
-            Err(_) => tracing::warn!(
+        // Acknowledged once the call in flight, if any, is dropped (or the
+        // driver is gone).
+        if tokio::time::timeout(STOP_GRACE, ack).await.is_err() {
+            tracing::warn!(
                 "the campaign driver did not answer a stop within {STOP_GRACE:?}; \
                  its calls not yet sent will not be sent"
-            ),
+            );
         }
     }
 
