@@ -3,7 +3,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -165,13 +166,15 @@ pub struct LeaderTerm {
 
 struct TermInner {
     id: u64,
-    /// Cancelled by the client when the term is reported lost.
-    ended: CancellationToken,
     /// The client's published lease: the one deadline of the current term.
+    /// The term has ended (been reported lost) once it is no longer there.
     lease: Arc<LeaseCell>,
-    /// A child of `ended` that one watcher task also cancels at the
-    /// deadline; [`LeaderTerm::token`] hands out children of it.
-    by_deadline: OnceLock<CancellationToken>,
+    /// Made on the first [`LeaderTerm::token`] call (most terms never need
+    /// one): cancelled when the term leaves the published lease, and at the
+    /// deadline by one watcher task; `token()` hands out children of it.
+    token: OnceLock<CancellationToken>,
+    /// Whether the deadline watcher of `token` was started.
+    watched: AtomicBool,
 }
 
 /// What the election state publishes after every change: the current term
@@ -187,8 +190,9 @@ pub(crate) struct LeaseView {
 pub(crate) struct CurrentTerm {
     pub(crate) id: u64,
     pub(crate) deadline: Instant,
-    /// The term's `ended` token, cancelled when the view moves past it.
-    pub(crate) ended: CancellationToken,
+    /// The term, so that its token (if one was made) is cancelled when the
+    /// view moves past it.
+    term: Weak<TermInner>,
 }
 
 impl LeaseView {
@@ -249,7 +253,7 @@ impl LeaseCell {
         };
         // Outside the lock: both wake other tasks.
         if let Some(left) = left {
-            left.ended.cancel();
+            left.end();
         }
         if wake {
             self.moved.notify_waiters();
@@ -274,7 +278,7 @@ impl LeaseCell {
             std::mem::take(&mut state.view)
         };
         if let Some(c) = old.current {
-            c.ended.cancel();
+            c.end();
         }
         self.moved.notify_waiters();
     }
@@ -309,21 +313,34 @@ impl Drop for LeaseOwner {
     }
 }
 
+impl CurrentTerm {
+    /// The view moved past this term: its token, if any, is cancelled.
+    fn end(&self) {
+        if let Some(token) = self.term.upgrade().and_then(|t| t.token.get().cloned()) {
+            token.cancel();
+        }
+    }
+}
+
 impl LeaderTerm {
-    pub(crate) fn new(id: u64, ended: CancellationToken, lease: Arc<LeaseCell>) -> Self {
+    pub(crate) fn new(id: u64, lease: Arc<LeaseCell>) -> Self {
         LeaderTerm {
             inner: Arc::new(TermInner {
                 id,
-                ended,
                 lease,
-                by_deadline: OnceLock::new(),
+                token: OnceLock::new(),
+                watched: AtomicBool::new(false),
             }),
         }
     }
 
-    /// The token the client cancels when it reports this term lost.
-    pub(crate) fn ended_token(&self) -> CancellationToken {
-        self.inner.ended.clone()
+    /// This term in the published lease, until `deadline`.
+    pub(crate) fn published(&self, deadline: Instant) -> CurrentTerm {
+        CurrentTerm {
+            id: self.inner.id,
+            deadline,
+            term: Arc::downgrade(&self.inner),
+        }
     }
 
     /// A number that identifies this term among the terms of one client
@@ -337,9 +354,6 @@ impl LeaderTerm {
     /// valid (moved by every renewal), or `None` once the term has ended.
     #[must_use]
     pub fn deadline(&self) -> Option<Instant> {
-        if self.inner.ended.is_cancelled() {
-            return None;
-        }
         self.inner.lease.deadline_of(self.inner.id)
     }
 
@@ -384,23 +398,24 @@ impl LeaderTerm {
     /// lost. Dropped tokens cost nothing.
     #[must_use]
     pub fn token(&self) -> CancellationToken {
-        if let Some(by_deadline) = self.inner.by_deadline.get() {
-            return by_deadline.child_token();
+        let inner = &self.inner;
+        let token = inner.token.get_or_init(CancellationToken::new);
+        // Made after the term left the published lease: cancelled here, as
+        // the publish that ended the term found no token to cancel.
+        if inner.lease.deadline_of(inner.id).is_none() {
+            token.cancel();
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return self.inner.ended.child_token();
-        };
-        let by_deadline = self.inner.by_deadline.get_or_init(|| {
-            let token = self.inner.ended.child_token();
-            let inner = self.inner.clone();
-            let watched = token.clone();
-            runtime.spawn(async move {
-                inner.ended().await;
-                watched.cancel();
-            });
-            token
-        });
-        by_deadline.child_token()
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            if !inner.watched.swap(true, Ordering::SeqCst) {
+                let watcher = inner.clone();
+                let watched = token.clone();
+                runtime.spawn(async move {
+                    watcher.ended().await;
+                    watched.cancel();
+                });
+            }
+        }
+        token.child_token()
     }
 
     /// Runs `work` while the term lasts: `Some(output)` if it finished first,
@@ -435,12 +450,10 @@ impl TermInner {
     /// clock. The deadline is re-read at every wake-up: a renewal moves it
     /// later without waking anyone, an earlier one wakes this future.
     async fn ended(&self) {
+        // Ended once it left the published lease, or at its deadline.
         loop {
             // Created before reading: a wake-up after the read is not lost.
             let moved = self.lease.moved.notified();
-            if self.ended.is_cancelled() {
-                return;
-            }
             let Some(deadline) = self.lease.deadline_of(self.id) else {
                 return;
             };
@@ -448,7 +461,6 @@ impl TermInner {
                 return;
             }
             tokio::select! {
-                () = self.ended.cancelled() => return,
                 () = moved => {}
                 () = tokio::time::sleep_until(deadline) => {}
             }
@@ -499,13 +511,9 @@ impl Eq for LeaderTerm {}
 mod tests {
     use super::*;
 
-    fn view(id: u64, deadline: Instant, ended: &CancellationToken) -> LeaseView {
+    fn view(term: &LeaderTerm, deadline: Instant) -> LeaseView {
         LeaseView {
-            current: Some(CurrentTerm {
-                id,
-                deadline,
-                ended: ended.clone(),
-            }),
+            current: Some(term.published(deadline)),
         }
     }
 
@@ -515,9 +523,8 @@ mod tests {
         cell: &Arc<LeaseCell>,
         deadline: Instant,
     ) -> (LeaderTerm, tokio::task::JoinHandle<Instant>) {
-        let ended = CancellationToken::new();
-        let term = LeaderTerm::new(1, ended.clone(), cell.clone());
-        cell.publish(view(1, deadline, &ended));
+        let term = LeaderTerm::new(1, cell.clone());
+        cell.publish(view(&term, deadline));
         let waiter = term.clone();
         let done = tokio::spawn(async move {
             waiter.cancelled().await;
@@ -536,7 +543,7 @@ mod tests {
         let token = term.token();
         // The waiter now sleeps towards the old deadline.
         tokio::time::sleep(SEC).await;
-        cell.publish(view(1, t0 + SEC * 2, &term.ended_token()));
+        cell.publish(view(&term, t0 + SEC * 2));
         assert_eq!(term.deadline(), Some(t0 + SEC * 2));
         let ended_at = done.await.unwrap();
         assert!(ended_at >= t0 + SEC * 2, "{:?}", ended_at - t0);
@@ -553,7 +560,7 @@ mod tests {
         let (term, done) = waiting_term(&cell, t0 + SEC * 2);
         tokio::time::sleep(SEC).await;
         // A renewal: nobody is woken, the waiter re-reads at the old deadline.
-        cell.publish(view(1, t0 + SEC * 5, &term.ended_token()));
+        cell.publish(view(&term, t0 + SEC * 5));
         tokio::time::sleep(SEC * 2).await;
         assert!(term.is_active());
         assert!(!done.is_finished());
@@ -561,7 +568,7 @@ mod tests {
         assert!(ended_at >= t0 + SEC * 5, "{:?}", ended_at - t0);
         assert!(ended_at < t0 + SEC * 6, "{:?}", ended_at - t0);
         // Ended by its deadline only: the client did not report it lost.
-        assert!(!term.ended_token().is_cancelled());
+        assert_eq!(cell.deadline(), Some(t0 + SEC * 5));
     }
 
     #[tokio::test(start_paused = true)]
@@ -595,29 +602,32 @@ mod tests {
             publish();
             futures::FutureExt::now_or_never(notified).is_some()
         };
-        let first = CancellationToken::new();
-        assert!(wakes(&|| cell.publish(view(1, t0 + SEC * 5, &first))));
+        let term1 = LeaderTerm::new(1, cell.clone());
+        assert!(wakes(&|| cell.publish(view(&term1, t0 + SEC * 5))));
+        let first = term1.token();
         // Renewed later: same term, no wake-up.
         assert!(
-            !wakes(&|| cell.publish(view(1, t0 + SEC * 8, &first))),
+            !wakes(&|| cell.publish(view(&term1, t0 + SEC * 8))),
             "a later deadline wakes nobody"
         );
         assert!(!first.is_cancelled());
         assert_eq!(cell.deadline(), Some(t0 + SEC * 8));
         // The same (id, deadline) again: nothing happens.
-        assert!(!wakes(&|| cell.publish(view(
-            1,
-            t0 + SEC * 8,
-            &CancellationToken::new()
-        ))));
+        assert!(!wakes(&|| cell.publish(view(&term1, t0 + SEC * 8))));
         assert!(!first.is_cancelled());
         // Shortened: a wake-up, the term goes on.
-        assert!(wakes(&|| cell.publish(view(1, t0 + SEC * 6, &first))));
+        assert!(wakes(&|| cell.publish(view(&term1, t0 + SEC * 6))));
         assert!(!first.is_cancelled());
-        // The next term replaces it: the first one ends.
-        let second = CancellationToken::new();
-        assert!(wakes(&|| cell.publish(view(2, t0 + SEC * 9, &second))));
+        // The next term replaces it: the first one ends, at once.
+        let term2 = LeaderTerm::new(2, cell.clone());
+        assert!(wakes(&|| cell.publish(view(&term2, t0 + SEC * 9))));
         assert!(first.is_cancelled());
+        assert!(term1.is_ended());
+        assert!(
+            term1.token().is_cancelled(),
+            "a token made after the term ended is cancelled"
+        );
+        let second = term2.token();
         assert!(wakes(&|| cell.publish(LeaseView::default())));
         assert!(second.is_cancelled());
         assert_eq!(cell.deadline(), None);

@@ -238,7 +238,7 @@ mod tests {
 
     fn lost() -> LeadershipEvent {
         LeadershipEvent::Lost {
-            term: LeaderTerm::new(1, Default::default(), Default::default()),
+            term: LeaderTerm::new(1, Default::default()),
             reason: LossReason::Expired,
         }
     }

@@ -188,7 +188,14 @@ impl EventReceiver {
         self.shared.waker.register(cx.waker());
         let mut state = self.shared.state();
         match state.queue.pop_front() {
-            Some(ev) => Poll::Ready(Some(ev)),
+            Some(ev) => {
+                if state.queue.is_empty() {
+                    // An idle subscriber (nearly all of them, nearly all the
+                    // time) holds no buffer: one event waits at a time.
+                    state.queue = VecDeque::new();
+                }
+                Poll::Ready(Some(ev))
+            }
             None if state.closed => Poll::Ready(None),
             None => Poll::Pending,
         }
@@ -240,7 +247,7 @@ mod tests {
     /// touches only this line.
     fn term(id: u64) -> LeaderTerm {
         let lease = std::sync::Arc::default();
-        LeaderTerm::new(id, tokio_util::sync::CancellationToken::new(), lease)
+        LeaderTerm::new(id, lease)
     }
 
     fn elected(id: u64) -> LeadershipEvent {

@@ -33,16 +33,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::backoff::MIN_SPACING;
 
 /// The least a lease must leave after the safety margin for this client to
 /// lead on it: room for a renewal and its answer at the minimum spacing.
 pub(crate) const MIN_USABLE_LEASE: Duration = Duration::from_millis(100);
-use crate::event::{
-    CurrentTerm, LeaderTerm, LeadershipEvent, LeaseCell, LeaseView, LossReason, RpcKind,
-};
+use crate::event::{LeaderTerm, LeadershipEvent, LeaseCell, LeaseView, LossReason, RpcKind};
 
 /// What the I/O layer saw.
 #[derive(Debug, Clone)]
@@ -164,11 +161,7 @@ impl ElectionState {
     pub(crate) fn view(&self) -> LeaseView {
         match &self.phase {
             Phase::Leader { term, deadline, .. } => LeaseView {
-                current: Some(CurrentTerm {
-                    id: term.id(),
-                    deadline: *deadline,
-                    ended: term.ended_token(),
-                }),
+                current: Some(term.published(*deadline)),
             },
             _ => LeaseView::default(),
         }
@@ -495,7 +488,7 @@ impl ElectionState {
     /// Starts a new term.
     fn elect(&mut self, deadline: Instant, basis: Instant, now: Instant) -> LeadershipEvent {
         self.last_term += 1;
-        let term = LeaderTerm::new(self.last_term, CancellationToken::new(), self.lease.clone());
+        let term = LeaderTerm::new(self.last_term, self.lease.clone());
         self.phase = Phase::Leader {
             term: term.clone(),
             deadline,
