@@ -28,7 +28,8 @@
 //!   says nothing about it.
 //!
 //! A leader's step-down does not depend on any of this: the step-down timer
-//! is its own task, and fires at the deadline while a renewal waits here.
+//! (in the connection's driver, `crate::election::driver`) fires at the
+//! deadline while a renewal waits here.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -10,7 +10,7 @@
 //! | verdict | when |
 //! |---|---|
 //! | [`Unhealthy::LeaderNotRenewing`] | leading, and no call has completed for longer than renew interval + RPC timeout + safety margin: nothing renews the lease (the keep-alive was stopped, or the campaign is stuck) |
-//! | [`Unhealthy::CampaignStopped`] | a leadership stream or the keep-alive wants the campaign, but its task has ended |
+//! | [`Unhealthy::CampaignStopped`] | a leadership stream or the keep-alive wants the campaign, but the driver running it has ended (its runtime shut down) |
 //! | [`Unhealthy::CampaignStalled`] | campaigning but not leading, and no call has completed for longer than max(retry period, renew interval) + 2 × RPC timeout + safety margin + 1 s |
 //! | healthy | otherwise: a follower, an idle client, or a leader whose calls fail but are being retried |
 //!
@@ -42,7 +42,7 @@ pub(crate) struct Stats {
     last_call: Option<Instant>,
     /// Calls that failed in a row (an answer resets it).
     consecutive_failures: u32,
-    /// When the campaign task was last started.
+    /// When the campaign was last started.
     campaign_started: Option<Instant>,
 }
 
@@ -184,7 +184,8 @@ pub struct Health {
     /// `TryAcquireLock` and `KeepAlive` calls that failed in a row (after
     /// the transport's own quick retries); any answer resets it.
     pub consecutive_failures: u32,
-    /// Whether the campaign task (keep-alive or leadership streams) runs.
+    /// Whether the campaign (for the keep-alive or leadership streams) runs:
+    /// the connection's driver that runs it is alive.
     pub campaign_running: bool,
     /// Whether a leadership stream or the keep-alive wants the campaign.
     pub campaign_wanted: bool,
@@ -251,11 +252,9 @@ pub enum Unhealthy {
         /// The limit it passed.
         limit: Duration,
     },
-    /// A leadership stream or the keep-alive wants the campaign, but its task
-    /// has ended (its runtime shut down, or a bug).
-    #[error(
-        "the campaign task has stopped although a leadership stream or the keep-alive wants it"
-    )]
+    /// A leadership stream or the keep-alive wants the campaign, but the
+    /// connection's driver that runs it has ended (its runtime shut down).
+    #[error("the campaign has stopped although a leadership stream or the keep-alive wants it")]
     CampaignStopped,
     /// Campaigning, not leading, and no call has completed for `idle`
     /// (longer than `limit`: max(retry period, renew interval) + 2 × RPC

@@ -22,7 +22,7 @@
 //!
 //! One span per client, `quorum_quest.client` (`service`, `domain`,
 //! `client_id`), at `WARN` level so that it is there whenever the client's
-//! warnings are; the campaign task, the step-down timer and the callbacks run
+//! warnings are; the campaign (its calls and steps), the step-down timer and the callbacks run
 //! in it, and every log line of the client names it as parent. One span per
 //! RPC attempt, `quorum_quest.rpc` (`rpc`, `attempt`, and on close `code` and
 //! `latency_ms`), at `DEBUG` level, child of the client span: a renewal every
@@ -194,7 +194,7 @@ impl Observer {
         self.stats().observed(obs, now);
     }
 
-    /// The campaign task was (re)started at `now`.
+    /// The campaign was (re)started at `now`.
     pub(crate) fn campaign_started(&self, now: Instant) {
         self.stats().campaign_started(now);
     }

@@ -85,7 +85,7 @@ pub(crate) enum Observation {
     },
     /// Time passed (a timer fired).
     Tick,
-    /// The campaign task ended unexpectedly.
+    /// The campaign failed unexpectedly (a panic).
     CampaignFailed,
 }
 

@@ -315,7 +315,7 @@ async fn a_failing_renewal_warns_with_the_lease_left_and_renewals_stay_at_debug(
         .inspect(|e| assert_eq!(e.level, Level::DEBUG))
         .count();
     assert!(renewals >= 6, "{renewals} renewals logged at debug");
-    // The campaign task runs in the client span: its own debug line too.
+    // The campaign runs in the client span: its own debug line too.
     let retry = events
         .iter()
         .find(|e| e.message == "next KeepAlive attempt")

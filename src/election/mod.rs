@@ -12,8 +12,9 @@
 //!
 //! Where each rule lives: what an answer means, the deadline and every fence
 //! in [`crate::state`]; retry timing and error classes in [`crate::backoff`];
-//! the step-down timer and the campaign loop in [`campaign`]; callback
-//! ordering in [`crate::callbacks`].
+//! what the campaign does next in [`campaign`]; the one task per connection
+//! that runs every campaign and keeps every step-down timer in [`driver`];
+//! callback ordering in [`crate::callbacks`].
 
 mod campaign;
 mod driver;
@@ -40,10 +41,11 @@ pub(crate) use driver::Handle as DriverHandle;
 
 pub use stream::Leadership;
 
-/// How long stopping waits for the campaign task before aborting it.
+/// How long stopping a campaign waits for the driver to let go of it.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
-/// One client's election: state, subscribers and the campaign task.
+/// One client's election: state, subscribers and its campaign (run by the
+/// connection's driver).
 #[derive(Debug)]
 pub(crate) struct Session {
     /// This session, for the driver's registry (which must not keep it).
@@ -361,7 +363,8 @@ impl Session {
 
     // ----- who wants the campaign to run -----
 
-    /// Starts the campaign task if it is not running. Needs a Tokio runtime.
+    /// Starts the campaign on the connection's driver if it is not running.
+    /// Needs a Tokio runtime.
     fn ensure_campaign(self: &Arc<Self>, control: &mut Control) -> Result<()> {
         if self.rpc.acquiring_stopped() {
             return Err(Error::Shutdown);
