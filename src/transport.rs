@@ -711,14 +711,6 @@ impl Transport {
         Some(driver)
     }
 
-    /// This connection's driver if it runs (never starts one).
-    pub(crate) fn running_driver(&self) -> Option<crate::election::DriverHandle> {
-        crate::sync::lock(&self.driver)
-            .as_ref()
-            .filter(|d| d.is_alive())
-            .cloned()
-    }
-
     /// Lets at most `cap` calls be in flight on this connection at once.
     pub(crate) fn with_max_concurrent_calls(mut self, cap: usize) -> Self {
         self.admission = Admission::new(cap);

@@ -105,6 +105,15 @@ impl Plan {
         }
     }
 
+    /// A placeholder while the driver holds the real plan out of its slot.
+    pub(super) fn idle() -> Self {
+        Plan {
+            failures: 0,
+            retry_at: None,
+            early: Duration::ZERO,
+        }
+    }
+
     fn sleep(at: Instant) -> Action {
         Action::Sleep {
             at,

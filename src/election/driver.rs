@@ -1,37 +1,40 @@
 //! The driver: one task per connection that runs the campaign of every
 //! election on it and keeps their step-down timers, with one timer queue.
 //!
-//! An election costs the driver a map entry, at most two timer entries (its
-//! next campaign step and its deadline) and, while a call of its is in
-//! flight, that call's task; no task or timer of its own while it waits. A
-//! process with 100,000 elections on one connection runs one driver, not
-//! 200,000 tasks.
+//! An election costs the driver one timer entry (the earlier of its next
+//! campaign step and its deadline) and a small [`Slot`] inside its session;
+//! while a call of its is in flight, that call's future. No task, no timer
+//! and no map entry of its own: a process with 100,000 elections on one
+//! connection runs one driver, not 200,000 tasks.
 //!
-//! The calls the campaign asks for are futures the driver polls (no task of
-//! their own); each applies its answer to the election state as it arrives
-//! (so a late answer is fenced by the state machine, as every answer is) and
-//! then hands the outcome to the campaign. Stopping a campaign aborts its
-//! call, and the stop is acknowledged once that call is dropped: once a stop
+//! The calls the campaign asks for are futures the driver polls; each
+//! applies its answer to the election state as it arrives (so a late answer
+//! is fenced by the state machine, as every answer is) and then hands the
+//! outcome to the campaign's [`Plan`]. Stopping a campaign aborts its call,
+//! and the stop is acknowledged once that call is dropped: once a stop
 //! returns, the campaign can no longer touch the state.
 //!
-//! The step-down timer fires at the published deadline (read from the state,
-//! never kept as a copy beyond the timer entry) and applies a tick, so
-//! `Lost { Expired }` reaches every consumer even when no call returns and
-//! nothing campaigns. A lease changed from outside the driver (an imperative
-//! call, a release) pokes the driver, which re-arms the timer and wakes a
-//! campaign waiting to renew.
+//! The step-down timer fires at the published deadline (read from the state
+//! each time it is armed, never kept as a copy beyond the timer) and applies
+//! a tick, so `Lost { Expired }` reaches every consumer even when no call
+//! returns and nothing campaigns. A lease changed from outside the driver (an
+//! imperative call, a release) pokes the driver, which re-arms the timer and
+//! wakes a campaign waiting to renew.
+//!
+//! Follower attempts are admitted in order, at most twice the connection's
+//! cap on calls in flight at once ([`Driver::queued`]); renewals and
+//! releases never wait there.
 //!
 //! Buffers: the command channel holds at most one start or stop per
-//! campaign, one outcome per call in flight and one poke per election (a
-//! poke is sent only when none is pending), so it is bounded by the number
-//! of elections.
+//! campaign and one poke per election (a poke is sent only when none is
+//! pending), so it is bounded by the number of elections.
 
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,30 +49,20 @@ use tracing::Instrument;
 use super::campaign::{Action, Call, Plan};
 use super::Session;
 use crate::admission::Wait;
-use crate::rpc::{Answer, LeaseAnswer};
 use crate::state::Observation;
 
 /// The pause before a campaign that failed unexpectedly (a panic) restarts.
 const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
 /// How many commands the driver takes in one go before it looks at its
-/// timers again (so a flood of starts cannot delay a step-down).
+/// timers and calls again (so a flood of starts cannot delay a step-down).
 const BATCH: usize = 256;
 
-/// Identifies an election (a session) among all of this process.
-pub(crate) type SessionId = u64;
-
-static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 static NEXT_DRIVER: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
     /// The driver whose task this thread is polling right now (0: none).
     static CURRENT: Cell<u64> = const { Cell::new(0) };
-}
-
-/// A fresh session id.
-pub(crate) fn session_id() -> SessionId {
-    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A way to reach a connection's driver.
@@ -81,15 +74,13 @@ pub(crate) struct Handle {
 
 impl Handle {
     /// Spawns a driver on `runtime` that lets at most `acquires` follower
-    /// attempts be in flight at once (see [`Driver::queued`]).
+    /// attempts be in flight at once.
     pub(crate) fn spawn(runtime: &tokio::runtime::Handle, acquires: usize) -> Handle {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = NEXT_DRIVER.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
             rx,
             calls: FuturesUnordered::new(),
-            stopping: HashMap::new(),
-            entries: HashMap::new(),
             timers: DelayQueue::new(),
             acquires: acquires.max(1),
             acquiring: 0,
@@ -117,111 +108,107 @@ impl Handle {
         self.tx.send(Command::Start(session)).is_ok()
     }
 
-    /// Stops campaign `id`: the returned receiver completes once the driver
-    /// has let go of the campaign and dropped its call in flight, if any.
-    pub(crate) fn stop(&self, id: SessionId) -> Option<oneshot::Receiver<()>> {
+    /// Stops `session`'s campaign: the returned receiver completes once the
+    /// driver has let go of it and dropped its call in flight, if any.
+    pub(crate) fn stop(&self, session: Weak<Session>) -> Option<oneshot::Receiver<()>> {
         let (ack, rx) = oneshot::channel();
-        self.tx.send(Command::Stop { id, ack }).ok()?;
+        self.tx.send(Command::Stop { session, ack }).ok()?;
         Some(rx)
     }
 
     /// The lease of `session` changed outside the driver.
-    pub(crate) fn poke(&self, id: SessionId, session: Weak<Session>) {
-        let _ = self.tx.send(Command::Poke { id, session });
-    }
-
-    /// Session `id` is gone.
-    pub(crate) fn forget(&self, id: SessionId) {
-        let _ = self.tx.send(Command::Forget(id));
+    pub(crate) fn poke(&self, session: Weak<Session>) {
+        let _ = self.tx.send(Command::Poke(session));
     }
 }
 
 enum Command {
     Start(Arc<Session>),
     Stop {
-        id: SessionId,
+        session: Weak<Session>,
         ack: oneshot::Sender<()>,
     },
-    Poke {
-        id: SessionId,
-        session: Weak<Session>,
-    },
-    Forget(SessionId),
+    Poke(Weak<Session>),
 }
 
-/// A campaign call in flight: its campaign, its `seq`, and its outcome (or
-/// `Aborted` if its campaign stopped).
-type CallFuture = BoxFuture<'static, (SessionId, u64, Result<Outcome, Aborted>)>;
-
-/// What a call task reports.
+/// What a campaign call ends with.
 enum Outcome {
-    Acquired(Answer<bool>),
-    Renewed(Answer<LeaseAnswer>, Instant),
+    Acquired(crate::rpc::Answer<bool>),
+    Renewed(crate::rpc::Answer<crate::rpc::LeaseAnswer>, Instant),
     Settled(crate::backoff::Class),
     /// The campaign was stopped before the call went out.
     Stopped,
     Panicked(String),
 }
 
-/// What a timer entry wakes.
-#[derive(Debug, Clone, Copy)]
-enum Timer {
-    /// The campaign's next step (`seq` tells a stale entry apart).
-    Campaign(u64),
-    /// The published deadline.
-    Deadline,
-}
+/// A campaign call in flight: its session, its `seq`, and its outcome (or
+/// `Aborted` if its campaign stopped).
+type CallFuture = BoxFuture<'static, (Arc<Session>, u64, Result<Outcome, Aborted>)>;
 
-struct Entry {
-    session: Weak<Session>,
-    /// The armed step-down timer: the deadline and its timer entry.
-    deadline: Option<(Instant, delay_queue::Key)>,
+/// What a timer entry holds. The driver never keeps a session alive: its
+/// handles do (a campaign runs only while a stream, the keep-alive or a
+/// stop in progress holds one), and a session dropped with a timer armed is
+/// let go when it fires.
+type TimerRef = Weak<Session>;
+
+/// The driver's part of one election, kept in its session (only the driver
+/// locks it).
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    /// The armed timer: when, and its entry.
+    timer: Option<(Instant, delay_queue::Key)>,
+    /// The published deadline the timer was armed for.
+    deadline: Option<Instant>,
     campaign: Option<Running>,
+    /// A stop waiting for the aborted call of this `seq` to be dropped.
+    stopping: Option<(u64, oneshot::Sender<()>)>,
 }
 
 /// A running campaign.
+#[derive(Debug)]
 struct Running {
-    session: Arc<Session>,
     plan: Plan,
-    /// Counts the campaign's waits and calls, so that a late report or an
-    /// expired timer of an earlier one is told apart.
+    /// Counts the campaign's waits and calls, so that the end of an earlier
+    /// one is told apart.
     seq: u64,
     mode: Mode,
 }
 
+#[derive(Debug)]
 enum Mode {
     /// About to decide its next step.
     Ready,
-    /// Waiting for its timer.
-    Sleep {
-        key: delay_queue::Key,
-        renew_wait: bool,
-    },
+    /// Waiting until `at`. `renew_wait`: for a renewal to come due (a lease
+    /// change made elsewhere wakes it early).
+    Sleep { at: Instant, renew_wait: bool },
     /// A call of it is in flight (`acquire`: a follower attempt, counted in
     /// [`Driver::acquiring`]).
     Call { abort: AbortHandle, acquire: bool },
-    /// Its follower attempt waits for its turn (see [`Driver::queued`]).
+    /// Its follower attempt waits for its turn ([`Driver::queued`]).
     Queued,
+}
+
+impl Session {
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        crate::sync::lock(&self.slot)
+    }
 }
 
 struct Driver {
     rx: mpsc::UnboundedReceiver<Command>,
     /// The campaigns' calls in flight.
     calls: FuturesUnordered<CallFuture>,
-    /// Stops waiting for an aborted call to be dropped, by campaign and seq.
-    stopping: HashMap<(SessionId, u64), oneshot::Sender<()>>,
-    entries: HashMap<SessionId, Entry>,
-    timers: DelayQueue<(SessionId, Timer)>,
+    timers: DelayQueue<TimerRef>,
     /// At most this many follower attempts are in flight at once (twice
     /// the connection's cap on calls, so that the connection stays busy).
     acquires: usize,
     /// Follower attempts in flight.
     acquiring: usize,
     /// Follower attempts waiting for their turn, first come first served,
-    /// by campaign and `seq`. A cold start of 100,000 elections thus holds
-    /// 100,000 ids here, not 100,000 calls waiting for a slot on the
-    /// connection (each a task and a call's state). Renewals never wait here.
-    queued: VecDeque<(SessionId, u64)>,
+    /// by session and `seq`. A cold start of 100,000 elections thus holds
+    /// 100,000 references here, not 100,000 calls waiting for a slot on
+    /// the connection (each a call's state).
+    queued: VecDeque<(Weak<Session>, u64)>,
 }
 
 impl Driver {
@@ -245,11 +232,11 @@ impl Driver {
                 Poll::Ready((cmd, timer, call))
             })
             .await;
-            if let Some((id, seq, outcome)) = call {
-                self.call_ended(id, seq, outcome);
+            if let Some((session, seq, outcome)) = call {
+                self.call_ended(&session, seq, outcome);
             }
-            if let Some((id, timer)) = timer {
-                self.fired(id, timer);
+            if let Some(timer) = timer {
+                self.fired(timer);
             }
             match cmd {
                 Poll::Ready(Some(cmd)) => {
@@ -267,323 +254,274 @@ impl Driver {
         }
     }
 
-    /// A call future ended: answered (its outcome goes to its campaign) or
-    /// dropped after an abort (its stop is acknowledged).
-    fn call_ended(&mut self, id: SessionId, seq: u64, outcome: Result<Outcome, Aborted>) {
-        if let Some(ack) = self.stopping.remove(&(id, seq)) {
-            let _ = ack.send(());
-        }
-        if let Ok(outcome) = outcome {
-            self.guarded(id, |driver, id| driver.done(id, seq, outcome));
-        }
-    }
-
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Start(session) => {
-                let id = session.id;
-                let entry = self.entry(id, Arc::downgrade(&session));
-                if entry.campaign.is_none() {
-                    let plan = Plan::new(&session);
-                    entry.campaign = Some(Running {
-                        session,
-                        plan,
+            Command::Start(session) => self.guarded(&session, |driver, session| {
+                {
+                    let mut slot = session.slot();
+                    if slot.campaign.is_some() {
+                        return;
+                    }
+                    slot.campaign = Some(Running {
+                        plan: Plan::new(session),
                         seq: 0,
                         mode: Mode::Ready,
                     });
-                    self.guarded(id, Self::advance);
                 }
-            }
-            Command::Stop { id, ack } => {
-                let running = self.entries.get_mut(&id).and_then(|e| e.campaign.take());
-                let Some(running) = running else {
+                driver.advance(session);
+            }),
+            Command::Stop { session, ack } => {
+                let Some(session) = session.upgrade() else {
                     let _ = ack.send(());
                     return;
                 };
+                let mut slot = session.slot();
+                let Some(running) = slot.campaign.take() else {
+                    drop(slot);
+                    let _ = ack.send(());
+                    return;
+                };
+                let mut ended_acquire = false;
                 match running.mode {
                     Mode::Call { abort, acquire } => {
                         // Acknowledged once the call is dropped (at the
                         // driver's next poll: aborting wakes it).
                         abort.abort();
-                        self.stopping.insert((id, running.seq), ack);
-                        if acquire {
-                            self.acquire_ended();
-                        }
+                        slot.stopping = Some((running.seq, ack));
+                        ended_acquire = acquire;
                     }
-                    Mode::Sleep { key, .. } => {
-                        self.timers.try_remove(&key);
-                        let _ = ack.send(());
-                    }
-                    Mode::Ready | Mode::Queued => {
+                    Mode::Ready | Mode::Sleep { .. } | Mode::Queued => {
                         let _ = ack.send(());
                     }
                 }
-            }
-            Command::Poke { id, session } => {
-                if let Some(s) = session.upgrade() {
-                    s.poke_taken();
+                self.arm(&session, &mut slot);
+                drop(slot);
+                if ended_acquire {
+                    self.acquire_ended();
                 }
-                self.entry(id, session);
-                self.guarded(id, |driver, id| {
-                    driver.sync_deadline(id);
-                    driver.wake_renew_wait(id);
-                });
             }
-            Command::Forget(id) => {
-                if let Some(entry) = self.entries.remove(&id) {
-                    self.drop_entry(entry);
-                }
+            Command::Poke(session) => {
+                let Some(session) = session.upgrade() else {
+                    return;
+                };
+                session.poke_taken();
+                self.guarded(&session, Self::lease_changed);
             }
         }
     }
 
-    /// The entry of `id`, created if new.
-    fn entry(&mut self, id: SessionId, session: Weak<Session>) -> &mut Entry {
-        self.entries.entry(id).or_insert_with(|| Entry {
-            session,
-            deadline: None,
-            campaign: None,
-        })
-    }
-
-    fn drop_entry(&mut self, entry: Entry) {
-        if let Some((_, key)) = entry.deadline {
-            self.timers.try_remove(&key);
-        }
-        if let Some(running) = entry.campaign {
-            match running.mode {
-                Mode::Call { abort, acquire } => {
-                    abort.abort();
-                    if acquire {
-                        self.acquire_ended();
-                    }
-                }
-                Mode::Sleep { key, .. } => {
-                    self.timers.try_remove(&key);
-                }
-                Mode::Ready | Mode::Queued => {}
-            }
-        }
-    }
-
-    /// Runs `f` for election `id`; if it panics (a bug), the term ends at
-    /// once (`Lost { Failed }` on every consumer) and the campaign restarts
-    /// after a pause: a client never sits with a keep-alive "running" and
-    /// nothing campaigning.
-    /// It runs in the election's client span, as its calls do.
-    fn guarded(&mut self, id: SessionId, f: impl FnOnce(&mut Self, SessionId)) {
-        let span = self.entries.get(&id).and_then(|e| match &e.campaign {
-            Some(running) => Some(running.session.observer.span().clone()),
-            None => e.session.upgrade().map(|s| s.observer.span().clone()),
-        });
-        let _entered = span.as_ref().map(tracing::Span::enter);
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| f(self, id)));
+    /// Runs `f` for `session` in its client span; if it panics (a bug), the
+    /// term ends at once (`Lost { Failed }` on every consumer) and the
+    /// campaign restarts after a pause: a client never sits with a
+    /// keep-alive "running" and nothing campaigning.
+    fn guarded(&mut self, session: &Arc<Session>, f: impl FnOnce(&mut Self, &Arc<Session>)) {
+        let _entered = session.observer.span().enter();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| f(self, session)));
         if let Err(panic) = outcome {
-            self.failed(id, &describe(panic.as_ref()));
+            self.failed(session, &describe(panic.as_ref()));
         }
     }
 
-    /// The campaign of `id` failed unexpectedly: step down, restart later.
-    fn failed(&mut self, id: SessionId, what: &str) {
+    /// The campaign of `session` failed unexpectedly: step down, restart
+    /// later.
+    fn failed(&mut self, session: &Arc<Session>, what: &str) {
         tracing::error!(panic = %what, "the campaign panicked; stepping down and restarting it");
-        let Some(entry) = self.entries.get_mut(&id) else {
-            return;
-        };
-        let Some(running) = entry.campaign.as_mut() else {
-            return;
-        };
-        let session = running.session.clone();
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
             session.observe(Observation::CampaignFailed);
-            running.plan = Plan::new(&session);
         }));
+        let mut slot = session.slot();
+        slot.deadline = session.published_deadline();
+        let Some(running) = slot.campaign.as_mut() else {
+            self.arm(session, &mut slot);
+            return;
+        };
         let mut ended_acquire = false;
-        match &running.mode {
-            Mode::Sleep { key, .. } => {
-                self.timers.try_remove(key);
-            }
-            Mode::Call { abort, acquire } => {
-                abort.abort();
-                ended_acquire = *acquire;
-            }
-            Mode::Ready | Mode::Queued => {}
+        if let Mode::Call { abort, acquire } = &running.mode {
+            abort.abort();
+            ended_acquire = *acquire;
         }
+        running.plan = Plan::new(session);
         running.seq += 1;
-        let key = self.timers.insert_at(
-            (id, Timer::Campaign(running.seq)),
-            crate::time::after(Instant::now(), RESTART_PAUSE),
-        );
         running.mode = Mode::Sleep {
-            key,
+            at: crate::time::after(Instant::now(), RESTART_PAUSE),
             renew_wait: false,
         };
+        self.arm(session, &mut slot);
+        drop(slot);
         if ended_acquire {
             self.acquire_ended();
         }
-        self.sync_deadline(id);
     }
 
-    /// A follower attempt in flight ended: the next queued one may go.
-    fn acquire_ended(&mut self) {
-        self.acquiring = self.acquiring.saturating_sub(1);
-        while self.acquiring < self.acquires {
-            let Some((id, seq)) = self.queued.pop_front() else {
-                return;
-            };
-            let waiting = self
-                .entries
-                .get(&id)
-                .and_then(|e| e.campaign.as_ref())
-                .is_some_and(|r| r.seq == seq && matches!(r.mode, Mode::Queued));
-            if waiting {
-                self.guarded(id, |driver, id| driver.launch(id, Call::Acquire));
-            }
-        }
-    }
-
-    fn fired(&mut self, id: SessionId, timer: Timer) {
-        match timer {
-            Timer::Deadline => {
-                let Some(entry) = self.entries.get_mut(&id) else {
-                    return;
-                };
-                entry.deadline = None;
-                let Some(session) = entry.session.upgrade() else {
-                    if let Some(entry) = self.entries.remove(&id) {
-                        self.drop_entry(entry);
-                    }
-                    return;
-                };
-                self.guarded(id, |driver, id| {
-                    session.observe(Observation::Tick);
-                    driver.sync_deadline(id);
-                    driver.wake_renew_wait(id);
-                });
-            }
-            Timer::Campaign(seq) => {
-                let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut())
-                else {
-                    return;
-                };
-                if running.seq != seq || !matches!(running.mode, Mode::Sleep { .. }) {
-                    return;
-                }
-                running.mode = Mode::Ready;
-                self.guarded(id, Self::advance);
-            }
-        }
-    }
-
-    /// A campaign waiting for a renewal to come due re-plans (the lease
-    /// changed: a loss, a release, an imperative renewal).
-    fn wake_renew_wait(&mut self, id: SessionId) {
-        let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
-            return;
+    /// Arms the one timer of `session` at the earlier of its published
+    /// deadline and its campaign's wake-up.
+    fn arm(&mut self, session: &Arc<Session>, slot: &mut Slot) {
+        let wake = match &slot.campaign {
+            Some(Running {
+                mode: Mode::Sleep { at, .. },
+                ..
+            }) => Some(*at),
+            _ => None,
         };
-        if let Mode::Sleep {
-            key,
-            renew_wait: true,
-        } = &running.mode
-        {
-            self.timers.try_remove(key);
-            running.mode = Mode::Ready;
-            self.advance(id);
-        }
-    }
-
-    /// Arms the step-down timer at the published deadline of `id`.
-    fn sync_deadline(&mut self, id: SessionId) {
-        let Some(entry) = self.entries.get_mut(&id) else {
-            return;
+        let at = match (slot.deadline, wake) {
+            (Some(d), Some(w)) => Some(d.min(w)),
+            (d, w) => d.or(w),
         };
-        let deadline = entry.session.upgrade().and_then(|s| s.published_deadline());
-        if entry.deadline.map(|(at, _)| at) == deadline {
+        if slot.timer.map(|(armed, _)| armed) == at {
             return;
         }
-        if let Some((_, key)) = entry.deadline.take() {
+        if let Some((_, key)) = slot.timer.take() {
             self.timers.try_remove(&key);
         }
-        if let Some(at) = deadline {
-            let key = self.timers.insert_at((id, Timer::Deadline), at);
-            entry.deadline = Some((at, key));
+        if let Some(at) = at {
+            let key = self.timers.insert_at(Arc::downgrade(session), at);
+            slot.timer = Some((at, key));
         }
     }
 
-    /// The campaign of `id` is free to act: asks its plan what next.
-    fn advance(&mut self, id: SessionId) {
-        loop {
-            let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
-                return;
-            };
-            #[cfg(test)]
-            if running
-                .session
-                .inject_panic
-                .swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                panic!("injected campaign panic");
-            }
-            let action = running.plan.next(&running.session);
-            // `next` may have applied a tick.
-            self.sync_deadline(id);
-            if self.act(id, action) {
-                return;
-            }
-        }
-    }
-
-    /// Carries out `action` for `id`; `false` if the campaign should decide
-    /// again at once.
-    fn act(&mut self, id: SessionId, action: Action) -> bool {
-        let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
-            return true;
-        };
-        running.seq += 1;
-        let seq = running.seq;
-        match action {
-            Action::Sleep { at, renew_wait } => {
-                if at <= Instant::now() && !renew_wait {
-                    // Nothing to wait for.
-                    running.mode = Mode::Ready;
-                    return false;
-                }
-                let key = self.timers.insert_at((id, Timer::Campaign(seq)), at);
-                running.mode = Mode::Sleep { key, renew_wait };
-                true
-            }
-            Action::Call(Call::Acquire) if self.acquiring >= self.acquires => {
-                running.mode = Mode::Queued;
-                self.queued.push_back((id, seq));
-                true
-            }
-            Action::Call(call) => {
-                self.launch(id, call);
-                true
-            }
-        }
-    }
-
-    /// Starts `call` for campaign `id`. The driver polls it (so the lease
-    /// it publishes is the driver's own change: no poke).
-    fn launch(&mut self, id: SessionId, call: Call) {
-        let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
+    /// The timer of a session fired: the deadline passed (a tick reports
+    /// the loss) and/or its campaign's wake-up came.
+    fn fired(&mut self, timer: TimerRef) {
+        let Some(session) = timer.upgrade() else {
             return;
         };
+        self.guarded(&session, |driver, session| {
+            let now = Instant::now();
+            let (expired, woken) = {
+                let mut slot = session.slot();
+                slot.timer = None;
+                let expired = slot.deadline.is_some_and(|d| d <= now);
+                let woken = match &mut slot.campaign {
+                    Some(running) => match running.mode {
+                        Mode::Sleep { at, .. } if at <= now => {
+                            running.mode = Mode::Ready;
+                            true
+                        }
+                        _ => false,
+                    },
+                    None => false,
+                };
+                (expired, woken)
+            };
+            if expired {
+                session.observe(Observation::Tick);
+            }
+            if woken {
+                {
+                    let mut slot = session.slot();
+                    slot.deadline = session.published_deadline();
+                }
+                driver.advance(session);
+            } else {
+                driver.lease_changed(session);
+            }
+        });
+    }
+
+    /// The published lease may have moved: re-arms the timer, and a
+    /// campaign waiting for a renewal to come due plans again.
+    fn lease_changed(&mut self, session: &Arc<Session>) {
+        let mut slot = session.slot();
+        slot.deadline = session.published_deadline();
+        let renew_wait = matches!(
+            &slot.campaign,
+            Some(Running {
+                mode: Mode::Sleep {
+                    renew_wait: true,
+                    ..
+                },
+                ..
+            })
+        );
+        if renew_wait {
+            if let Some(running) = slot.campaign.as_mut() {
+                running.mode = Mode::Ready;
+            }
+            drop(slot);
+            self.advance(session);
+            return;
+        }
+        self.arm(session, &mut slot);
+    }
+
+    /// The campaign of `session` is free to act: asks its plan what next,
+    /// and carries it out.
+    fn advance(&mut self, session: &Arc<Session>) {
+        #[cfg(test)]
+        if session
+            .inject_panic
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected campaign panic");
+        }
+        // The plan reads the state (and may apply a tick) outside the slot.
+        let mut plan = {
+            let mut slot = session.slot();
+            match slot.campaign.as_mut() {
+                Some(running) if matches!(running.mode, Mode::Ready) => {
+                    std::mem::replace(&mut running.plan, Plan::idle())
+                }
+                _ => return,
+            }
+        };
+        let mut action = plan.next(session);
+        loop {
+            let mut slot = session.slot();
+            slot.deadline = session.published_deadline();
+            let Some(running) = slot.campaign.as_mut() else {
+                return;
+            };
+            running.plan = plan;
+            running.seq += 1;
+            match action {
+                Action::Sleep { at, renew_wait } => {
+                    if at <= Instant::now() && !renew_wait {
+                        // Nothing to wait for: decide again.
+                        plan = std::mem::replace(&mut running.plan, Plan::idle());
+                        drop(slot);
+                        action = plan.next(session);
+                        continue;
+                    }
+                    running.mode = Mode::Sleep { at, renew_wait };
+                }
+                Action::Call(Call::Acquire) if self.acquiring >= self.acquires => {
+                    running.mode = Mode::Queued;
+                    self.queued
+                        .push_back((Arc::downgrade(session), running.seq));
+                }
+                Action::Call(call) => {
+                    self.launch(session, running, call);
+                }
+            }
+            self.arm(session, &mut slot);
+            return;
+        }
+    }
+
+    /// Starts `call` for `session`'s campaign. The driver polls it (so the
+    /// lease it publishes is the driver's own change: no poke).
+    fn launch(&mut self, session: &Arc<Session>, running: &mut Running, call: Call) {
         let seq = running.seq;
-        let session = running.session.clone();
         let span = session.observer.span().clone();
         let generation = session.campaign_generation();
         let (abort, registration) = AbortHandle::new_pair();
+        let caller = session.clone();
         let work = async move {
-            AssertUnwindSafe(make_call(&session, call, generation))
+            let outcome = AssertUnwindSafe(make_call(&caller, call, generation))
                 .catch_unwind()
                 .await
-                .unwrap_or_else(|panic| Outcome::Panicked(describe(panic.as_ref())))
+                .unwrap_or_else(|panic| Outcome::Panicked(describe(panic.as_ref())));
+            (caller, outcome)
         }
         .instrument(span);
-        self.calls.push(Box::pin(
-            Abortable::new(work, registration).map(move |outcome| (id, seq, outcome)),
-        ));
+        let owner = session.clone();
+        self.calls
+            .push(Box::pin(Abortable::new(work, registration).map(
+                move |ended| match ended {
+                    Ok((caller, outcome)) => (caller, seq, Ok(outcome)),
+                    Err(aborted) => (owner, seq, Err(aborted)),
+                },
+            )));
         let acquire = matches!(call, Call::Acquire);
         running.mode = Mode::Call { abort, acquire };
         if acquire {
@@ -591,45 +529,122 @@ impl Driver {
         }
     }
 
-    /// A call of campaign `id` reported.
-    fn done(&mut self, id: SessionId, seq: u64, outcome: Outcome) {
-        self.sync_deadline(id);
-        let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
-            return;
-        };
-        let Mode::Call { acquire, .. } = running.mode else {
-            return;
-        };
-        if running.seq != seq {
-            return;
+    /// A follower attempt in flight ended: the next queued ones may go.
+    fn acquire_ended(&mut self) {
+        self.acquiring = self.acquiring.saturating_sub(1);
+        while self.acquiring < self.acquires {
+            let Some((session, seq)) = self.queued.pop_front() else {
+                return;
+            };
+            let Some(session) = session.upgrade() else {
+                continue;
+            };
+            self.guarded(&session, |driver, session| {
+                let mut slot = session.slot();
+                let Some(running) = slot.campaign.as_mut() else {
+                    return;
+                };
+                if running.seq == seq && matches!(running.mode, Mode::Queued) {
+                    driver.launch(session, running, Call::Acquire);
+                }
+            });
         }
-        running.mode = Mode::Ready;
-        let session = running.session.clone();
+    }
+
+    /// A call future ended: answered (its outcome goes to its campaign) or
+    /// dropped after an abort (its stop is acknowledged).
+    fn call_ended(&mut self, session: &Arc<Session>, seq: u64, outcome: Result<Outcome, Aborted>) {
+        {
+            let mut slot = session.slot();
+            if slot.stopping.as_ref().is_some_and(|(s, _)| *s == seq) {
+                if let Some((_, ack)) = slot.stopping.take() {
+                    let _ = ack.send(());
+                }
+            }
+        }
+        if let Ok(outcome) = outcome {
+            self.guarded(session, |driver, session| {
+                driver.done(session, seq, outcome)
+            });
+        }
+    }
+
+    /// A call of `session`'s campaign was answered (and its answer applied).
+    fn done(&mut self, session: &Arc<Session>, seq: u64, outcome: Outcome) {
+        let (acquire, mut plan) = {
+            let mut slot = session.slot();
+            slot.deadline = session.published_deadline();
+            let current = slot
+                .campaign
+                .as_mut()
+                .and_then(|running| match running.mode {
+                    Mode::Call { acquire, .. } if running.seq == seq => {
+                        running.mode = Mode::Ready;
+                        Some((acquire, std::mem::replace(&mut running.plan, Plan::idle())))
+                    }
+                    _ => None,
+                });
+            match current {
+                Some(current) => current,
+                None => {
+                    // A stopped campaign's call: only the timer may need
+                    // to follow the lease it published.
+                    self.arm(session, &mut slot);
+                    return;
+                }
+            }
+        };
         if acquire {
             // Before this campaign acts again: it may queue at the back.
             self.acquire_ended();
         }
-        let Some(running) = self.entries.get_mut(&id).and_then(|e| e.campaign.as_mut()) else {
-            return;
-        };
         let next = match outcome {
-            Outcome::Acquired(answer) => running.plan.acquired(&session, &answer),
-            Outcome::Renewed(answer, until) => running.plan.renewed(&session, &answer, until),
-            Outcome::Settled(class) => Some(running.plan.settled(&session, class)),
-            Outcome::Stopped => return,
+            Outcome::Acquired(answer) => plan.acquired(session, &answer),
+            Outcome::Renewed(answer, until) => plan.renewed(session, &answer, until),
+            Outcome::Settled(class) => Some(plan.settled(session, class)),
+            Outcome::Stopped => None,
             Outcome::Panicked(what) => {
-                self.failed(id, &what);
+                self.restore(session, plan);
+                self.failed(session, &what);
                 return;
             }
         };
+        self.restore(session, plan);
         match next {
-            Some(action) => {
-                if !self.act(id, action) {
-                    self.advance(id);
-                }
-            }
-            None => self.advance(id),
+            Some(action) => self.carry_out(session, action),
+            None => self.advance(session),
         }
+    }
+
+    /// Puts `plan` back into `session`'s running campaign.
+    fn restore(&mut self, session: &Arc<Session>, plan: Plan) {
+        if let Some(running) = session.slot().campaign.as_mut() {
+            running.plan = plan;
+        }
+    }
+
+    /// Carries out an action the plan chose after an answer.
+    fn carry_out(&mut self, session: &Arc<Session>, action: Action) {
+        let mut slot = session.slot();
+        let Some(running) = slot.campaign.as_mut() else {
+            return;
+        };
+        if !matches!(running.mode, Mode::Ready) {
+            return;
+        }
+        running.seq += 1;
+        match action {
+            Action::Sleep { at, renew_wait } => {
+                running.mode = Mode::Sleep { at, renew_wait };
+            }
+            Action::Call(Call::Acquire) if self.acquiring >= self.acquires => {
+                running.mode = Mode::Queued;
+                self.queued
+                    .push_back((Arc::downgrade(session), running.seq));
+            }
+            Action::Call(call) => self.launch(session, running, call),
+        }
+        self.arm(session, &mut slot);
     }
 }
 

@@ -58,8 +58,8 @@ pub(crate) struct Session {
     lease: LeaseOwner,
     /// Retry timing, with its own RNG (not under the state lock).
     backoff: Mutex<Backoff>,
-    /// Names this election to its connection's driver.
-    id: driver::SessionId,
+    /// The driver's part of this election (see [`driver::Slot`]).
+    slot: Mutex<driver::Slot>,
     /// A lease change made outside the driver was reported to it and not
     /// yet taken: no second report is sent meanwhile.
     poke_pending: AtomicBool,
@@ -90,7 +90,7 @@ struct Control {
 #[derive(Debug)]
 struct Campaign {
     driver: driver::Handle,
-    id: driver::SessionId,
+    session: std::sync::Weak<Session>,
 }
 
 impl Campaign {
@@ -104,7 +104,7 @@ impl Campaign {
     /// state. Campaign calls not sent yet are not sent after this returns
     /// (the session's generation moved on before this was called).
     async fn stop(self) {
-        let Some(ack) = self.driver.stop(self.id) else {
+        let Some(ack) = self.driver.stop(self.session) else {
             return;
         };
         if tokio::runtime::Handle::try_current().is_err() {
@@ -122,7 +122,7 @@ impl Campaign {
 
     /// Stops the campaign without waiting (for `Drop` paths).
     fn stop_now(self) {
-        let _ = self.driver.stop(self.id);
+        let _ = self.driver.stop(self.session);
     }
 }
 
@@ -148,7 +148,7 @@ impl Session {
                 timing.renew_interval,
                 seed,
             )),
-            id: driver::session_id(),
+            slot: Mutex::default(),
             poke_pending: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             observer,
@@ -261,7 +261,7 @@ impl Session {
         if driver.is_current() || self.poke_pending.swap(true, Ordering::SeqCst) {
             return;
         }
-        driver.poke(self.id, self.me.clone());
+        driver.poke(self.me.clone());
     }
 
     /// The driver took this session's pending report.
@@ -380,7 +380,7 @@ impl Session {
         self.observer.campaign_started(Instant::now());
         control.campaign = Some(Campaign {
             driver,
-            id: self.id,
+            session: self.me.clone(),
         });
         Ok(())
     }
@@ -535,9 +535,6 @@ impl Drop for Session {
         if self.shared().election.leaves_bare_id_unsafe() {
             self.rpc.claim().retire_bare_id();
         }
-        if let Some(driver) = self.rpc.transport().running_driver() {
-            driver.forget(self.id);
-        }
     }
 }
 
@@ -667,7 +664,10 @@ impl Shutdown {
     fn block_in_place(self, runtime: &tokio::runtime::Handle, bound: Duration) {
         let session = self.session.clone();
         let close = self.close;
-        let stop = self.campaign.as_ref().map(|c| (c.driver.clone(), c.id));
+        let stop = self
+            .campaign
+            .as_ref()
+            .map(|c| (c.driver.clone(), c.session.clone()));
         let block = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tokio::task::block_in_place(|| block_on_bounded(runtime, self, bound))
         }));
@@ -675,8 +675,8 @@ impl Shutdown {
             return;
         }
         tracing::debug!("cannot block to release on drop; releasing in the background");
-        if let Some((driver, id)) = stop {
-            Campaign { driver, id }.stop_now();
+        if let Some((driver, session)) = stop {
+            Campaign { driver, session }.stop_now();
         }
         let retry = Shutdown {
             session,
