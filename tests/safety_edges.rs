@@ -120,6 +120,33 @@ async fn a_lease_longer_than_asked_counts_only_for_the_ttl_asked() {
     server.resume();
 }
 
+/// The longest TTL the client accepts (i32::MAX seconds, 68 years) puts
+/// deadlines and renewals decades away, beyond what a timer queue can hold:
+/// the campaign keeps running (no panic in the task that drives it), the
+/// leader stays leader, and resigning releases.
+#[tokio::test(start_paused = true)]
+async fn the_longest_ttl_leads_and_resigns_without_a_panic() {
+    let server = server().await;
+    let client = in_memory(&server, i32::MAX as u64).build().await.unwrap();
+    let mut stream = client.leadership();
+    next(&mut stream, 5 * SEC, "Elected").await;
+    tokio::time::sleep(3600 * SEC).await;
+    assert!(client.is_leader());
+    assert!(
+        client.health().check().is_ok(),
+        "{:?}",
+        client.health().check()
+    );
+    // Another election on the same connection (the same driver) still runs.
+    let sibling = client.for_scope(SERVICE, "sibling").unwrap();
+    let mut theirs = sibling.leadership();
+    next(&mut theirs, 5 * SEC, "Elected").await;
+    stream.resign().await.unwrap();
+    assert!(!client.is_leader());
+    assert!(server.lock(SERVICE, DOMAIN).is_none());
+    assert!(sibling.is_leader());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_shorter_lease_shortens_the_deadline_and_one_under_the_margin_is_a_loss() {
     let server = server().await;

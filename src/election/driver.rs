@@ -54,6 +54,10 @@ use crate::state::Observation;
 /// The pause before a campaign that failed unexpectedly (a panic) restarts.
 const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
+/// The furthest a timer is armed ahead (`DelayQueue` panics beyond about
+/// two years).
+const TIMER_HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// How many commands the driver takes in one go before it looks at its
 /// timers and calls again (so a flood of starts cannot delay a step-down).
 const BATCH: usize = 256;
@@ -374,7 +378,11 @@ impl Driver {
             self.timers.try_remove(&key);
         }
         if let Some(at) = at {
-            let key = self.timers.insert_at(Arc::downgrade(session), at);
+            // A timer queue holds nothing further out than about two years,
+            // and a TTL may be 68: a far instant is armed at the horizon,
+            // and re-armed from there when it fires.
+            let when = at.min(crate::time::after(Instant::now(), TIMER_HORIZON));
+            let key = self.timers.insert_at(Arc::downgrade(session), when);
             slot.timer = Some((at, key));
         }
     }

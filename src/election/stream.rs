@@ -15,8 +15,9 @@ use crate::fanout::EventReceiver;
 /// Leadership as a stream of [`LeadershipEvent`]s.
 ///
 /// Returned by [`QuorumQuestClient::leadership`](crate::QuorumQuestClient::leadership).
-/// The first poll starts the campaign (in a background task, so renewals go on
-/// even while the consumer is busy with the previous event); it runs until the
+/// The first poll starts the campaign (in the background, on the
+/// connection's driver task, so renewals go on even while the consumer is
+/// busy with the previous event); it runs until the
 /// stream is dropped or [resigned](Leadership::resign). `Elected` and `Lost`
 /// strictly alternate, starting with `Elected`; after a loss the campaign goes
 /// on, so one `while let` loop follows leadership for the life of the process.
