@@ -887,8 +887,7 @@ impl ClientBuilder {
         let rpc = Rpc::new(transport, Arc::new(scope))?.with_metadata(Arc::new(metadata));
         let session = Session::new(rpc, timing, self.seed);
         if let Some(callbacks) = self.callbacks {
-            let mut events = session.subscribe();
-            let events = futures::stream::poll_fn(move |cx| events.poll_recv(cx));
+            let events = session.callback_events();
             let span = session.observer.span().clone();
             tokio::spawn(drive_callbacks(events, callbacks).instrument(span));
         }

@@ -609,9 +609,11 @@ pub(crate) struct Transport {
     /// The cap on calls in flight and the queue of the others
     /// ([`crate::admission`]).
     admission: Arc<Admission>,
-    /// The task that campaigns for, and keeps the step-down timers of, every
-    /// election on this connection (started on first use).
-    driver: Mutex<Option<crate::election::DriverHandle>>,
+    /// The tasks that campaign for, and keep the step-down timers of, the
+    /// elections on this connection: one per runtime using it (started on
+    /// first use there), so that a campaign runs on the runtime that
+    /// started it, not on another one that may sit idle.
+    driver: Mutex<Vec<(tokio::runtime::Id, crate::election::DriverHandle)>>,
 }
 
 #[derive(Debug)]
@@ -692,22 +694,25 @@ impl Transport {
                 .into(),
             },
             admission: Admission::new(DEFAULT_MAX_CONCURRENT_CALLS),
-            driver: Mutex::new(None),
+            driver: Mutex::new(Vec::new()),
         }
     }
 
-    /// This connection's driver, started on the current runtime if it is
-    /// not running (first use, or its runtime shut down); `None` outside a
-    /// runtime when none runs.
+    /// This connection's driver on the current runtime, started if none
+    /// runs there (first use, or that runtime was restarted); `None` outside
+    /// a runtime.
     pub(crate) fn driver(&self) -> Option<crate::election::DriverHandle> {
-        let mut slot = crate::sync::lock(&self.driver);
-        if let Some(driver) = slot.as_ref().filter(|d| d.is_alive()) {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let here = runtime.id();
+        let mut drivers = crate::sync::lock(&self.driver);
+        // Drivers of runtimes that shut down are gone.
+        drivers.retain(|(_, d)| d.is_alive());
+        if let Some((_, driver)) = drivers.iter().find(|(id, _)| *id == here) {
             return Some(driver.clone());
         }
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
         let driver =
             crate::election::DriverHandle::spawn(&runtime, self.admission.cap().saturating_mul(2));
-        *slot = Some(driver.clone());
+        drivers.push((here, driver.clone()));
         Some(driver)
     }
 

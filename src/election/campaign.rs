@@ -125,6 +125,19 @@ impl Plan {
         Self::sleep(crate::time::after(Instant::now(), wait))
     }
 
+    /// A follower's wait of `wait`, unless the client leads now (a grant
+    /// from outside the campaign, e.g. `try_acquire_lock`, while its own
+    /// attempt was in flight): then `None`, to go on renewing at once. The
+    /// retry period is not bounded by the TTL, so such a wait could
+    /// outlast the lease.
+    fn follower_sleep(&self, session: &Session, wait: Duration) -> Option<Action> {
+        if matches!(session.next_step(None, self.early), Step::Acquire) {
+            Some(Self::sleep_for(wait))
+        } else {
+            None
+        }
+    }
+
     /// What to do now that the campaign is free to act.
     pub(super) fn next(&mut self, session: &Session) -> Action {
         // A deadline that passed is settled by a tick, after which the state
@@ -170,7 +183,8 @@ impl Plan {
             }
             Ok(false) => {
                 self.failures = 0;
-                Some(Self::sleep_for(session.backoff().follower_wait()))
+                let wait = session.backoff().follower_wait();
+                self.follower_sleep(session, wait)
             }
             Err(status) => {
                 self.failures = self.failures.saturating_add(1);
@@ -180,22 +194,21 @@ impl Plan {
                 if answer.outcome_unknown() {
                     return Some(Action::Call(Call::Settle { class }));
                 }
-                Some(Self::sleep_for(
-                    session
-                        .backoff()
-                        .after_failure_as_follower(self.failures, class),
-                ))
+                let wait = session
+                    .backoff()
+                    .after_failure_as_follower(self.failures, class);
+                self.follower_sleep(session, wait)
             }
         }
     }
 
-    /// After the release that settles an unknown acquire.
-    pub(super) fn settled(&mut self, session: &Session, class: Class) -> Action {
-        Self::sleep_for(
-            session
-                .backoff()
-                .after_failure_as_follower(self.failures, class),
-        )
+    /// After the release that settles an unknown acquire (not sent if the
+    /// client leads meanwhile: then `None`, to go on renewing).
+    pub(super) fn settled(&mut self, session: &Session, class: Class) -> Option<Action> {
+        let wait = session
+            .backoff()
+            .after_failure_as_follower(self.failures, class);
+        self.follower_sleep(session, wait)
     }
 
     /// After a keep-alive's answer (sent while the lease lasted until

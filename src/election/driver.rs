@@ -1,5 +1,7 @@
-//! The driver: one task per connection that runs the campaign of every
-//! election on it and keeps their step-down timers, with one timer queue.
+//! The driver: one task per connection (and per runtime using it: a
+//! campaign runs on the runtime that started it) that runs the campaign of
+//! every election on it and keeps their step-down timers, with one timer
+//! queue.
 //!
 //! An election costs the driver one timer entry (the earlier of its next
 //! campaign step and its deadline) and a small [`Slot`] inside its session;
@@ -58,6 +60,10 @@ const RESTART_PAUSE: Duration = Duration::from_secs(1);
 /// two years).
 const TIMER_HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// The driver's queue of follower attempts is compacted once it holds at
+/// least this many entries and twice as many as after the last compaction.
+const COMPACT_MIN: usize = 1024;
+
 /// How many commands the driver takes in one go before it looks at its
 /// timers and calls again (so a flood of starts cannot delay a step-down).
 const BATCH: usize = 256;
@@ -83,18 +89,25 @@ impl Handle {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = NEXT_DRIVER.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
+            id,
             rx,
             calls: FuturesUnordered::new(),
             timers: DelayQueue::new(),
             acquires: acquires.max(1),
             acquiring: 0,
             queued: VecDeque::new(),
+            compact_at: COMPACT_MIN,
         };
         runtime.spawn(OnDriver {
             id,
             inner: Box::pin(driver.run()),
         });
         Handle { id, tx }
+    }
+
+    /// This driver's id (never 0).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// `false` once the driver's task is gone (its runtime shut down).
@@ -164,8 +177,19 @@ pub(crate) struct Slot {
     /// The published deadline the timer was armed for.
     deadline: Option<Instant>,
     campaign: Option<Running>,
-    /// A stop waiting for the aborted call of this `seq` to be dropped.
-    stopping: Option<(u64, oneshot::Sender<()>)>,
+    /// Stops waiting for the aborted call of their `seq` to be dropped
+    /// (usually none; more than one only if a campaign is stopped, started
+    /// and stopped again before its first call is dropped).
+    stopping: Vec<(u64, oneshot::Sender<()>)>,
+    /// The driver (its id; 0: none yet) whose timer and campaign this slot
+    /// records. A driver whose runtime shut down leaves its records here;
+    /// the driver that takes the session over next starts afresh
+    /// ([`Driver::take_over`]), and the old one's leftovers are ignored.
+    driver: u64,
+    /// Where the next campaign's `seq` starts: after every `seq` of the
+    /// earlier ones, so that nothing of a stopped campaign (a call's end, a
+    /// queue entry) is taken for the next one's.
+    next_seq: u64,
 }
 
 /// A running campaign.
@@ -199,6 +223,8 @@ impl Session {
 }
 
 struct Driver {
+    /// This driver's id (see [`Handle::id`]).
+    id: u64,
     rx: mpsc::UnboundedReceiver<Command>,
     /// The campaigns' calls in flight.
     calls: FuturesUnordered<CallFuture>,
@@ -211,11 +237,42 @@ struct Driver {
     /// Follower attempts waiting for their turn, first come first served,
     /// by session and `seq`. A cold start of 100,000 elections thus holds
     /// 100,000 references here, not 100,000 calls waiting for a slot on
-    /// the connection (each a call's state).
+    /// the connection (each a call's state). Entries of campaigns that
+    /// stopped or moved on stay until their turn, or until the queue has
+    /// doubled since it was last compacted ([`Driver::compact`]).
     queued: VecDeque<(Weak<Session>, u64)>,
+    /// The queue's length that triggers the next compaction.
+    compact_at: usize,
 }
 
 impl Driver {
+    /// `session`'s slot, if this driver (`id`) keeps it.
+    fn owned(id: u64, session: &Session) -> Option<MutexGuard<'_, Slot>> {
+        let slot = session.slot();
+        (slot.driver == id).then_some(slot)
+    }
+
+    /// `session`'s slot, taken over from the driver that kept it before (if
+    /// any: it died with its runtime, or the session is new here). Its timer
+    /// lived in the old driver's queue and its call in the old driver's
+    /// task: both are gone, so the slot starts afresh.
+    fn take_over<'a>(&self, session: &'a Session) -> MutexGuard<'a, Slot> {
+        let mut slot = session.slot();
+        if slot.driver != self.id {
+            let next_seq = slot
+                .campaign
+                .as_ref()
+                .map_or(slot.next_seq, |running| running.seq.wrapping_add(1))
+                .max(slot.next_seq);
+            *slot = Slot {
+                driver: self.id,
+                next_seq,
+                ..Slot::default()
+            };
+        }
+        slot
+    }
+
     /// Runs until every handle (the connection's, and so every session's)
     /// is gone.
     async fn run(mut self) {
@@ -236,11 +293,16 @@ impl Driver {
                 Poll::Ready((cmd, timer, call))
             })
             .await;
-            if let Some((session, seq, outcome)) = call {
-                self.call_ended(&session, seq, outcome);
-            }
+            // The expired timer first: its entry has left the queue (its key
+            // may be reused), and a call's outcome handled before it could
+            // re-arm the same election's timer, which `fired` would then
+            // forget. The call's answer is already applied to the state, so
+            // the tick sees it.
             if let Some(timer) = timer {
                 self.fired(timer);
+            }
+            if let Some((session, seq, outcome)) = call {
+                self.call_ended(&session, seq, outcome);
             }
             match cmd {
                 Poll::Ready(Some(cmd)) => {
@@ -255,20 +317,43 @@ impl Driver {
                 Poll::Ready(None) => return,
                 Poll::Pending => {}
             }
+            if self.queued.len() >= self.compact_at {
+                self.compact();
+            }
         }
+    }
+
+    /// Drops the queue entries that no longer wait for their turn (their
+    /// campaign stopped, failed, or leads now and renews instead): a client
+    /// that starts and stops campaigns while the connection is saturated
+    /// cannot grow the queue without bound. Amortized constant time per
+    /// entry: it runs when the queue has doubled since the last time.
+    fn compact(&mut self) {
+        let id = self.id;
+        self.queued.retain(|(session, seq)| {
+            session.upgrade().is_some_and(|session| {
+                Self::owned(id, &session).is_some_and(|slot| {
+                    slot.campaign.as_ref().is_some_and(|running| {
+                        running.seq == *seq && matches!(running.mode, Mode::Queued)
+                    })
+                })
+            })
+        });
+        self.compact_at = self.queued.len().saturating_mul(2).max(COMPACT_MIN);
     }
 
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Start(session) => self.guarded(&session, |driver, session| {
                 {
-                    let mut slot = session.slot();
+                    let mut slot = driver.take_over(session);
                     if slot.campaign.is_some() {
                         return;
                     }
+                    let seq = slot.next_seq;
                     slot.campaign = Some(Running {
                         plan: Plan::new(session),
-                        seq: 0,
+                        seq,
                         mode: Mode::Ready,
                     });
                 }
@@ -279,19 +364,20 @@ impl Driver {
                     let _ = ack.send(());
                     return;
                 };
-                let mut slot = session.slot();
+                let mut slot = self.take_over(&session);
                 let Some(running) = slot.campaign.take() else {
                     drop(slot);
                     let _ = ack.send(());
                     return;
                 };
+                slot.next_seq = running.seq.wrapping_add(1);
                 let mut ended_acquire = false;
                 match running.mode {
                     Mode::Call { abort, acquire } => {
                         // Acknowledged once the call is dropped (at the
                         // driver's next poll: aborting wakes it).
                         abort.abort();
-                        slot.stopping = Some((running.seq, ack));
+                        slot.stopping.push((running.seq, ack));
                         ended_acquire = acquire;
                     }
                     Mode::Ready | Mode::Sleep { .. } | Mode::Queued => {
@@ -308,7 +394,8 @@ impl Driver {
                 let Some(session) = session.upgrade() else {
                     return;
                 };
-                session.poke_taken();
+                session.poke_taken(self.id);
+                drop(self.take_over(&session));
                 self.guarded(&session, Self::lease_changed);
             }
         }
@@ -333,7 +420,9 @@ impl Driver {
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
             session.observe(Observation::CampaignFailed);
         }));
-        let mut slot = session.slot();
+        let Some(mut slot) = Self::owned(self.id, session) else {
+            return;
+        };
         slot.deadline = session.published_deadline();
         let Some(running) = slot.campaign.as_mut() else {
             self.arm(session, &mut slot);
@@ -396,7 +485,10 @@ impl Driver {
         self.guarded(&session, |driver, session| {
             let now = Instant::now();
             let (expired, woken) = {
-                let mut slot = session.slot();
+                // A timer of a slot another driver took over is stale.
+                let Some(mut slot) = Self::owned(driver.id, session) else {
+                    return;
+                };
                 slot.timer = None;
                 let expired = slot.deadline.is_some_and(|d| d <= now);
                 let woken = match &mut slot.campaign {
@@ -415,8 +507,7 @@ impl Driver {
                 session.observe(Observation::Tick);
             }
             if woken {
-                {
-                    let mut slot = session.slot();
+                if let Some(mut slot) = Self::owned(driver.id, session) {
                     slot.deadline = session.published_deadline();
                 }
                 driver.advance(session);
@@ -426,22 +517,29 @@ impl Driver {
         });
     }
 
-    /// The published lease may have moved: re-arms the timer, and a
-    /// campaign waiting for a renewal to come due plans again.
+    /// The published lease may have moved: re-arms the timer. A campaign
+    /// waiting for a renewal to come due plans again (a loss, a release, an
+    /// imperative renewal), and so does one waiting as a follower (asleep,
+    /// or queued for its turn) once the client leads (an imperative grant):
+    /// its lease must be renewed before that wait would end (the retry
+    /// period is not bounded by the TTL, the queue by anything; a queued
+    /// entry left behind goes stale).
     fn lease_changed(&mut self, session: &Arc<Session>) {
-        let mut slot = session.slot();
+        let Some(mut slot) = Self::owned(self.id, session) else {
+            return;
+        };
         slot.deadline = session.published_deadline();
-        let renew_wait = matches!(
-            &slot.campaign,
+        let replan = match &slot.campaign {
             Some(Running {
-                mode: Mode::Sleep {
-                    renew_wait: true,
-                    ..
-                },
+                mode: Mode::Sleep { renew_wait, .. },
                 ..
-            })
-        );
-        if renew_wait {
+            }) => *renew_wait || session.is_leader(),
+            Some(Running {
+                mode: Mode::Queued, ..
+            }) => session.is_leader(),
+            _ => false,
+        };
+        if replan {
             if let Some(running) = slot.campaign.as_mut() {
                 running.mode = Mode::Ready;
             }
@@ -464,7 +562,9 @@ impl Driver {
         }
         // The plan reads the state (and may apply a tick) outside the slot.
         let mut plan = {
-            let mut slot = session.slot();
+            let Some(mut slot) = Self::owned(self.id, session) else {
+                return;
+            };
             match slot.campaign.as_mut() {
                 Some(running) if matches!(running.mode, Mode::Ready) => {
                     std::mem::replace(&mut running.plan, Plan::idle())
@@ -474,7 +574,9 @@ impl Driver {
         };
         let mut action = plan.next(session);
         loop {
-            let mut slot = session.slot();
+            let Some(mut slot) = Self::owned(self.id, session) else {
+                return;
+            };
             slot.deadline = session.published_deadline();
             let Some(running) = slot.campaign.as_mut() else {
                 return;
@@ -548,7 +650,9 @@ impl Driver {
                 continue;
             };
             self.guarded(&session, |driver, session| {
-                let mut slot = session.slot();
+                let Some(mut slot) = Self::owned(driver.id, session) else {
+                    return;
+                };
                 let Some(running) = slot.campaign.as_mut() else {
                     return;
                 };
@@ -562,12 +666,10 @@ impl Driver {
     /// A call future ended: answered (its outcome goes to its campaign) or
     /// dropped after an abort (its stop is acknowledged).
     fn call_ended(&mut self, session: &Arc<Session>, seq: u64, outcome: Result<Outcome, Aborted>) {
-        {
-            let mut slot = session.slot();
-            if slot.stopping.as_ref().is_some_and(|(s, _)| *s == seq) {
-                if let Some((_, ack)) = slot.stopping.take() {
-                    let _ = ack.send(());
-                }
+        if let Some(mut slot) = Self::owned(self.id, session) {
+            if let Some(i) = slot.stopping.iter().position(|(s, _)| *s == seq) {
+                let (_, ack) = slot.stopping.swap_remove(i);
+                let _ = ack.send(());
             }
         }
         if let Ok(outcome) = outcome {
@@ -580,7 +682,9 @@ impl Driver {
     /// A call of `session`'s campaign was answered (and its answer applied).
     fn done(&mut self, session: &Arc<Session>, seq: u64, outcome: Outcome) {
         let (acquire, mut plan) = {
-            let mut slot = session.slot();
+            let Some(mut slot) = Self::owned(self.id, session) else {
+                return;
+            };
             slot.deadline = session.published_deadline();
             let current = slot
                 .campaign
@@ -609,7 +713,7 @@ impl Driver {
         let next = match outcome {
             Outcome::Acquired(answer) => plan.acquired(session, &answer),
             Outcome::Renewed(answer, until) => plan.renewed(session, &answer, until),
-            Outcome::Settled(class) => Some(plan.settled(session, class)),
+            Outcome::Settled(class) => plan.settled(session, class),
             Outcome::Stopped => None,
             Outcome::Panicked(what) => {
                 self.restore(session, plan);
@@ -626,14 +730,18 @@ impl Driver {
 
     /// Puts `plan` back into `session`'s running campaign.
     fn restore(&mut self, session: &Arc<Session>, plan: Plan) {
-        if let Some(running) = session.slot().campaign.as_mut() {
-            running.plan = plan;
+        if let Some(mut slot) = Self::owned(self.id, session) {
+            if let Some(running) = slot.campaign.as_mut() {
+                running.plan = plan;
+            }
         }
     }
 
     /// Carries out an action the plan chose after an answer.
     fn carry_out(&mut self, session: &Arc<Session>, action: Action) {
-        let mut slot = session.slot();
+        let Some(mut slot) = Self::owned(self.id, session) else {
+            return;
+        };
         let Some(running) = slot.campaign.as_mut() else {
             return;
         };

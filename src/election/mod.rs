@@ -20,7 +20,7 @@ mod campaign;
 mod driver;
 mod stream;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -60,9 +60,16 @@ pub(crate) struct Session {
     backoff: Mutex<Backoff>,
     /// The driver's part of this election (see [`driver::Slot`]).
     slot: Mutex<driver::Slot>,
-    /// A lease change made outside the driver was reported to it and not
-    /// yet taken: no second report is sent meanwhile.
-    poke_pending: AtomicBool,
+    /// The driver that runs (or ran) this election's campaign: it takes the
+    /// reports of lease changes made outside it (see [`Session::poke`]).
+    /// A leaf lock (taken under the state lock, never the other way).
+    home: Mutex<Option<driver::Handle>>,
+    /// The driver (its id; 0: none) that was told of a lease change made
+    /// outside it and has not taken the report yet: no second report is
+    /// sent to it meanwhile. A driver that died with the report unread (its
+    /// runtime shut down) leaves its id here, which a new driver does not
+    /// match: it is told.
+    poke_pending: AtomicU64,
     /// Counts campaign stops: a call the campaign asked for before the
     /// latest stop is not sent.
     generation: AtomicU64,
@@ -70,7 +77,7 @@ pub(crate) struct Session {
     pub(crate) observer: Observer,
     /// Test hook: the campaign panics at its next step.
     #[cfg(test)]
-    pub(crate) inject_panic: AtomicBool,
+    pub(crate) inject_panic: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -99,12 +106,31 @@ impl Campaign {
         self.driver.is_alive()
     }
 
-    /// Stops the campaign and waits (within [`STOP_GRACE`] for the driver
-    /// and again for the call in flight) until it can no longer touch the
-    /// state. Campaign calls not sent yet are not sent after this returns
-    /// (the session's generation moved on before this was called).
-    async fn stop(self) {
-        let Some(ack) = self.driver.stop(self.session) else {
+    /// Sends the driver the stop of this campaign, now. Called under the
+    /// control lock by [`Session::take_campaign`]: so a campaign started
+    /// later (a stream re-created right after the last one was dropped) is
+    /// started after this stop on the driver's queue, never stopped by it.
+    fn stop(self) -> Stopping {
+        Stopping {
+            ack: self.driver.stop(self.session),
+        }
+    }
+}
+
+/// A campaign whose stop was sent to its driver: [`wait`](Self::wait) waits
+/// until it can no longer touch the state.
+#[derive(Debug)]
+struct Stopping {
+    ack: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Stopping {
+    /// Waits (within [`STOP_GRACE`] for the driver and again for the call in
+    /// flight) until the campaign can no longer touch the state. Campaign
+    /// calls not sent yet are not sent after this returns (the session's
+    /// generation moved on before the stop was sent).
+    async fn wait(self) {
+        let Some(ack) = self.ack else {
             return;
         };
         if tokio::runtime::Handle::try_current().is_err() {
@@ -118,11 +144,6 @@ impl Campaign {
                  its calls not yet sent will not be sent"
             );
         }
-    }
-
-    /// Stops the campaign without waiting (for `Drop` paths).
-    fn stop_now(self) {
-        let _ = self.driver.stop(self.session);
     }
 }
 
@@ -149,11 +170,12 @@ impl Session {
                 seed,
             )),
             slot: Mutex::default(),
-            poke_pending: AtomicBool::new(false),
+            home: Mutex::new(None),
+            poke_pending: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             observer,
             #[cfg(test)]
-            inject_panic: AtomicBool::new(false),
+            inject_panic: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -226,6 +248,63 @@ impl Session {
         rx
     }
 
+    /// The events of the callbacks adapter: a subscriber's, with a backstop
+    /// of the driver's step-down timer on the adapter's own runtime. While
+    /// idle it sleeps until the published deadline and then settles it (a
+    /// tick): so `on_leader_lost` comes at the deadline even when the
+    /// runtime the connection's driver ran on has shut down and nothing
+    /// else touches the client (a tick that finds the term ended or renewed
+    /// changes nothing). It holds the session weakly: it ends with it.
+    pub(crate) fn callback_events(
+        self: &Arc<Self>,
+    ) -> impl futures::Stream<Item = LeadershipEvent> + Send + 'static {
+        let mut events = self.subscribe();
+        let session = Arc::downgrade(self);
+        let mut timer: Option<(Instant, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
+        futures::stream::poll_fn(move |cx| {
+            use std::future::Future;
+            use std::task::Poll;
+            loop {
+                if let Poll::Ready(ev) = events.poll_recv(cx) {
+                    return Poll::Ready(ev);
+                }
+                let deadline = session.upgrade().and_then(|s| s.published_deadline());
+                let Some(deadline) = deadline else {
+                    timer = None;
+                    return Poll::Pending;
+                };
+                let sleep = match &mut timer {
+                    Some((at, sleep)) if *at == deadline => sleep,
+                    _ => {
+                        &mut timer
+                            .insert((deadline, Box::pin(tokio::time::sleep_until(deadline))))
+                            .1
+                    }
+                };
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                timer = None;
+                if Instant::now() < deadline {
+                    // Woken early (a timer years ahead): sleep on.
+                    continue;
+                }
+                // The deadline passed: settle it, then read the loss it
+                // queued (nothing is queued if the term was renewed
+                // meanwhile: the next turn sleeps to the new deadline).
+                let Some(s) = session.upgrade() else {
+                    return Poll::Pending;
+                };
+                s.observe(Observation::Tick);
+                if s.published_deadline() == Some(deadline) {
+                    // A passed deadline the tick left in place would be a
+                    // bug: no spin.
+                    return Poll::Pending;
+                }
+            }
+        })
+    }
+
     pub(crate) fn is_leader(&self) -> bool {
         self.remaining().is_some()
     }
@@ -255,18 +334,24 @@ impl Session {
     /// Tells the driver that the lease changed, unless the driver (or a call
     /// it runs) made the change, or a report is already pending.
     fn poke(&self) {
-        let Some(driver) = self.rpc.transport().driver() else {
+        // The driver of the campaign if it runs, else this runtime's.
+        let home = lock(&self.home).as_ref().filter(|d| d.is_alive()).cloned();
+        let Some(driver) = home.or_else(|| self.rpc.transport().driver()) else {
             return;
         };
-        if driver.is_current() || self.poke_pending.swap(true, Ordering::SeqCst) {
+        if driver.is_current()
+            || self.poke_pending.swap(driver.id(), Ordering::SeqCst) == driver.id()
+        {
             return;
         }
         driver.poke(self.me.clone());
     }
 
-    /// The driver took this session's pending report.
-    fn poke_taken(&self) {
-        self.poke_pending.store(false, Ordering::SeqCst);
+    /// Driver `driver` took this session's pending report.
+    fn poke_taken(&self, driver: u64) {
+        let _ = self
+            .poke_pending
+            .compare_exchange(driver, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// The generation campaign calls are made under (see `generation`).
@@ -378,6 +463,7 @@ impl Session {
             return Err(Error::NoRuntime);
         }
         self.observer.campaign_started(Instant::now());
+        *lock(&self.home) = Some(driver.clone());
         control.campaign = Some(Campaign {
             driver,
             session: self.me.clone(),
@@ -386,13 +472,12 @@ impl Session {
     }
 
     /// Takes the running campaign out of `control`, so that none of its calls
-    /// not yet sent goes out any more; the caller stops it.
-    fn take_campaign(&self, control: &mut Control) -> Option<Campaign> {
-        let campaign = control.campaign.take();
-        if campaign.is_some() {
-            self.generation.fetch_add(1, Ordering::SeqCst);
-        }
-        campaign
+    /// not yet sent goes out any more, and sends its stop (under the control
+    /// lock: ordered before any later start); the caller waits for it.
+    fn take_campaign(&self, control: &mut Control) -> Option<Stopping> {
+        let campaign = control.campaign.take()?;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Some(campaign.stop())
     }
 
     /// If nobody wants the campaign any more: stopping it and releasing.
@@ -427,12 +512,33 @@ impl Session {
 
     pub(crate) fn start_keep_alive(self: &Arc<Self>) -> Result<()> {
         let mut control = self.control();
-        if control.keep_alive {
+        // A keep-alive whose driver died with its runtime is not running:
+        // it starts again here.
+        if control.keep_alive && control.campaign.as_ref().is_some_and(Campaign::is_running) {
             return Err(Error::KeepAliveAlreadyRunning);
         }
         self.ensure_campaign(&mut control)?;
         control.keep_alive = true;
         Ok(())
+    }
+
+    /// A campaign still wanted whose driver is gone (its runtime shut down
+    /// while a stream or the keep-alive still wanted it) starts again on
+    /// this runtime's driver, which settles the expired term (`Lost`) and
+    /// campaigns on. Nothing to do if it runs, nobody wants it, or outside
+    /// a runtime.
+    pub(crate) fn revive_campaign(self: &Arc<Self>) {
+        let mut control = self.control();
+        let dead = control.campaign.as_ref().is_some_and(|c| !c.is_running());
+        if !dead || (control.streams == 0 && !control.keep_alive) {
+            return;
+        }
+        match self.ensure_campaign(&mut control) {
+            Ok(()) => {
+                tracing::debug!("the campaign's driver was gone; campaigning on this runtime")
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot restart the campaign"),
+        }
     }
 
     /// Stops the keep-alive task (unless streams still want the campaign).
@@ -448,7 +554,7 @@ impl Session {
             }
         };
         if let Some(c) = campaign {
-            c.stop().await;
+            c.wait().await;
         }
     }
 
@@ -564,7 +670,7 @@ impl Drop for ReleaseDone<'_> {
 #[must_use]
 pub(crate) struct Shutdown {
     session: Arc<Session>,
-    campaign: Option<Campaign>,
+    campaign: Option<Stopping>,
     /// `shutdown()`: also end every stream and the callbacks afterwards.
     close: bool,
 }
@@ -579,7 +685,7 @@ impl Shutdown {
             close,
         } = self;
         if let Some(c) = campaign {
-            c.stop().await;
+            c.wait().await;
         }
         let released = if session.may_own_lock() {
             session.release().await
@@ -664,10 +770,7 @@ impl Shutdown {
     fn block_in_place(self, runtime: &tokio::runtime::Handle, bound: Duration) {
         let session = self.session.clone();
         let close = self.close;
-        let stop = self
-            .campaign
-            .as_ref()
-            .map(|c| (c.driver.clone(), c.session.clone()));
+        // The campaign's stop was sent when the shutdown was made.
         let block = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tokio::task::block_in_place(|| block_on_bounded(runtime, self, bound))
         }));
@@ -675,9 +778,6 @@ impl Shutdown {
             return;
         }
         tracing::debug!("cannot block to release on drop; releasing in the background");
-        if let Some((driver, session)) = stop {
-            Campaign { driver, session }.stop_now();
-        }
         let retry = Shutdown {
             session,
             campaign: None,
@@ -689,9 +789,8 @@ impl Shutdown {
     /// Dropped outside a Tokio runtime: stop the campaign and step down
     /// locally without a release call (the lock then expires after its TTL).
     fn without_runtime(self) {
-        if let Some(c) = self.campaign {
-            c.stop_now();
-        }
+        // The campaign's stop was sent when the shutdown was made.
+        drop(self.campaign);
         let (events, incarnation) = self
             .session
             .observe_with(Observation::ReleaseStarted, |s| s.incarnation());

@@ -120,7 +120,10 @@ impl Stream for Leadership {
                 }
                 self.phase = StreamPhase::Running;
             }
-            StreamPhase::Running => {}
+            StreamPhase::Running => {
+                // Its campaign's runtime may have shut down since.
+                self.session.revive_campaign();
+            }
         }
         self.rx.poll_recv(cx)
     }

@@ -1,0 +1,456 @@
+//! Attacks on the per-connection campaign driver (`src/election/driver.rs`):
+//! stop/start races, runtimes created and dropped around a shared client,
+//! pokes that must not be lost. Each test reproduces a path that broke a
+//! guarantee (README "Guarantees") before it was fixed.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use common::*;
+use quorum_quest_client::{Callbacks, LeadershipEvent, LossReason};
+
+/// Records the callbacks in order.
+#[derive(Default)]
+struct Log(Mutex<Vec<&'static str>>);
+
+impl Log {
+    fn get(&self) -> Vec<&'static str> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Callbacks for Log {
+    async fn on_leader_elected(&self, is_leader: bool) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(if is_leader { "elected" } else { "follower" });
+    }
+    async fn on_leader_lost(&self) {
+        self.0.lock().unwrap().push("lost");
+    }
+}
+
+/// A stream dropped on a current-thread runtime stops its campaign from a
+/// spawned task; a stream created right after starts the campaign at once.
+/// The late stop must not stop the new stream's campaign: the new stream
+/// must keep campaigning (and so be elected again after the dropped
+/// stream's release).
+#[tokio::test(start_paused = true)]
+async fn a_stream_recreated_right_after_a_drop_keeps_campaigning() {
+    let server = server().await;
+    let client = in_memory(&server, 3).build().await.unwrap();
+    let mut first = client.leadership();
+    until(&mut first, 10 * SEC, "Elected", LeadershipEvent::is_elected).await;
+    // Dropped while leading on a current-thread runtime: its stop and
+    // release run in a spawned task, after this task yields.
+    drop(first);
+    let mut second = client.leadership();
+    // The snapshot of the running term, then its end by the late release.
+    until(
+        &mut second,
+        10 * SEC,
+        "Elected",
+        LeadershipEvent::is_elected,
+    )
+    .await;
+    let lost = until(&mut second, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
+    assert!(is_lost_with(&lost, LossReason::Released), "{lost:?}");
+    // The second stream still campaigns: it wins the free lock again.
+    until(
+        &mut second,
+        30 * SEC,
+        "Elected after the release (the campaign must still run)",
+        LeadershipEvent::is_elected,
+    )
+    .await;
+    assert!(client.health().campaign_running);
+}
+
+/// `#[tokio::test]`-style runtimes created and dropped in sequence around a
+/// client built (with callbacks) on a long-lived runtime: a runtime that
+/// dies with a poke still in its driver's queue must not leave the client
+/// unable to poke the next driver, or the loss at the deadline is never
+/// reported to the callbacks.
+#[test]
+fn runtimes_in_sequence_around_one_client_still_report_the_loss() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let fresh = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // First "test": acquires (its driver starts here, and dies with it).
+    let first = fresh();
+    assert!(first.block_on(client.try_acquire_lock()).unwrap());
+    drop(first);
+    // Second "test": renews imperatively, then waits for the loss at the
+    // deadline (nothing renews any more).
+    let second = fresh();
+    second.block_on(async {
+        assert!(client.try_acquire_lock().await.unwrap());
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    drop(second);
+    home.block_on(server.shutdown());
+}
+
+/// A stream that campaigned on a runtime that then shut down (its driver
+/// died with it), polled on another runtime: its term must still end with
+/// `Lost` (rule 2), and the stream must go on campaigning there.
+#[test]
+fn a_stream_whose_driver_died_with_its_runtime_still_reports_the_loss() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let fresh = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let mut stream = client.leadership();
+    let first = fresh();
+    first.block_on(async {
+        until(
+            &mut stream,
+            10 * SEC,
+            "Elected",
+            LeadershipEvent::is_elected,
+        )
+        .await;
+    });
+    drop(first);
+    // Nothing renews meanwhile: the lease (3 s from its send) runs out.
+    std::thread::sleep(3 * SEC + ms(500));
+    assert!(!client.is_leader());
+    let second = fresh();
+    second.block_on(async {
+        let lost = until(&mut stream, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
+        assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+        // Campaigning again: the lock expired on the server, so it wins.
+        until(
+            &mut stream,
+            10 * SEC,
+            "Elected again",
+            LeadershipEvent::is_elected,
+        )
+        .await;
+        assert!(client.health().campaign_running);
+    });
+    drop(stream);
+    drop(second);
+    home.block_on(server.shutdown());
+}
+
+/// A TTL is valid up to `i32::MAX` seconds, but the driver's timer queue
+/// takes instants at most about 2.2 years ahead (it panics beyond). A leader
+/// on a 3-year lease must lead steadily, not lose its term to a caught
+/// panic (`Lost { Failed }`) and flap every second.
+#[tokio::test(start_paused = true)]
+async fn a_lease_longer_than_the_timer_queue_reaches_is_held_steadily() {
+    let server = server().await;
+    let three_years = 3 * 365 * 24 * 3600;
+    let client = in_memory(&server, three_years).build().await.unwrap();
+    let mut stream = client.leadership();
+    until(
+        &mut stream,
+        10 * SEC,
+        "Elected",
+        LeadershipEvent::is_elected,
+    )
+    .await;
+    // 800 days: past the timer horizon (365 days), renewing about yearly.
+    let quiet = tokio::time::timeout(800 * 24 * 3600 * SEC, async {
+        loop {
+            let ev = next(&mut stream, 1000 * 24 * 3600 * SEC, "any event").await;
+            if !matches!(ev, LeadershipEvent::Renewed { .. }) {
+                return ev;
+            }
+        }
+    })
+    .await;
+    assert!(quiet.is_err(), "the term ended: {quiet:?}");
+    assert!(client.is_leader());
+}
+
+/// A keep-alive started as a follower with a long retry period (valid: it
+/// is not bounded by the TTL) sleeps in its follower wait. An imperative
+/// `try_acquire_lock()` then makes the client leader: the keep-alive must
+/// renew that lease, not sleep through its deadline.
+#[tokio::test(start_paused = true)]
+async fn a_keep_alive_waiting_as_follower_renews_a_lease_won_imperatively() {
+    let server = server().await;
+    server.set_owner(SERVICE, DOMAIN, "someone-else", 2 * SEC);
+    let client = in_memory(&server, 3)
+        .retry_period(20 * SEC)
+        .build()
+        .await
+        .unwrap();
+    client.start_keep_alive().await.unwrap();
+    // Its first attempt is refused: it waits (16 to 20 s) as a follower.
+    eventually(SEC, "the first attempt", || {
+        server.calls(quorum_quest_client::RpcKind::TryAcquireLock) > 0
+    })
+    .await;
+    tokio::time::sleep(3 * SEC).await;
+    assert!(client.try_acquire_lock().await.unwrap());
+    // The lease (3 s) must be renewed by the running keep-alive.
+    for _ in 0..10 {
+        tokio::time::sleep(SEC).await;
+        assert!(client.is_leader(), "the keep-alive let the lease run out");
+    }
+}
+
+/// The same with the keep-alive's own attempt still in flight when the
+/// imperative grant comes: its refusal (decided before, delivered late) is
+/// fenced by the state, and must not send the campaign into a follower wait
+/// while the client leads.
+#[tokio::test(start_paused = true)]
+async fn a_late_refusal_of_the_keep_alive_does_not_stop_it_renewing_an_imperative_lease() {
+    let server = server().await;
+    server.set_owner(SERVICE, DOMAIN, "someone-else", SEC);
+    server.set_refusal_delay(ms(1500));
+    let client = in_memory(&server, 6)
+        .retry_period(20 * SEC)
+        .rpc_timeout(2 * SEC)
+        .build()
+        .await
+        .unwrap();
+    client.start_keep_alive().await.unwrap();
+    // The keep-alive's attempt is refused now, its answer arrives at 1.5 s;
+    // the lock is free from 1 s.
+    tokio::time::sleep(ms(1100)).await;
+    server.set_refusal_delay(std::time::Duration::ZERO);
+    assert!(client.try_acquire_lock().await.unwrap());
+    for _ in 0..15 {
+        tokio::time::sleep(SEC).await;
+        assert!(client.is_leader(), "the keep-alive let the lease run out");
+    }
+}
+
+/// A client used from two live runtimes: its connection's driver starts on
+/// the first runtime that needs one (here a current-thread runtime that is
+/// then left idle, as a sync wrapper's runtime between two `block_on`s
+/// is). A stream polled on another, healthy runtime must campaign there.
+#[test]
+fn a_stream_on_a_healthy_runtime_campaigns_while_the_drivers_runtime_is_idle() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    // A sync wrapper's runtime: used once, then idle (kept alive).
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    assert!(idle.block_on(client.try_acquire_lock()).unwrap());
+    assert!(idle.block_on(client.release_lock()).is_ok());
+    home.block_on(async {
+        let mut stream = client.leadership();
+        until(
+            &mut stream,
+            10 * SEC,
+            "Elected",
+            LeadershipEvent::is_elected,
+        )
+        .await;
+    });
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// Callbacks on a long-lived runtime, leadership won on a runtime that then
+/// shuts down (its driver, and the step-down timer, die with it), nothing
+/// touching the client afterwards: `on_leader_lost` must still come at the
+/// deadline (rule 2), as `is_leader()` turns false then.
+#[test]
+fn callbacks_get_the_loss_when_the_drivers_runtime_shut_down_and_nothing_else_happens() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    assert!(first.block_on(client.try_acquire_lock()).unwrap());
+    drop(first);
+    home.block_on(async {
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    home.block_on(server.shutdown());
+}
+
+/// A keep-alive whose follower attempt waits in the driver's queue (behind
+/// many elections' attempts on a busy connection) when the client becomes
+/// leader imperatively: its lease must be renewed (renewals never wait in
+/// that queue), not left to run out until the attempt's turn comes.
+#[tokio::test(start_paused = true)]
+async fn a_keep_alive_queued_behind_followers_renews_a_lease_won_imperatively() {
+    let server = server().await;
+    let root = in_memory(&server, 3)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    // Each call takes 50 ms and one runs at a time: 100 elections need
+    // about 10 s to be elected.
+    server.set_latency(ms(50));
+    let shards: Vec<_> = (0..100)
+        .map(|i| root.for_scope("svc", format!("shard-{i}")).unwrap())
+        .collect();
+    let mut streams: Vec<_> = shards.iter().map(|s| s.leadership()).collect();
+    for s in &mut streams {
+        let _ = futures::poll!(futures::StreamExt::next(s));
+    }
+    // `root` campaigns too: its attempt waits at the back of the queue.
+    root.start_keep_alive().await.unwrap();
+    tokio::time::sleep(ms(10)).await;
+    assert!(root.try_acquire_lock().await.unwrap());
+    for _ in 0..8 {
+        tokio::time::sleep(SEC).await;
+        assert!(
+            root.is_leader(),
+            "the queued keep-alive let the lease run out"
+        );
+    }
+}
+
+/// Shutting down thousands of elections at once while their driver is busy
+/// (most attempts queued, a few in flight on a one-slot connection to a
+/// server that does not answer): every `shutdown()` returns within its
+/// bound (one second to stop the campaign plus the RPC timeout), none hangs.
+#[tokio::test(start_paused = true)]
+async fn shutting_down_thousands_of_busy_elections_is_bounded() {
+    let server = server().await;
+    let root = in_memory(&server, 3)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    server.pause();
+    let shards: Vec<_> = (0..2_000)
+        .map(|i| root.for_scope("svc", format!("shard-{i}")).unwrap())
+        .collect();
+    let mut streams: Vec<_> = shards.iter().map(|s| s.leadership()).collect();
+    for s in &mut streams {
+        let _ = futures::poll!(futures::StreamExt::next(s));
+    }
+    tokio::time::sleep(ms(100)).await;
+    let bound = SEC + root.timing().rpc_timeout + ms(100);
+    let started = tokio::time::Instant::now();
+    let all = futures::future::join_all(shards.iter().map(|s| s.shutdown()));
+    tokio::time::timeout(bound, all)
+        .await
+        .expect("every shutdown returns within its bound");
+    eprintln!("2000 shutdowns took {:?} (paused clock)", started.elapsed());
+    for s in &mut streams {
+        // Every stream ends after its shutdown.
+        while let Some(ev) = tokio::time::timeout(SEC, futures::StreamExt::next(s))
+            .await
+            .expect("the stream ends")
+        {
+            assert!(!ev.is_elected(), "{ev:?}");
+        }
+    }
+    server.resume();
+}
+
+/// A leader whose runtime (current-thread: the driver and everything else
+/// on one thread) is blocked past its deadline: `is_leader()`, read from
+/// another thread, turns false by the deadline, and once the runtime runs
+/// again the stream's next transition is `Lost { Expired }` (never a silent
+/// continuation of the term).
+#[test]
+fn a_leader_whose_runtime_is_blocked_past_its_deadline_steps_down_and_reports_it() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = home.block_on(server());
+    let url = server.url();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let contender = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = over_tcp(&url, 3).build().await.unwrap();
+            let mut stream = client.leadership();
+            let elected = until(
+                &mut stream,
+                10 * SEC,
+                "Elected",
+                LeadershipEvent::is_elected,
+            )
+            .await;
+            let LeadershipEvent::Elected { term, .. } = elected else {
+                unreachable!()
+            };
+            let deadline = term.deadline().unwrap();
+            tx.send((client.clone(), deadline)).unwrap();
+            // Block the only thread well past the deadline.
+            std::thread::sleep(4 * SEC);
+            let ev = until(&mut stream, 10 * SEC, "a transition", |ev| {
+                ev.is_elected() || ev.is_lost()
+            })
+            .await;
+            assert!(is_lost_with(&ev, LossReason::Expired), "{ev:?}");
+            client.shutdown().await.ok();
+        });
+    });
+    let (client, deadline) = rx.recv().unwrap();
+    while tokio::time::Instant::now() < deadline {
+        std::thread::sleep(ms(20));
+    }
+    assert!(!client.is_leader(), "still leader past the deadline");
+    assert!(client.get_remaining_lease().is_none());
+    contender.join().unwrap();
+    drop(client);
+    home.block_on(server.shutdown());
+}
