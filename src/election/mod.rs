@@ -835,13 +835,18 @@ fn block_on_bounded(runtime: &tokio::runtime::Handle, shutdown: Shutdown, bound:
         return;
     }
     runtime.block_on(async {
-        // A runtime that shuts down cancels new tasks at once: then nothing
-        // drives the connection, and waiting would only delay the exit.
-        if runtime.spawn(async {}).await.is_err() {
-            tracing::warn!("dropped while the runtime shuts down: cannot release; the lock expires after its TTL");
-            return;
-        }
-        let work = shutdown.run_logged();
+        let work = async {
+            // A runtime that shuts down cancels new tasks at once: then
+            // nothing drives the connection, and waiting would only delay
+            // the exit. (If the shutdown begins just after this probe was
+            // queued, the probe may never run nor be cancelled: the bound
+            // below covers it too.)
+            if runtime.spawn(async {}).await.is_err() {
+                tracing::warn!("dropped while the runtime shuts down: cannot release; the lock expires after its TTL");
+                return;
+            }
+            shutdown.run_logged().await;
+        };
         futures::pin_mut!(work);
         if let futures::future::Either::Right(_) = futures::future::select(work, deadline).await {
             tracing::warn!(?bound, "the release on drop did not finish in time; the lock expires after its TTL");
