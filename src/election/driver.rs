@@ -40,9 +40,10 @@ use std::sync::{Arc, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::{AbortHandle, Abortable, Aborted, BoxFuture};
+use futures::future::{AbortHandle, AbortRegistration, Abortable, Aborted};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::time::{delay_queue, DelayQueue};
@@ -91,6 +92,7 @@ impl Handle {
         let driver = Driver {
             id,
             rx,
+            make: call_future,
             calls: FuturesUnordered::new(),
             timers: DelayQueue::new(),
             acquires: acquires.max(1),
@@ -158,9 +160,34 @@ enum Outcome {
     Panicked(String),
 }
 
-/// A campaign call in flight: its session, its `seq`, and its outcome (or
-/// `Aborted` if its campaign stopped).
-type CallFuture = BoxFuture<'static, (Arc<Session>, u64, Result<Outcome, Aborted>)>;
+/// What a campaign call in flight ends with: its session, its `seq`, and
+/// its outcome (or `Aborted` if its campaign stopped).
+type CallEnd = (Arc<Session>, u64, Result<Outcome, Aborted>);
+
+/// A campaign call in flight, as the driver polls it (not boxed: the
+/// driver's queue of calls holds each in one allocation).
+fn call_future(
+    session: Arc<Session>,
+    seq: u64,
+    call: Call,
+    generation: u64,
+    registration: AbortRegistration,
+) -> impl Future<Output = CallEnd> + Send + 'static {
+    let span = session.observer.span().clone();
+    let owner = session.clone();
+    let work = async move {
+        let outcome = AssertUnwindSafe(make_call(&session, call, generation))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Outcome::Panicked(describe(panic.as_ref())));
+        (session, outcome)
+    }
+    .instrument(span);
+    Abortable::new(work, registration).map(move |ended| match ended {
+        Ok((session, outcome)) => (session, seq, Ok(outcome)),
+        Err(aborted) => (owner, seq, Err(aborted)),
+    })
+}
 
 /// What a timer entry holds. The driver never keeps a session alive: its
 /// handles do (a campaign runs only while a stream, the keep-alive or a
@@ -222,12 +249,15 @@ impl Session {
     }
 }
 
-struct Driver {
+struct Driver<F> {
     /// This driver's id (see [`Handle::id`]).
     id: u64,
     rx: mpsc::UnboundedReceiver<Command>,
+    /// Makes a call's future ([`call_future`]; a parameter only so that its
+    /// type, which has no name, can be the queue's).
+    make: fn(Arc<Session>, u64, Call, u64, AbortRegistration) -> F,
     /// The campaigns' calls in flight.
-    calls: FuturesUnordered<CallFuture>,
+    calls: FuturesUnordered<F>,
     timers: DelayQueue<TimerRef>,
     /// At most this many follower attempts are in flight at once (twice
     /// the connection's cap on calls, so that the connection stays busy).
@@ -245,7 +275,7 @@ struct Driver {
     compact_at: usize,
 }
 
-impl Driver {
+impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
     /// `session`'s slot, if this driver (`id`) keeps it.
     fn owned(id: u64, session: &Session) -> Option<MutexGuard<'_, Slot>> {
         let slot = session.slot();
@@ -612,26 +642,15 @@ impl Driver {
     /// lease it publishes is the driver's own change: no poke).
     fn launch(&mut self, session: &Arc<Session>, running: &mut Running, call: Call) {
         let seq = running.seq;
-        let span = session.observer.span().clone();
         let generation = session.campaign_generation();
         let (abort, registration) = AbortHandle::new_pair();
-        let caller = session.clone();
-        let work = async move {
-            let outcome = AssertUnwindSafe(make_call(&caller, call, generation))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| Outcome::Panicked(describe(panic.as_ref())));
-            (caller, outcome)
-        }
-        .instrument(span);
-        let owner = session.clone();
-        self.calls
-            .push(Box::pin(Abortable::new(work, registration).map(
-                move |ended| match ended {
-                    Ok((caller, outcome)) => (caller, seq, Ok(outcome)),
-                    Err(aborted) => (owner, seq, Err(aborted)),
-                },
-            )));
+        self.calls.push((self.make)(
+            session.clone(),
+            seq,
+            call,
+            generation,
+            registration,
+        ));
         let acquire = matches!(call, Call::Acquire);
         running.mode = Mode::Call { abort, acquire };
         if acquire {
