@@ -454,3 +454,65 @@ fn a_leader_whose_runtime_is_blocked_past_its_deadline_steps_down_and_reports_it
     drop(client);
     home.block_on(server.shutdown());
 }
+
+// ----- second attack (the slot-based driver) -----
+
+/// A runtime that is kept alive but idle (a sync wrapper's runtime between
+/// two `block_on`s).
+fn idle_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Asserts that `client` leads at every check for `span` (every 100 ms).
+async fn leads_throughout(client: &quorum_quest_client::QuorumQuestClient, span: std::time::Duration) {
+    let end = tokio::time::Instant::now() + span;
+    while tokio::time::Instant::now() < end {
+        assert!(
+            client.is_leader(),
+            "the keep-alive stopped renewing (keep-alive running: {}, health: {:?})",
+            client.is_keep_alive_running(),
+            client.health()
+        );
+        tokio::time::sleep(ms(100)).await;
+    }
+}
+
+/// The keep-alive runs on an idle runtime's driver, is stopped (the stop
+/// waits in that driver's queue) and started again on a healthy runtime,
+/// whose driver takes the election's slot over. When the idle runtime runs
+/// again, its driver handles the old stop: it must not take the slot back
+/// (wiping the new campaign), or the keep-alive silently stops renewing
+/// while `is_keep_alive_running()` and the health say it runs.
+#[test]
+fn a_late_stop_on_the_old_drivers_runtime_does_not_kill_the_restarted_keep_alive() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let idle = idle_runtime();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected on the first runtime", || client.is_leader()).await;
+    });
+    home.block_on(async {
+        // The stop waits in the idle driver's queue (the wait gives up
+        // after its grace period); the restart goes to this runtime's driver.
+        client.stop_keep_alive().await;
+        client.start_keep_alive().await.unwrap();
+    });
+    // The idle runtime runs again: its driver reads the old stop.
+    idle.block_on(async { tokio::time::sleep(ms(50)).await });
+    home.block_on(async {
+        assert!(client.is_keep_alive_running());
+        leads_throughout(&client, 7 * SEC).await;
+        client.stop_keep_alive().await;
+    });
+    drop(idle);
+    home.block_on(server.shutdown());
+}
