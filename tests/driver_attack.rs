@@ -516,3 +516,66 @@ fn a_late_stop_on_the_old_drivers_runtime_does_not_kill_the_restarted_keep_alive
     drop(idle);
     home.block_on(server.shutdown());
 }
+
+/// A follower attempt launched by an idle runtime's driver, whose election
+/// is then stopped and restarted on a healthy runtime (that driver takes the
+/// slot over): the attempt's answer, read later by the old driver, finds the
+/// slot gone. The old driver must still count the attempt as over, or after
+/// twice the connection's cap of such attempts every later campaign on that
+/// runtime waits in its queue for ever (no event, no call).
+#[test]
+fn attempts_left_behind_by_a_slot_takeover_do_not_block_the_old_drivers_queue() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Slow answers: the attempt is still in flight when the idle runtime
+    // stops running.
+    let server = home
+        .block_on(
+            quorum_quest_client::testing::TestServer::builder()
+                .latency(SEC)
+                .start(),
+        )
+        .unwrap();
+    // A cap of one call: the driver lets two follower attempts fly at once.
+    let root = home
+        .block_on(over_tcp(&server.url(), 3).max_concurrent_calls(1).build())
+        .unwrap();
+    let idle = idle_runtime();
+    let moved: Vec<_> = (0..2)
+        .map(|i| root.for_scope("svc", format!("moved-{i}")).unwrap())
+        .collect();
+    for client in &moved {
+        idle.block_on(async {
+            client.start_keep_alive().await.unwrap();
+            // The idle runtime's driver launches the attempt (answered
+            // a second later).
+            tokio::time::sleep(ms(100)).await;
+        });
+        home.block_on(async {
+            client.stop_keep_alive().await;
+            client.start_keep_alive().await.unwrap();
+        });
+    }
+    // A new election campaigns on the idle runtime's driver.
+    idle.block_on(async {
+        let fresh = root.for_scope("svc", "fresh").unwrap();
+        let mut stream = fresh.leadership();
+        until(
+            &mut stream,
+            10 * SEC,
+            "Elected (the campaign must not wait in the queue for ever)",
+            LeadershipEvent::is_elected,
+        )
+        .await;
+    });
+    home.block_on(async {
+        for client in &moved {
+            client.stop_keep_alive().await;
+        }
+    });
+    drop(idle);
+    home.block_on(server.shutdown());
+}
