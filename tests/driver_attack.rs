@@ -587,3 +587,78 @@ fn attempts_left_behind_by_a_slot_takeover_do_not_block_the_old_drivers_queue() 
     drop(idle);
     home.block_on(server.shutdown());
 }
+
+/// Live heap bytes allocated by this thread (a paused-time test runs on one
+/// thread: its count is not disturbed by the tests running beside it), to
+/// see whether the memory of dropped clients comes back.
+struct Counting;
+thread_local! {
+    static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+}
+fn count(delta: isize) {
+    let _ = LIVE.try_with(|live| live.set(live.get() + delta));
+}
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        count(l.size() as isize);
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        count(-(l.size() as isize));
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.with(std::cell::Cell::get)
+}
+
+/// Thousands of `for_scope` clients with a long TTL, each made leader
+/// (imperatively, or by its keep-alive: its driver arms the step-down
+/// timer, and runs a campaign) and dropped (the release runs in the
+/// background): their memory must come back, not be
+/// held by the driver's timers until the deadline (up to the one-year
+/// horizon). Each round has its own server (which keeps every tenure) and
+/// root client; only the process-wide leftovers may remain.
+#[tokio::test(start_paused = true)]
+async fn dropped_leaders_with_long_leases_give_their_memory_back() {
+    async fn round(n: usize) {
+        let server = server().await;
+        let root = in_memory(&server, 3600 * 24 * 365 * 10)
+            .build()
+            .await
+            .unwrap();
+        for i in 0..n {
+            let client = root.for_scope("svc", format!("lock-{i}")).unwrap();
+            if i % 2 == 0 {
+                assert!(client.try_acquire_lock().await.unwrap());
+            } else {
+                // Campaigning: a slot with a campaign and a timer.
+                client.start_keep_alive().await.unwrap();
+                eventually(10 * SEC, "elected", || client.is_leader()).await;
+            }
+            drop(client);
+        }
+        // The releases run in the background.
+        tokio::time::sleep(10 * SEC).await;
+        drop(root);
+        server.shutdown().await;
+        drop(server);
+        tokio::time::sleep(10 * SEC).await;
+    }
+    round(2_000).await;
+    let before = live();
+    for _ in 0..3 {
+        round(2_000).await;
+    }
+    let held = live() - before;
+    eprintln!("6 000 dropped leaders: {held} bytes still held");
+    // A session is well over a kilobyte: 6 000 of them held would be
+    // several megabytes.
+    assert!(
+        held < 1_000_000,
+        "6 000 dropped leaders still hold {held} bytes"
+    );
+}
