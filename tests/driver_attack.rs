@@ -454,3 +454,211 @@ fn a_leader_whose_runtime_is_blocked_past_its_deadline_steps_down_and_reports_it
     drop(client);
     home.block_on(server.shutdown());
 }
+
+// ----- second attack (the slot-based driver) -----
+
+/// A runtime that is kept alive but idle (a sync wrapper's runtime between
+/// two `block_on`s).
+fn idle_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Asserts that `client` leads at every check for `span` (every 100 ms).
+async fn leads_throughout(
+    client: &quorum_quest_client::QuorumQuestClient,
+    span: std::time::Duration,
+) {
+    let end = tokio::time::Instant::now() + span;
+    while tokio::time::Instant::now() < end {
+        assert!(
+            client.is_leader(),
+            "the keep-alive stopped renewing (keep-alive running: {}, health: {:?})",
+            client.is_keep_alive_running(),
+            client.health()
+        );
+        tokio::time::sleep(ms(100)).await;
+    }
+}
+
+/// The keep-alive runs on an idle runtime's driver, is stopped (the stop
+/// waits in that driver's queue) and started again on a healthy runtime,
+/// whose driver takes the election's slot over. When the idle runtime runs
+/// again, its driver handles the old stop: it must not take the slot back
+/// (wiping the new campaign), or the keep-alive silently stops renewing
+/// while `is_keep_alive_running()` and the health say it runs.
+#[test]
+fn a_late_stop_on_the_old_drivers_runtime_does_not_kill_the_restarted_keep_alive() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let idle = idle_runtime();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected on the first runtime", || {
+            client.is_leader()
+        })
+        .await;
+    });
+    home.block_on(async {
+        // The stop waits in the idle driver's queue (the wait gives up
+        // after its grace period); the restart goes to this runtime's driver.
+        client.stop_keep_alive().await;
+        client.start_keep_alive().await.unwrap();
+    });
+    // The idle runtime runs again: its driver reads the old stop.
+    idle.block_on(async { tokio::time::sleep(ms(50)).await });
+    home.block_on(async {
+        assert!(client.is_keep_alive_running());
+        leads_throughout(&client, 7 * SEC).await;
+        client.stop_keep_alive().await;
+    });
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// A follower attempt launched by an idle runtime's driver, whose election
+/// is then stopped and restarted on a healthy runtime (that driver takes the
+/// slot over): the attempt's answer, read later by the old driver, finds the
+/// slot gone. The old driver must still count the attempt as over, or after
+/// twice the connection's cap of such attempts every later campaign on that
+/// runtime waits in its queue for ever (no event, no call).
+#[test]
+fn attempts_left_behind_by_a_slot_takeover_do_not_block_the_old_drivers_queue() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Slow answers: the attempt is still in flight when the idle runtime
+    // stops running.
+    let server = home
+        .block_on(
+            quorum_quest_client::testing::TestServer::builder()
+                .latency(SEC)
+                .start(),
+        )
+        .unwrap();
+    // A cap of one call: the driver lets two follower attempts fly at once.
+    let root = home
+        .block_on(over_tcp(&server.url(), 3).max_concurrent_calls(1).build())
+        .unwrap();
+    let idle = idle_runtime();
+    let moved: Vec<_> = (0..2)
+        .map(|i| root.for_scope("svc", format!("moved-{i}")).unwrap())
+        .collect();
+    for client in &moved {
+        idle.block_on(async {
+            client.start_keep_alive().await.unwrap();
+            // The idle runtime's driver launches the attempt (answered
+            // a second later).
+            tokio::time::sleep(ms(100)).await;
+        });
+        home.block_on(async {
+            client.stop_keep_alive().await;
+            client.start_keep_alive().await.unwrap();
+        });
+    }
+    // A new election campaigns on the idle runtime's driver (answered at
+    // once from now on).
+    server.set_latency(std::time::Duration::ZERO);
+    idle.block_on(async {
+        let fresh = root.for_scope("svc", "fresh").unwrap();
+        let mut stream = fresh.leadership();
+        until(
+            &mut stream,
+            10 * SEC,
+            "Elected (the campaign must not wait in the queue for ever)",
+            LeadershipEvent::is_elected,
+        )
+        .await;
+    });
+    home.block_on(async {
+        for client in &moved {
+            client.stop_keep_alive().await;
+        }
+    });
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// Live heap bytes allocated by this thread (a paused-time test runs on one
+/// thread: its count is not disturbed by the tests running beside it), to
+/// see whether the memory of dropped clients comes back.
+struct Counting;
+thread_local! {
+    static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+}
+fn count(delta: isize) {
+    let _ = LIVE.try_with(|live| live.set(live.get() + delta));
+}
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        count(l.size() as isize);
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        count(-(l.size() as isize));
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.with(std::cell::Cell::get)
+}
+
+/// Thousands of `for_scope` clients with a long TTL, each made leader
+/// (imperatively, or by its keep-alive: its driver arms the step-down
+/// timer, and runs a campaign) and dropped (the release runs in the
+/// background): their memory must come back, not be
+/// held by the driver's timers until the deadline (up to the one-year
+/// horizon). Each round has its own server (which keeps every tenure) and
+/// root client; only the process-wide leftovers may remain.
+#[tokio::test(start_paused = true)]
+async fn dropped_leaders_with_long_leases_give_their_memory_back() {
+    async fn round(n: usize) {
+        let server = server().await;
+        let root = in_memory(&server, 3600 * 24 * 365 * 10)
+            .build()
+            .await
+            .unwrap();
+        for i in 0..n {
+            let client = root.for_scope("svc", format!("lock-{i}")).unwrap();
+            if i % 2 == 0 {
+                assert!(client.try_acquire_lock().await.unwrap());
+            } else {
+                // Campaigning: a slot with a campaign and a timer.
+                client.start_keep_alive().await.unwrap();
+                eventually(10 * SEC, "elected", || client.is_leader()).await;
+            }
+            drop(client);
+        }
+        // The releases run in the background.
+        tokio::time::sleep(10 * SEC).await;
+        drop(root);
+        server.shutdown().await;
+        drop(server);
+        tokio::time::sleep(10 * SEC).await;
+    }
+    round(2_000).await;
+    let before = live();
+    for _ in 0..3 {
+        round(2_000).await;
+    }
+    let held = live() - before;
+    eprintln!("6 000 dropped leaders: {held} bytes still held");
+    // A session is well over a kilobyte: 6 000 of them held would be
+    // several megabytes.
+    assert!(
+        held < 1_000_000,
+        "6 000 dropped leaders still hold {held} bytes"
+    );
+}

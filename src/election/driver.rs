@@ -91,6 +91,7 @@ impl Handle {
         let id = NEXT_DRIVER.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
             id,
+            me: tx.downgrade(),
             rx,
             make: call_future,
             calls: FuturesUnordered::new(),
@@ -160,9 +161,11 @@ enum Outcome {
     Panicked(String),
 }
 
-/// What a campaign call in flight ends with: its session, its `seq`, and
-/// its outcome (or `Aborted` if its campaign stopped).
-type CallEnd = (Arc<Session>, u64, Result<Outcome, Aborted>);
+/// What a campaign call in flight ends with: its session, its `seq`,
+/// whether it is a follower attempt (counted in [`Driver::acquiring`] until
+/// the future ends, however it ends), and its outcome (or `Aborted` if its
+/// campaign stopped).
+type CallEnd = (Arc<Session>, u64, bool, Result<Outcome, Aborted>);
 
 /// A campaign call in flight, as the driver polls it (not boxed: the
 /// driver's queue of calls holds each in one allocation).
@@ -175,6 +178,7 @@ fn call_future(
 ) -> impl Future<Output = CallEnd> + Send + 'static {
     let span = session.observer.span().clone();
     let owner = session.clone();
+    let acquire = matches!(call, Call::Acquire);
     let work = async move {
         let outcome = AssertUnwindSafe(make_call(&session, call, generation))
             .catch_unwind()
@@ -184,8 +188,8 @@ fn call_future(
     }
     .instrument(span);
     Abortable::new(work, registration).map(move |ended| match ended {
-        Ok((session, outcome)) => (session, seq, Ok(outcome)),
-        Err(aborted) => (owner, seq, Err(aborted)),
+        Ok((session, outcome)) => (session, seq, acquire, Ok(outcome)),
+        Err(aborted) => (owner, seq, acquire, Err(aborted)),
     })
 }
 
@@ -213,6 +217,9 @@ pub(crate) struct Slot {
     /// the driver that takes the session over next starts afresh
     /// ([`Driver::take_over`]), and the old one's leftovers are ignored.
     driver: u64,
+    /// That driver's command queue, to tell whether it is alive (a weak
+    /// reference: a slot does not keep a driver running).
+    owner: Option<mpsc::WeakUnboundedSender<Command>>,
     /// Where the next campaign's `seq` starts: after every `seq` of the
     /// earlier ones, so that nothing of a stopped campaign (a call's end, a
     /// queue entry) is taken for the next one's.
@@ -236,9 +243,8 @@ enum Mode {
     /// Waiting until `at`. `renew_wait`: for a renewal to come due (a lease
     /// change made elsewhere wakes it early).
     Sleep { at: Instant, renew_wait: bool },
-    /// A call of it is in flight (`acquire`: a follower attempt, counted in
-    /// [`Driver::acquiring`]).
-    Call { abort: AbortHandle, acquire: bool },
+    /// A call of it is in flight.
+    Call { abort: AbortHandle },
     /// Its follower attempt waits for its turn ([`Driver::queued`]).
     Queued,
 }
@@ -252,6 +258,9 @@ impl Session {
 struct Driver<F> {
     /// This driver's id (see [`Handle::id`]).
     id: u64,
+    /// This driver's own command queue (weak: it must not keep itself
+    /// running), recorded in the slots it keeps.
+    me: mpsc::WeakUnboundedSender<Command>,
     rx: mpsc::UnboundedReceiver<Command>,
     /// Makes a call's future ([`call_future`]; a parameter only so that its
     /// type, which has no name, can be the queue's).
@@ -262,7 +271,10 @@ struct Driver<F> {
     /// At most this many follower attempts are in flight at once (twice
     /// the connection's cap on calls, so that the connection stays busy).
     acquires: usize,
-    /// Follower attempts in flight.
+    /// Follower attempt futures not yet ended (answered, or dropped after
+    /// an abort): counted down only when the future ends, so that an attempt
+    /// whose campaign stopped, failed or moved to another driver meanwhile
+    /// still gives its turn back.
     acquiring: usize,
     /// Follower attempts waiting for their turn, first come first served,
     /// by session and `seq`. A cold start of 100,000 elections thus holds
@@ -286,9 +298,39 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
     /// any: it died with its runtime, or the session is new here). Its timer
     /// lived in the old driver's queue and its call in the old driver's
     /// task: both are gone, so the slot starts afresh.
-    fn take_over<'a>(&self, session: &'a Session) -> MutexGuard<'a, Slot> {
+    ///
+    /// A slot kept by another driver that is alive is taken over only by a
+    /// start (`start`: the campaign moves here, see
+    /// [`Session::ensure_campaign`]; the one it records there was stopped,
+    /// and its call in flight, if any, is aborted so that it can no longer
+    /// touch the state) or when it records no campaign (a lease change
+    /// reported here: the timer moves). Otherwise (a late stop, a poke sent
+    /// before the campaign moved) `Err` with that driver's queue: the slot
+    /// is not this driver's to touch, and a poke goes on to its owner.
+    fn take_over<'a>(
+        &self,
+        session: &'a Session,
+        start: bool,
+    ) -> Result<MutexGuard<'a, Slot>, mpsc::UnboundedSender<Command>> {
         let mut slot = session.slot();
         if slot.driver != self.id {
+            let owner = slot
+                .owner
+                .as_ref()
+                .and_then(mpsc::WeakUnboundedSender::upgrade)
+                .filter(|tx| !tx.is_closed());
+            if let Some(owner) = owner {
+                if !start && slot.campaign.is_some() {
+                    return Err(owner);
+                }
+            }
+            if let Some(Running {
+                mode: Mode::Call { abort },
+                ..
+            }) = &slot.campaign
+            {
+                abort.abort();
+            }
             let next_seq = slot
                 .campaign
                 .as_ref()
@@ -296,11 +338,12 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                 .max(slot.next_seq);
             *slot = Slot {
                 driver: self.id,
+                owner: Some(self.me.clone()),
                 next_seq,
                 ..Slot::default()
             };
         }
-        slot
+        Ok(slot)
     }
 
     /// Runs until every handle (the connection's, and so every session's)
@@ -331,8 +374,8 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             if let Some(timer) = timer {
                 self.fired(timer);
             }
-            if let Some((session, seq, outcome)) = call {
-                self.call_ended(&session, seq, outcome);
+            if let Some((session, seq, acquire, outcome)) = call {
+                self.call_ended(&session, seq, acquire, outcome);
             }
             match cmd {
                 Poll::Ready(Some(cmd)) => {
@@ -376,7 +419,9 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
         match cmd {
             Command::Start(session) => self.guarded(&session, |driver, session| {
                 {
-                    let mut slot = driver.take_over(session);
+                    let Ok(mut slot) = driver.take_over(session, true) else {
+                        return;
+                    };
                     if slot.campaign.is_some() {
                         return;
                     }
@@ -394,38 +439,45 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                     let _ = ack.send(());
                     return;
                 };
-                let mut slot = self.take_over(&session);
+                // A slot another (live) driver took over since: nothing of
+                // this campaign is left here but its aborted call, if any.
+                let Ok(mut slot) = self.take_over(&session, false) else {
+                    let _ = ack.send(());
+                    return;
+                };
                 let Some(running) = slot.campaign.take() else {
                     drop(slot);
                     let _ = ack.send(());
                     return;
                 };
                 slot.next_seq = running.seq.wrapping_add(1);
-                let mut ended_acquire = false;
                 match running.mode {
-                    Mode::Call { abort, acquire } => {
+                    Mode::Call { abort } => {
                         // Acknowledged once the call is dropped (at the
                         // driver's next poll: aborting wakes it).
                         abort.abort();
                         slot.stopping.push((running.seq, ack));
-                        ended_acquire = acquire;
                     }
                     Mode::Ready | Mode::Sleep { .. } | Mode::Queued => {
                         let _ = ack.send(());
                     }
                 }
                 self.arm(&session, &mut slot);
-                drop(slot);
-                if ended_acquire {
-                    self.acquire_ended();
-                }
             }
             Command::Poke(session) => {
                 let Some(session) = session.upgrade() else {
                     return;
                 };
                 session.poke_taken(self.id);
-                drop(self.take_over(&session));
+                match self.take_over(&session, false) {
+                    Ok(slot) => drop(slot),
+                    Err(owner) => {
+                        // Sent here before the campaign moved: its driver
+                        // is told (it reads the state afresh).
+                        let _ = owner.send(Command::Poke(Arc::downgrade(&session)));
+                        return;
+                    }
+                }
                 self.guarded(&session, Self::lease_changed);
             }
         }
@@ -458,10 +510,8 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             self.arm(session, &mut slot);
             return;
         };
-        let mut ended_acquire = false;
-        if let Mode::Call { abort, acquire } = &running.mode {
+        if let Mode::Call { abort } = &running.mode {
             abort.abort();
-            ended_acquire = *acquire;
         }
         running.plan = Plan::new(session);
         running.seq += 1;
@@ -470,10 +520,6 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             renew_wait: false,
         };
         self.arm(session, &mut slot);
-        drop(slot);
-        if ended_acquire {
-            self.acquire_ended();
-        }
     }
 
     /// Arms the one timer of `session` at the earlier of its published
@@ -652,13 +698,13 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             registration,
         ));
         let acquire = matches!(call, Call::Acquire);
-        running.mode = Mode::Call { abort, acquire };
+        running.mode = Mode::Call { abort };
         if acquire {
             self.acquiring += 1;
         }
     }
 
-    /// A follower attempt in flight ended: the next queued ones may go.
+    /// A follower attempt's future ended: the next queued ones may go.
     fn acquire_ended(&mut self) {
         self.acquiring = self.acquiring.saturating_sub(1);
         while self.acquiring < self.acquires {
@@ -684,7 +730,17 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
 
     /// A call future ended: answered (its outcome goes to its campaign) or
     /// dropped after an abort (its stop is acknowledged).
-    fn call_ended(&mut self, session: &Arc<Session>, seq: u64, outcome: Result<Outcome, Aborted>) {
+    fn call_ended(
+        &mut self,
+        session: &Arc<Session>,
+        seq: u64,
+        acquire: bool,
+        outcome: Result<Outcome, Aborted>,
+    ) {
+        if acquire {
+            // Before this campaign acts again: it may queue at the back.
+            self.acquire_ended();
+        }
         if let Some(mut slot) = Self::owned(self.id, session) {
             if let Some(i) = slot.stopping.iter().position(|(s, _)| *s == seq) {
                 let (_, ack) = slot.stopping.swap_remove(i);
@@ -700,7 +756,7 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
 
     /// A call of `session`'s campaign was answered (and its answer applied).
     fn done(&mut self, session: &Arc<Session>, seq: u64, outcome: Outcome) {
-        let (acquire, mut plan) = {
+        let mut plan = {
             let Some(mut slot) = Self::owned(self.id, session) else {
                 return;
             };
@@ -709,9 +765,9 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                 .campaign
                 .as_mut()
                 .and_then(|running| match running.mode {
-                    Mode::Call { acquire, .. } if running.seq == seq => {
+                    Mode::Call { .. } if running.seq == seq => {
                         running.mode = Mode::Ready;
-                        Some((acquire, std::mem::replace(&mut running.plan, Plan::idle())))
+                        Some(std::mem::replace(&mut running.plan, Plan::idle()))
                     }
                     _ => None,
                 });
@@ -725,10 +781,6 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                 }
             }
         };
-        if acquire {
-            // Before this campaign acts again: it may queue at the back.
-            self.acquire_ended();
-        }
         let next = match outcome {
             Outcome::Acquired(answer) => plan.acquired(session, &answer),
             Outcome::Renewed(answer, until) => plan.renewed(session, &answer, until),
