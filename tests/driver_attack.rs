@@ -11,6 +11,23 @@ use async_trait::async_trait;
 use common::*;
 use quorum_quest_client::{Callbacks, LeadershipEvent, LossReason};
 
+/// A long-lived runtime with one worker (the test's "home").
+fn home_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A current-thread runtime (a sync wrapper's, or one that comes and goes).
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Records the callbacks in order.
 #[derive(Default)]
 struct Log(Mutex<Vec<&'static str>>);
@@ -44,27 +61,20 @@ async fn a_stream_recreated_right_after_a_drop_keeps_campaigning() {
     let server = server().await;
     let client = in_memory(&server, 3).build().await.unwrap();
     let mut first = client.leadership();
-    until(&mut first, 10 * SEC, "Elected", LeadershipEvent::is_elected).await;
+    until_elected(&mut first, 10 * SEC, "Elected").await;
     // Dropped while leading on a current-thread runtime: its stop and
     // release run in a spawned task, after this task yields.
     drop(first);
     let mut second = client.leadership();
     // The snapshot of the running term, then its end by the late release.
-    until(
-        &mut second,
-        10 * SEC,
-        "Elected",
-        LeadershipEvent::is_elected,
-    )
-    .await;
+    until_elected(&mut second, 10 * SEC, "Elected").await;
     let lost = until(&mut second, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
     assert!(is_lost_with(&lost, LossReason::Released), "{lost:?}");
     // The second stream still campaigns: it wins the free lock again.
-    until(
+    until_elected(
         &mut second,
         30 * SEC,
         "Elected after the release (the campaign must still run)",
-        LeadershipEvent::is_elected,
     )
     .await;
     assert!(client.health().campaign_running);
@@ -77,22 +87,13 @@ async fn a_stream_recreated_right_after_a_drop_keeps_campaigning() {
 /// reported to the callbacks.
 #[test]
 fn runtimes_in_sequence_around_one_client_still_report_the_loss() {
-    let home = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let home = home_runtime();
     let server = home.block_on(server());
     let log = Arc::new(Log::default());
     let client = home
         .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
         .unwrap();
-    let fresh = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
+    let fresh = current_thread;
     // First "test": acquires (its driver starts here, and dies with it).
     let first = fresh();
     assert!(first.block_on(client.try_acquire_lock()).unwrap());
@@ -121,29 +122,14 @@ fn runtimes_in_sequence_around_one_client_still_report_the_loss() {
 /// `Lost` (rule 2), and the stream must go on campaigning there.
 #[test]
 fn a_stream_whose_driver_died_with_its_runtime_still_reports_the_loss() {
-    let home = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let home = home_runtime();
     let server = home.block_on(server());
     let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
-    let fresh = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
+    let fresh = current_thread;
     let mut stream = client.leadership();
     let first = fresh();
     first.block_on(async {
-        until(
-            &mut stream,
-            10 * SEC,
-            "Elected",
-            LeadershipEvent::is_elected,
-        )
-        .await;
+        until_elected(&mut stream, 10 * SEC, "Elected").await;
     });
     drop(first);
     // Nothing renews meanwhile: the lease (3 s from its send) runs out.
@@ -154,13 +140,7 @@ fn a_stream_whose_driver_died_with_its_runtime_still_reports_the_loss() {
         let lost = until(&mut stream, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
         assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
         // Campaigning again: the lock expired on the server, so it wins.
-        until(
-            &mut stream,
-            10 * SEC,
-            "Elected again",
-            LeadershipEvent::is_elected,
-        )
-        .await;
+        until_elected(&mut stream, 10 * SEC, "Elected again").await;
         assert!(client.health().campaign_running);
     });
     drop(stream);
@@ -178,13 +158,7 @@ async fn a_lease_longer_than_the_timer_queue_reaches_is_held_steadily() {
     let three_years = 3 * 365 * 24 * 3600;
     let client = in_memory(&server, three_years).build().await.unwrap();
     let mut stream = client.leadership();
-    until(
-        &mut stream,
-        10 * SEC,
-        "Elected",
-        LeadershipEvent::is_elected,
-    )
-    .await;
+    until_elected(&mut stream, 10 * SEC, "Elected").await;
     // 800 days: past the timer horizon (365 days), renewing about yearly.
     let quiet = tokio::time::timeout(800 * 24 * 3600 * SEC, async {
         loop {
@@ -260,29 +234,16 @@ async fn a_late_refusal_of_the_keep_alive_does_not_stop_it_renewing_an_imperativ
 /// is). A stream polled on another, healthy runtime must campaign there.
 #[test]
 fn a_stream_on_a_healthy_runtime_campaigns_while_the_drivers_runtime_is_idle() {
-    let home = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let home = home_runtime();
     let server = home.block_on(server());
     let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
     // A sync wrapper's runtime: used once, then idle (kept alive).
-    let idle = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let idle = current_thread();
     assert!(idle.block_on(client.try_acquire_lock()).unwrap());
     assert!(idle.block_on(client.release_lock()).is_ok());
     home.block_on(async {
         let mut stream = client.leadership();
-        until(
-            &mut stream,
-            10 * SEC,
-            "Elected",
-            LeadershipEvent::is_elected,
-        )
-        .await;
+        until_elected(&mut stream, 10 * SEC, "Elected").await;
     });
     drop(idle);
     home.block_on(server.shutdown());
@@ -294,20 +255,13 @@ fn a_stream_on_a_healthy_runtime_campaigns_while_the_drivers_runtime_is_idle() {
 /// deadline (rule 2), as `is_leader()` turns false then.
 #[test]
 fn callbacks_get_the_loss_when_the_drivers_runtime_shut_down_and_nothing_else_happens() {
-    let home = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let home = home_runtime();
     let server = home.block_on(server());
     let log = Arc::new(Log::default());
     let client = home
         .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
         .unwrap();
-    let first = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let first = current_thread();
     assert!(first.block_on(client.try_acquire_lock()).unwrap());
     drop(first);
     home.block_on(async {
@@ -406,29 +360,16 @@ async fn shutting_down_thousands_of_busy_elections_is_bounded() {
 /// continuation of the term).
 #[test]
 fn a_leader_whose_runtime_is_blocked_past_its_deadline_steps_down_and_reports_it() {
-    let home = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let home = home_runtime();
     let server = home.block_on(server());
     let url = server.url();
     let (tx, rx) = std::sync::mpsc::channel();
     let contender = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = current_thread();
         rt.block_on(async {
             let client = over_tcp(&url, 3).build().await.unwrap();
             let mut stream = client.leadership();
-            let elected = until(
-                &mut stream,
-                10 * SEC,
-                "Elected",
-                LeadershipEvent::is_elected,
-            )
-            .await;
+            let elected = until_elected(&mut stream, 10 * SEC, "Elected").await;
             let LeadershipEvent::Elected { term, .. } = elected else {
                 unreachable!()
             };
@@ -460,10 +401,7 @@ fn a_leader_whose_runtime_is_blocked_past_its_deadline_steps_down_and_reports_it
 /// A runtime that is kept alive but idle (a sync wrapper's runtime between
 /// two `block_on`s).
 fn idle_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    current_thread()
 }
 
 /// Asserts that `client` leads at every check for `span` (every 100 ms).
@@ -491,11 +429,7 @@ async fn leads_throughout(
 /// while `is_keep_alive_running()` and the health say it runs.
 #[test]
 fn a_late_stop_on_the_old_drivers_runtime_does_not_kill_the_restarted_keep_alive() {
-    let home = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let home = home_runtime();
     let server = home.block_on(server());
     let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
     let idle = idle_runtime();
@@ -531,11 +465,7 @@ fn a_late_stop_on_the_old_drivers_runtime_does_not_kill_the_restarted_keep_alive
 /// runtime waits in its queue for ever (no event, no call).
 #[test]
 fn attempts_left_behind_by_a_slot_takeover_do_not_block_the_old_drivers_queue() {
-    let home = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let home = home_runtime();
     // Slow answers: the attempt is still in flight when the idle runtime
     // stops running.
     let server = home
@@ -571,11 +501,10 @@ fn attempts_left_behind_by_a_slot_takeover_do_not_block_the_old_drivers_queue() 
     idle.block_on(async {
         let fresh = root.for_scope("svc", "fresh").unwrap();
         let mut stream = fresh.leadership();
-        until(
+        until_elected(
             &mut stream,
             10 * SEC,
             "Elected (the campaign must not wait in the queue for ever)",
-            LeadershipEvent::is_elected,
         )
         .await;
     });

@@ -48,6 +48,15 @@ where
     }
 }
 
+/// The next `Elected` within `within` (other events skipped), or a panic
+/// saying what was awaited.
+pub async fn until_elected<S>(stream: &mut S, within: Duration, what: &str) -> LeadershipEvent
+where
+    S: Stream<Item = LeadershipEvent> + Unpin,
+{
+    until(stream, within, what, LeadershipEvent::is_elected).await
+}
+
 /// Skips events until one matches `pred`; panics after `within`.
 pub async fn until<S, P>(
     stream: &mut S,
