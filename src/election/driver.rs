@@ -27,9 +27,10 @@
 //! cap on calls in flight at once ([`Driver::queued`]); renewals and
 //! releases never wait there.
 //!
-//! Buffers: the command channel holds at most one start or stop per
-//! campaign and one poke per election (a poke is sent only when none is
-//! pending), so it is bounded by the number of elections.
+//! Buffers: the command channel holds at most one poke per election (a
+//! poke is sent only when none is pending to that driver) and the starts
+//! and stops the application makes; the driver drains it in batches, so it
+//! grows only while the driver's runtime does not run it.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
