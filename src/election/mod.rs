@@ -48,7 +48,8 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 /// connection's driver).
 #[derive(Debug)]
 pub(crate) struct Session {
-    /// This session, for the driver's registry (which must not keep it).
+    /// This session, weakly: what the driver's timers and queue hold (they
+    /// must not keep it alive).
     me: std::sync::Weak<Session>,
     pub(crate) rpc: Rpc,
     pub(crate) timing: Timing,
