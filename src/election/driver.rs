@@ -204,10 +204,10 @@ type TimerRef = Weak<Session>;
 /// locks it).
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
-    /// The armed timer: when, and its entry.
+    /// The armed timer: when, and its entry. Its instant is derived each
+    /// time from the published deadline (read, never copied) and the
+    /// campaign's wake-up.
     timer: Option<(Instant, delay_queue::Key)>,
-    /// The published deadline the timer was armed for.
-    deadline: Option<Instant>,
     campaign: Option<Running>,
     /// Stops waiting for the aborted call of their `seq` to be dropped
     /// (usually none; more than one only if a campaign is stopped, started
@@ -506,7 +506,6 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
         let Some(mut slot) = Self::owned(self.id, session) else {
             return;
         };
-        slot.deadline = session.published_deadline();
         let Some(running) = slot.campaign.as_mut() else {
             self.arm(session, &mut slot);
             return;
@@ -533,7 +532,7 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             }) => Some(*at),
             _ => None,
         };
-        let at = match (slot.deadline, wake) {
+        let at = match (session.published_deadline(), wake) {
             (Some(d), Some(w)) => Some(d.min(w)),
             (d, w) => d.or(w),
         };
@@ -567,7 +566,7 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                     return;
                 };
                 slot.timer = None;
-                let expired = slot.deadline.is_some_and(|d| d <= now);
+                let expired = session.published_deadline().is_some_and(|d| d <= now);
                 let woken = match &mut slot.campaign {
                     Some(running) => match running.mode {
                         Mode::Sleep { at, .. } if at <= now => {
@@ -584,9 +583,6 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                 session.observe(Observation::Tick);
             }
             if woken {
-                if let Some(mut slot) = Self::owned(driver.id, session) {
-                    slot.deadline = session.published_deadline();
-                }
                 driver.advance(session);
             } else {
                 driver.lease_changed(session);
@@ -605,7 +601,6 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
         let Some(mut slot) = Self::owned(self.id, session) else {
             return;
         };
-        slot.deadline = session.published_deadline();
         let replan = match &slot.campaign {
             Some(Running {
                 mode: Mode::Sleep { renew_wait, .. },
@@ -654,7 +649,6 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             let Some(mut slot) = Self::owned(self.id, session) else {
                 return;
             };
-            slot.deadline = session.published_deadline();
             let Some(running) = slot.campaign.as_mut() else {
                 return;
             };
@@ -761,7 +755,6 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             let Some(mut slot) = Self::owned(self.id, session) else {
                 return;
             };
-            slot.deadline = session.published_deadline();
             let current = slot
                 .campaign
                 .as_mut()
