@@ -632,50 +632,25 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
         {
             panic!("injected campaign panic");
         }
-        // The plan reads the state (and may apply a tick) outside the slot.
-        let mut plan = {
-            let Some(mut slot) = Self::owned(self.id, session) else {
-                return;
-            };
-            match slot.campaign.as_mut() {
-                Some(running) if matches!(running.mode, Mode::Ready) => {
-                    std::mem::replace(&mut running.plan, Plan::idle())
-                }
-                _ => return,
-            }
-        };
-        let mut action = plan.next(session);
         loop {
-            let Some(mut slot) = Self::owned(self.id, session) else {
-                return;
-            };
-            let Some(running) = slot.campaign.as_mut() else {
-                return;
-            };
-            running.plan = plan;
-            running.seq += 1;
-            match action {
-                Action::Sleep { at, renew_wait } => {
-                    if at <= Instant::now() && !renew_wait {
-                        // Nothing to wait for: decide again.
-                        plan = std::mem::replace(&mut running.plan, Plan::idle());
-                        drop(slot);
-                        action = plan.next(session);
-                        continue;
+            // The plan reads the state (and may apply a tick) outside the
+            // slot.
+            let mut plan = {
+                let Some(mut slot) = Self::owned(self.id, session) else {
+                    return;
+                };
+                match slot.campaign.as_mut() {
+                    Some(running) if matches!(running.mode, Mode::Ready) => {
+                        std::mem::replace(&mut running.plan, Plan::idle())
                     }
-                    running.mode = Mode::Sleep { at, renew_wait };
+                    _ => return,
                 }
-                Action::Call(Call::Acquire) if self.acquiring >= self.acquires => {
-                    running.mode = Mode::Queued;
-                    self.queued
-                        .push_back((Arc::downgrade(session), running.seq));
-                }
-                Action::Call(call) => {
-                    self.launch(session, running, call);
-                }
+            };
+            let action = plan.next(session);
+            self.restore(session, plan);
+            if self.carry_out(session, action) {
+                return;
             }
-            self.arm(session, &mut slot);
-            return;
         }
     }
 
@@ -788,8 +763,8 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
         };
         self.restore(session, plan);
         match next {
-            Some(action) => self.carry_out(session, action),
-            None => self.advance(session),
+            Some(action) if self.carry_out(session, action) => {}
+            _ => self.advance(session),
         }
     }
 
@@ -802,20 +777,26 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
         }
     }
 
-    /// Carries out an action the plan chose after an answer.
-    fn carry_out(&mut self, session: &Arc<Session>, action: Action) {
+    /// Carries out an action of `session`'s plan (its campaign free to act):
+    /// sleeps, queues or launches a call, and arms the timer. `false` if
+    /// there is nothing to wait for (a follower wait already over): the
+    /// plan decides again.
+    fn carry_out(&mut self, session: &Arc<Session>, action: Action) -> bool {
         let Some(mut slot) = Self::owned(self.id, session) else {
-            return;
+            return true;
         };
         let Some(running) = slot.campaign.as_mut() else {
-            return;
+            return true;
         };
         if !matches!(running.mode, Mode::Ready) {
-            return;
+            return true;
         }
         running.seq += 1;
         match action {
             Action::Sleep { at, renew_wait } => {
+                if at <= Instant::now() && !renew_wait {
+                    return false;
+                }
                 running.mode = Mode::Sleep { at, renew_wait };
             }
             Action::Call(Call::Acquire) if self.acquiring >= self.acquires => {
@@ -826,6 +807,7 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             Action::Call(call) => self.launch(session, running, call),
         }
         self.arm(session, &mut slot);
+        true
     }
 }
 
