@@ -171,7 +171,7 @@ impl QuorumQuestClient {
         let session = &self.inner.session;
         session.check_open()?;
         let wait = Wait::AtMost(session.timing.rpc_timeout);
-        let (answer, _) = session.try_acquire(wait).await;
+        let answer = session.try_acquire(wait).await;
         if answer.result.is_err() {
             // Shut down while it waited for a call slot: it was not sent.
             session.check_open()?;
@@ -182,7 +182,7 @@ impl QuorumQuestClient {
         // `TryAcquireLock` does not say how long the server keeps the lock
         // (it may grant less than asked): one `KeepAlive` tells, and only its
         // answer makes this client leader.
-        let (confirm, _) = session.keep_alive(session.timing.rpc_timeout, wait).await;
+        let confirm = session.keep_alive(session.timing.rpc_timeout, wait).await;
         confirm.result.map_err(Error::Rpc)?;
         Ok(session.is_leader())
     }

@@ -231,14 +231,16 @@ struct CellState {
 
 impl LeaseCell {
     /// Publishes `view` if it differs from what is there (a new term or a
-    /// moved deadline), and ends the term that left the view.
-    pub(crate) fn publish(&self, view: LeaseView) {
-        let (left, wake) = {
+    /// moved deadline), and ends the term that left the view. Returns
+    /// whether the published deadline moved.
+    pub(crate) fn publish(&self, view: LeaseView) -> bool {
+        let (left, wake, moved) = {
             let mut state = lock(&self.state);
             let (old_key, new_key) = (state.view.key(), view.key());
             if old_key == new_key {
-                return;
+                return false;
             }
+            let moved = old_key.map(|(_, d)| d) != new_key.map(|(_, d)| d);
             // A later deadline of the same term wakes nobody.
             let wake = match (old_key, new_key) {
                 (Some((old_id, old_deadline)), Some((new_id, new_deadline))) => {
@@ -249,7 +251,7 @@ impl LeaseCell {
             let new_id = new_key.map(|(id, _)| id);
             let old = std::mem::replace(&mut state.view, view);
             let left = old.current.filter(|c| Some(c.id) != new_id);
-            (left, wake)
+            (left, wake, moved)
         };
         // Outside the lock: both wake other tasks.
         if let Some(left) = left {
@@ -258,6 +260,7 @@ impl LeaseCell {
         if wake {
             self.moved.notify_waiters();
         }
+        moved
     }
 
     /// The current term's deadline, if leader (it may have passed).
@@ -594,33 +597,47 @@ mod tests {
     async fn publish_ends_the_term_that_leaves_the_view_and_nothing_else() {
         let t0 = Instant::now();
         let cell = Arc::new(LeaseCell::default());
-        // Whether a publish wakes the cell's waiters.
-        let wakes = |publish: &dyn Fn()| {
+        // Whether a publish wakes the cell's waiters, and whether it reports
+        // the deadline moved.
+        let wakes = |publish: &dyn Fn() -> bool| {
             let notified = cell.moved.notified();
             futures::pin_mut!(notified);
             notified.as_mut().enable();
-            publish();
-            futures::FutureExt::now_or_never(notified).is_some()
+            let moved = publish();
+            (futures::FutureExt::now_or_never(notified).is_some(), moved)
         };
         let term1 = LeaderTerm::new(1, cell.clone());
-        assert!(wakes(&|| cell.publish(view(&term1, t0 + SEC * 5))));
+        assert_eq!(
+            wakes(&|| cell.publish(view(&term1, t0 + SEC * 5))),
+            (true, true)
+        );
         let first = term1.token();
         // Renewed later: same term, no wake-up.
-        assert!(
-            !wakes(&|| cell.publish(view(&term1, t0 + SEC * 8))),
+        assert_eq!(
+            wakes(&|| cell.publish(view(&term1, t0 + SEC * 8))),
+            (false, true),
             "a later deadline wakes nobody"
         );
         assert!(!first.is_cancelled());
         assert_eq!(cell.deadline(), Some(t0 + SEC * 8));
         // The same (id, deadline) again: nothing happens.
-        assert!(!wakes(&|| cell.publish(view(&term1, t0 + SEC * 8))));
+        assert_eq!(
+            wakes(&|| cell.publish(view(&term1, t0 + SEC * 8))),
+            (false, false)
+        );
         assert!(!first.is_cancelled());
         // Shortened: a wake-up, the term goes on.
-        assert!(wakes(&|| cell.publish(view(&term1, t0 + SEC * 6))));
+        assert_eq!(
+            wakes(&|| cell.publish(view(&term1, t0 + SEC * 6))),
+            (true, true)
+        );
         assert!(!first.is_cancelled());
         // The next term replaces it: the first one ends, at once.
         let term2 = LeaderTerm::new(2, cell.clone());
-        assert!(wakes(&|| cell.publish(view(&term2, t0 + SEC * 9))));
+        assert_eq!(
+            wakes(&|| cell.publish(view(&term2, t0 + SEC * 9))),
+            (true, true)
+        );
         assert!(first.is_cancelled());
         assert!(term1.is_ended());
         assert!(
@@ -628,7 +645,7 @@ mod tests {
             "a token made after the term ended is cancelled"
         );
         let second = term2.token();
-        assert!(wakes(&|| cell.publish(LeaseView::default())));
+        assert_eq!(wakes(&|| cell.publish(LeaseView::default())), (true, true));
         assert!(second.is_cancelled());
         assert_eq!(cell.deadline(), None);
     }

@@ -234,6 +234,108 @@ impl Drop for EventReceiver {
     }
 }
 
+/// Every subscriber of one election, and the order its events reach them.
+///
+/// Observations are numbered when they are applied (under the election's
+/// state lock) and handed here afterwards, outside that lock, by whichever
+/// task applied them (see `election::Applied`). Two tasks may hand theirs
+/// over in the other order: a batch that arrives ahead of an earlier one
+/// waits for it, so every subscriber sees the events in the order the
+/// observations were applied. A subscriber records the number of the first
+/// batch it gets: the batches before it are already reflected in the state
+/// it started from (its snapshot), so they are skipped for it.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    inner: Mutex<HubState>,
+}
+
+#[derive(Debug)]
+struct HubState {
+    /// The number of the next batch to hand out (batches count from 1).
+    next: u64,
+    /// Batches that arrived ahead of an earlier one. At most one per task
+    /// that is between applying an observation and handing it over (a few
+    /// statements, with no `await`): a handful at the very most.
+    early: Vec<(u64, Vec<LeadershipEvent>)>,
+    subscribers: Vec<Subscriber>,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    /// The first batch this subscriber gets.
+    from: u64,
+    tx: EventSender,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            inner: Mutex::new(HubState {
+                next: 1,
+                early: Vec::new(),
+                subscribers: Vec::new(),
+            }),
+        }
+    }
+}
+
+impl Hub {
+    fn state(&self) -> MutexGuard<'_, HubState> {
+        crate::sync::lock(&self.inner)
+    }
+
+    /// A new subscriber that gets the batches from `from` on, after `first`
+    /// (its snapshot of the state the batches before `from` left). Called
+    /// under the election's state lock, so that no batch numbered `from` or
+    /// later can have been handed out yet.
+    pub(crate) fn subscribe(&self, from: u64, first: Option<LeadershipEvent>) -> EventReceiver {
+        let (tx, rx) = channel();
+        if let Some(ev) = first {
+            tx.send(ev);
+        }
+        let mut state = self.state();
+        state.subscribers.retain(|s| !s.tx.receiver_gone());
+        state.subscribers.push(Subscriber { from, tx });
+        rx
+    }
+
+    /// Hands batch `seq` to every subscriber, after every batch before it
+    /// (`seq` counts from 1, each number once). `each` runs once per batch,
+    /// in order, before the batch is handed out (logs, metrics).
+    pub(crate) fn deliver(
+        &self,
+        seq: u64,
+        events: Vec<LeadershipEvent>,
+        mut each: impl FnMut(&[LeadershipEvent]),
+    ) {
+        let mut state = self.state();
+        if seq != state.next {
+            // An earlier batch is still on its way: it hands this one out.
+            state.early.push((seq, events));
+            return;
+        }
+        let mut batch = events;
+        loop {
+            let seq = state.next;
+            each(&batch);
+            state
+                .subscribers
+                .retain(|s| seq < s.from || batch.iter().all(|ev| s.tx.send(ev.clone())));
+            state.next = seq.wrapping_add(1);
+            let next = state.next;
+            match state.early.iter().position(|(s, _)| *s == next) {
+                Some(i) => batch = state.early.swap_remove(i).1,
+                None => return,
+            }
+        }
+    }
+
+    /// Ends every subscriber (each yields what it holds, then ends).
+    pub(crate) fn close(&self) {
+        self.state().subscribers.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -476,5 +578,47 @@ mod tests {
             .flat_map(|id| [format!("E{id}"), format!("L{id}")])
             .collect();
         assert_eq!(transitions, expected);
+    }
+
+    #[tokio::test]
+    async fn the_hub_hands_batches_out_in_the_order_they_were_numbered() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        let mut logged = Vec::new();
+        // Batch 2 arrives first: it waits for batch 1.
+        hub.deliver(2, vec![lost(1)], |evs| logged.extend(evs.iter().map(tag)));
+        assert!(drain(&mut rx).is_empty(), "batch 2 went out before batch 1");
+        assert!(logged.is_empty());
+        hub.deliver(1, vec![elected(1), renewed(5)], |evs| {
+            logged.extend(evs.iter().map(tag))
+        });
+        assert_eq!(drain(&mut rx), ["E1", "R5", "L1"]);
+        assert_eq!(logged, ["E1", "R5", "L1"]);
+        hub.deliver(3, vec![elected(2)], |_| {});
+        assert_eq!(drain(&mut rx), ["E2"]);
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_gets_its_snapshot_then_only_the_batches_after_it() {
+        let hub = Hub::default();
+        let mut early = hub.subscribe(1, None);
+        // Batches 1 and 2 were applied before the late subscriber's snapshot
+        // (which reflects them) but are handed out after it subscribed.
+        let mut late = hub.subscribe(3, Some(elected(2)));
+        hub.deliver(2, vec![elected(2)], |_| {});
+        hub.deliver(1, vec![elected(1), lost(1)], |_| {});
+        hub.deliver(3, vec![renewed(7)], |_| {});
+        assert_eq!(drain(&mut early), ["E1", "L1", "E2", "R7"]);
+        assert_eq!(drain(&mut late), ["E2", "R7"]);
+    }
+
+    #[tokio::test]
+    async fn closing_the_hub_ends_every_subscriber_after_what_it_holds() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, Some(LeadershipEvent::Follower));
+        hub.deliver(1, vec![elected(1)], |_| {});
+        hub.close();
+        assert_eq!(drain(&mut rx), ["F", "E1"]);
+        assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
     }
 }

@@ -162,7 +162,7 @@ impl Plan {
                     }
                     // The timer reports the loss; nothing to renew.
                     self.retry_at = None;
-                    session.observe(Observation::Tick);
+                    session.observe(Observation::Tick).deliver();
                 }
             }
         }

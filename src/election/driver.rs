@@ -501,7 +501,7 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
     fn failed(&mut self, session: &Arc<Session>, what: &str) {
         tracing::error!(panic = %what, "the campaign panicked; stepping down and restarting it");
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            session.observe(Observation::CampaignFailed);
+            session.observe(Observation::CampaignFailed).deliver();
         }));
         let Some(mut slot) = Self::owned(self.id, session) else {
             return;
@@ -580,7 +580,7 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                 (expired, woken)
             };
             if expired {
-                session.observe(Observation::Tick);
+                session.observe(Observation::Tick).deliver();
             }
             if woken {
                 driver.advance(session);
@@ -821,11 +821,11 @@ async fn make_call(session: &Session, call: Call, generation: u64) -> Outcome {
         Call::Acquire => {
             // A queued attempt costs nothing: it waits for a free call slot
             // as long as it takes.
-            let (answer, _) = session.try_acquire(Wait::Unbounded).await;
+            let answer = session.try_acquire(Wait::Unbounded).await;
             Outcome::Acquired(answer)
         }
         Call::Renew { until } => {
-            let (answer, _) = session
+            let answer = session
                 .keep_alive(session.timing.rpc_timeout, Wait::Until(until))
                 .await;
             Outcome::Renewed(answer, until)

@@ -4,11 +4,20 @@
 //!
 //! A client is one contender with one identity, so it has exactly one
 //! election state. Every consumer (each [`Leadership`] stream, the callbacks
-//! adapter, `is_leader()`, the terms) is a view of that state. Each
-//! observation is applied, its lease published and its events handed to every
-//! subscriber under one lock, so all of them see the same sequence in the same
-//! order, whichever task caused it. Subscriber queues are bounded: transitions
-//! are kept, `Renewed` and `RpcFailed` coalesce ([`crate::fanout`]).
+//! adapter, `is_leader()`, the terms) is a view of that state.
+//!
+//! The flow is one way: a call's answer (or the step-down timer's tick) is an
+//! observation; [`Session::observe`] applies it to the pure state machine,
+//! publishes the lease (the one deadline `is_leader()` and the terms read)
+//! and returns the events, numbered, as an [`Applied`]; the task that
+//! observed them then hands them to the session's [`Hub`], which fans them
+//! out to every subscriber in the order they were applied. That task is the
+//! connection's driver for everything the campaign and the step-down timer
+//! observe, and the caller's for the API calls the application makes itself
+//! (`try_acquire_lock()`, a release), whose events are so handed out before
+//! the call returns or its request leaves. Subscriber queues are bounded:
+//! transitions are kept, `Renewed` and `RpcFailed` coalesce
+//! ([`crate::fanout`]).
 //!
 //! Where each rule lives: what an answer means, the deadline and every fence
 //! in [`crate::state`]; retry timing and error classes in [`crate::backoff`];
@@ -20,6 +29,7 @@ mod campaign;
 mod driver;
 mod stream;
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -31,7 +41,7 @@ use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::error::{Error, Result};
 use crate::event::{LeaderTerm, LeadershipEvent, LeaseOwner};
-use crate::fanout::{self, EventReceiver, EventSender};
+use crate::fanout::{EventReceiver, Hub};
 use crate::observe::Observer;
 use crate::rpc::{Answer, LeaseAnswer, Rpc};
 use crate::state::{ElectionState, Observation};
@@ -54,6 +64,8 @@ pub(crate) struct Session {
     pub(crate) rpc: Rpc,
     pub(crate) timing: Timing,
     shared: Mutex<Shared>,
+    /// The subscribers, and the order events reach them.
+    hub: Hub,
     control: Mutex<Control>,
     /// The published lease: the one deadline terms and readers see.
     lease: LeaseOwner,
@@ -84,7 +96,46 @@ pub(crate) struct Session {
 #[derive(Debug)]
 struct Shared {
     election: ElectionState,
-    subscribers: Vec<EventSender>,
+    /// The number of the last batch of events applied (see [`Applied`]).
+    seq: u64,
+}
+
+/// The events of one observation, applied and numbered, on their way to
+/// the subscribers: [`deliver`](Applied::deliver) hands them to the hub.
+///
+/// Dropping it delivers them too, so that no panic between applying and
+/// delivering can leave a gap the later batches would wait behind for
+/// ever. It is not `Send`: it cannot be held across an `await` in the
+/// crate's (`Send`) futures, so events are always handed out before the
+/// observing task waits for anything (a release's `Lost` before its request
+/// leaves).
+#[must_use = "the events reach the subscribers when it is delivered"]
+pub(crate) struct Applied<'a> {
+    session: &'a Session,
+    batch: Option<(u64, Vec<LeadershipEvent>)>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Applied<'_> {
+    /// The events.
+    pub(crate) fn events(&self) -> &[LeadershipEvent] {
+        self.batch.as_ref().map_or(&[], |(_, events)| events)
+    }
+
+    /// Hands the events to every subscriber, after those of every earlier
+    /// observation (the work is done by `Drop`).
+    pub(crate) fn deliver(self) {}
+}
+
+impl Drop for Applied<'_> {
+    fn drop(&mut self) {
+        if let Some((seq, events)) = self.batch.take() {
+            let observer = &self.session.observer;
+            self.session
+                .hub
+                .deliver(seq, events, |events| observer.published(events));
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -161,8 +212,9 @@ impl Session {
             timing,
             shared: Mutex::new(Shared {
                 election: ElectionState::starting_at(ttl, timing.safety_margin, lease_rx, start),
-                subscribers: Vec::new(),
+                seq: 0,
             }),
+            hub: Hub::default(),
             control: Mutex::new(Control::default()),
             lease,
             backoff: Mutex::new(Backoff::new(
@@ -192,9 +244,11 @@ impl Session {
         lock(&self.backoff)
     }
 
-    /// Applies an observation, publishes the lease and hands the resulting
-    /// events to every subscriber before anyone else can apply the next one.
-    pub(crate) fn observe(&self, obs: Observation) -> Vec<LeadershipEvent> {
+    /// Applies an observation to the state machine and publishes the lease
+    /// (ending at once a term that left it: `is_leader()` and the terms
+    /// never wait for the events). Returns the events, numbered, for the
+    /// caller to [deliver](Applied::deliver).
+    pub(crate) fn observe(&self, obs: Observation) -> Applied<'_> {
         self.observe_with(obs, |_| ()).0
     }
 
@@ -204,48 +258,50 @@ impl Session {
         &self,
         obs: Observation,
         read: impl FnOnce(&mut ElectionState) -> R,
-    ) -> (Vec<LeadershipEvent>, R) {
+    ) -> (Applied<'_>, R) {
         let mut shared = self.shared();
         let now = Instant::now();
         self.observer.observed(&obs, now);
         let events = shared.election.apply(obs, now);
         let out = read(&mut shared.election);
-        self.publish(&mut shared, &events);
-        (events, out)
+        (self.applied(&mut shared, events), out)
     }
 
-    /// Publishes the lease (ending a term that left it) and fans `events` out.
-    /// A change made outside the driver is reported to it (it keeps the
+    /// Publishes the lease the state now holds and numbers `events`. A
+    /// deadline moved outside the driver is reported to it (it keeps the
     /// step-down timer and wakes a campaign waiting to renew).
-    fn publish(&self, shared: &mut Shared, events: &[LeadershipEvent]) {
-        let before = self.published_deadline();
-        self.lease.publish(shared.election.view());
-        if self.published_deadline() != before {
+    fn applied(&self, shared: &mut Shared, events: Vec<LeadershipEvent>) -> Applied<'_> {
+        if self.lease.publish(shared.election.view()) {
             self.poke();
         }
-        self.observer.published(events);
-        if !events.is_empty() {
-            shared
-                .subscribers
-                .retain(|tx| events.iter().all(|ev| tx.send(ev.clone())));
+        let batch = (!events.is_empty()).then(|| {
+            shared.seq += 1;
+            (shared.seq, events)
+        });
+        Applied {
+            session: self,
+            batch,
+            _not_send: PhantomData,
         }
     }
 
     /// A new event receiver. Expiry is settled first (an expired term is
     /// reported lost to the existing subscribers, not snapshotted), then the
     /// receiver starts with the current state (`Elected` for a running term,
-    /// `Follower` if known) so that its view is consistent.
+    /// `Follower` if known) and gets every batch applied after it, so that
+    /// its view is consistent.
     pub(crate) fn subscribe(&self) -> EventReceiver {
-        let (tx, rx) = fanout::channel();
-        let mut shared = self.shared();
-        let now = Instant::now();
-        let events = shared.election.apply(Observation::Tick, now);
-        self.publish(&mut shared, &events);
-        if let Some(ev) = shared.election.snapshot(now) {
-            tx.send(ev);
-        }
-        shared.subscribers.retain(|s| !s.receiver_gone());
-        shared.subscribers.push(tx);
+        let (settled, rx) = {
+            let mut shared = self.shared();
+            let now = Instant::now();
+            let events = shared.election.apply(Observation::Tick, now);
+            let settled = self.applied(&mut shared, events);
+            let first = shared.election.snapshot(now);
+            // Under the state lock: no later batch can be handed out yet.
+            let rx = self.hub.subscribe(shared.seq + 1, first);
+            (settled, rx)
+        };
+        settled.deliver();
         rx
     }
 
@@ -296,7 +352,7 @@ impl Session {
                 let Some(s) = session.upgrade() else {
                     return Poll::Pending;
                 };
-                s.observe(Observation::Tick);
+                s.observe(Observation::Tick).deliver();
                 if s.published_deadline() == Some(deadline) {
                     // A passed deadline the tick left in place would be a
                     // bug: no spin.
@@ -366,7 +422,7 @@ impl Session {
     /// `wait` bounds its wait for a free call slot on the connection.
     /// A leader's (or a granted candidate's) acquire renews a lease at
     /// stake: it waits ahead of followers' attempts.
-    pub(crate) async fn try_acquire(&self, wait: Wait) -> (Answer<bool>, Vec<LeadershipEvent>) {
+    pub(crate) async fn try_acquire(&self, wait: Wait) -> Answer<bool> {
         let (incarnation, priority) = {
             let mut shared = self.shared();
             let state = &mut shared.election;
@@ -382,21 +438,17 @@ impl Session {
             .rpc
             .try_acquire(incarnation, self.timing.rpc_timeout, wait, priority)
             .await;
-        let events = self.observe(answer.observation());
-        (answer, events)
+        self.observe(answer.observation()).deliver();
+        answer
     }
 
     /// One `KeepAlive` call under the current identity, observed;
     /// `wait` bounds its wait for a free call slot on the connection.
-    pub(crate) async fn keep_alive(
-        &self,
-        timeout: Duration,
-        wait: Wait,
-    ) -> (Answer<LeaseAnswer>, Vec<LeadershipEvent>) {
+    pub(crate) async fn keep_alive(&self, timeout: Duration, wait: Wait) -> Answer<LeaseAnswer> {
         let incarnation = self.shared().election.incarnation();
         let answer = self.rpc.keep_alive(incarnation, timeout, wait).await;
-        let events = self.observe(answer.observation());
-        (answer, events)
+        self.observe(answer.observation()).deliver();
+        answer
     }
 
     /// Steps down locally (the term ends and `Lost { Released }` is published
@@ -405,10 +457,12 @@ impl Session {
     /// unknown (it fails, times out, is retried or this future is dropped),
     /// the state machine retires the identity it was sent under.
     pub(crate) async fn release(&self) -> Result<()> {
-        let (_, (incarnation, acquires_before)) = self
+        let (lost, (incarnation, acquires_before)) = self
             .observe_with(Observation::ReleaseStarted, |s| {
                 (s.incarnation(), s.acquires_sent())
             });
+        // Before the request leaves.
+        lost.deliver();
         let mut done = ReleaseDone {
             session: self,
             incarnation,
@@ -592,7 +646,7 @@ impl Session {
     /// Ends every subscriber (streams end after the events they hold, the
     /// callbacks adapter after its last callback).
     fn close_subscribers(&self) {
-        self.shared().subscribers.clear();
+        self.hub.close();
     }
 
     /// Leader or granted: the server holds (or was just asked for) the lock
@@ -656,12 +710,14 @@ struct ReleaseDone<'a> {
 
 impl Drop for ReleaseDone<'_> {
     fn drop(&mut self) {
-        self.session.observe(Observation::ReleaseDone {
-            at: Instant::now(),
-            incarnation: self.incarnation,
-            settled: self.settled,
-            acquires_before: self.acquires_before,
-        });
+        self.session
+            .observe(Observation::ReleaseDone {
+                at: Instant::now(),
+                incarnation: self.incarnation,
+                settled: self.settled,
+                acquires_before: self.acquires_before,
+            })
+            .deliver();
     }
 }
 
@@ -792,19 +848,23 @@ impl Shutdown {
     fn without_runtime(self) {
         // The campaign's stop was sent when the shutdown was made.
         drop(self.campaign);
-        let (events, incarnation) = self
+        let (lost, incarnation) = self
             .session
             .observe_with(Observation::ReleaseStarted, |s| s.incarnation());
+        let leading = !lost.events().is_empty();
+        lost.deliver();
         // No request is sent, so this "release" is over at once, and no copy
         // of it can reach the server later; it released nothing, so it says
         // nothing about what the server holds.
-        self.session.observe(Observation::ReleaseDone {
-            at: Instant::now(),
-            incarnation,
-            settled: true,
-            acquires_before: 0,
-        });
-        if !events.is_empty() {
+        self.session
+            .observe(Observation::ReleaseDone {
+                at: Instant::now(),
+                incarnation,
+                settled: true,
+                acquires_before: 0,
+            })
+            .deliver();
+        if leading {
             tracing::warn!("dropped outside a Tokio runtime while leader: cannot release; the lock expires after its TTL");
         }
     }

@@ -111,3 +111,107 @@ async fn a_follower_campaign_that_panics_keeps_asking_and_stops_at_once() {
     }
     session.stop_keep_alive().await;
 }
+
+/// Observations applied on several threads at once (the driver's calls and
+/// timer, the application's own calls) reach every subscriber in the order
+/// they were applied: each sees terms begin and end in alternation, two
+/// subscribers see the same sequence, and one that joins midway starts from
+/// its snapshot and sees the same sequence from there on.
+#[test]
+fn events_applied_on_many_threads_reach_every_subscriber_in_one_order() {
+    use crate::state::Observation;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    let session = rt.block_on(session(&server));
+    let mut first = session.subscribe();
+    let mut second = session.subscribe();
+    let lease = Duration::from_secs(3);
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let session = session.clone();
+            let handle = rt.handle().clone();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let _runtime = handle.enter();
+                for _ in 0..5_000 {
+                    done.fetch_add(1, Ordering::Relaxed);
+                    let incarnation = session.shared().election.incarnation();
+                    let sent_at = tokio::time::Instant::now();
+                    for obs in [
+                        Observation::Granted {
+                            sent_at,
+                            incarnation,
+                        },
+                        Observation::Renewed {
+                            sent_at,
+                            incarnation,
+                            lease,
+                        },
+                        Observation::ReleaseStarted,
+                        Observation::ReleaseDone {
+                            at: tokio::time::Instant::now(),
+                            incarnation,
+                            settled: true,
+                            acquires_before: 0,
+                        },
+                    ] {
+                        let applied = session.observe(obs);
+                        // Preempted between applying and delivering.
+                        std::thread::yield_now();
+                        applied.deliver();
+                    }
+                }
+            })
+        })
+        .collect();
+    // Joins while the threads run (with most of their rounds to go).
+    while done.load(Ordering::Relaxed) < 2_000 {
+        std::thread::yield_now();
+    }
+    let mut late = session.subscribe();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let drain = |rx: &mut crate::fanout::EventReceiver| {
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        let mut out = Vec::new();
+        while let std::task::Poll::Ready(Some(ev)) = rx.poll_recv(&mut cx) {
+            match ev {
+                LeadershipEvent::Elected { term, .. } => out.push(('E', term.id())),
+                LeadershipEvent::Lost { term, .. } => out.push(('L', term.id())),
+                _ => {}
+            }
+        }
+        out
+    };
+    let (first, second, late) = (drain(&mut first), drain(&mut second), drain(&mut late));
+    assert!(first.len() > 20, "too few terms to tell: {}", first.len());
+    // Alternation: Elected(n), Lost(n), Elected(m > n), ...
+    let mut leading: Option<u64> = None;
+    let mut last = 0;
+    for &(kind, id) in &first {
+        match (kind, leading) {
+            ('E', None) if id > last => leading = Some(id),
+            ('L', Some(current)) if current == id => {
+                leading = None;
+                last = id;
+            }
+            _ => panic!("{kind}{id} after {leading:?} (last term {last}): out of order"),
+        }
+    }
+    assert_eq!(first, second, "two subscribers saw different sequences");
+    // The late one starts with its snapshot (an `Elected` for a running
+    // term, or nothing), then sees exactly what the others saw after it.
+    let start = first
+        .iter()
+        .position(|e| Some(e) == late.first())
+        .unwrap_or_else(|| panic!("{:?} never seen by the others", late.first()));
+    assert_eq!(late, first[start..], "the late subscriber diverged");
+    rt.block_on(server.shutdown());
+}
