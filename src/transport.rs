@@ -716,6 +716,16 @@ impl Transport {
         Some(driver)
     }
 
+    /// A live driver of this connection, on whichever runtime, without
+    /// starting one (what a dying driver hands its step-down timers to).
+    pub(crate) fn live_driver(&self) -> Option<crate::election::DriverHandle> {
+        crate::sync::lock(&self.driver)
+            .iter()
+            .map(|(_, d)| d)
+            .find(|d| d.is_alive())
+            .cloned()
+    }
+
     /// Lets at most `cap` calls be in flight on this connection at once.
     pub(crate) fn with_max_concurrent_calls(mut self, cap: usize) -> Self {
         self.admission = Admission::new(cap);

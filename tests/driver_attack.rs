@@ -278,6 +278,40 @@ fn callbacks_get_the_loss_when_the_drivers_runtime_shut_down_and_nothing_else_ha
     home.block_on(server.shutdown());
 }
 
+/// The keep-alive started on a runtime that then shuts down (its campaign
+/// and its driver die with it) while the callbacks run on the client's
+/// runtime: the step-down timer must move to a live driver, so that
+/// `on_leader_lost` still comes at the deadline with nothing else touching
+/// the client (rule 2: no leadership change is lost silently).
+#[test]
+fn callbacks_get_the_loss_when_the_keep_alives_runtime_shut_down_mid_term() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let first = current_thread();
+    first.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    // Its campaign and driver die here, mid-term.
+    drop(first);
+    home.block_on(async {
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    home.block_on(server.shutdown());
+}
+
 /// A keep-alive whose follower attempt waits in the driver's queue (behind
 /// many elections' attempts on a busy connection) when the client becomes
 /// leader imperatively: its lease must be renewed (renewals never wait in

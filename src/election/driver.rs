@@ -21,7 +21,15 @@
 //! a tick, so `Lost { Expired }` reaches every consumer even when no call
 //! returns and nothing campaigns. A lease changed from outside the driver (an
 //! imperative call, a release) pokes the driver, which re-arms the timer and
-//! wakes a campaign waiting to renew.
+//! wakes a campaign waiting to renew. That is the campaign's driver, or, while
+//! no campaign runs, the one on the callbacks' runtime (else the caller's).
+//! A driver whose runtime shuts down hands the timers it kept to a live
+//! driver of the connection ([`TimerRef`]): the loss at the deadline still
+//! reaches the consumers on other runtimes.
+//!
+//! The events of what the driver observes (answers, ticks) are handed to
+//! the session's subscribers by the driver itself, right after they are
+//! applied ([`super::Applied`]).
 //!
 //! Follower attempts are admitted in order, at most twice the connection's
 //! cap on calls in flight at once ([`Driver::queued`]); renewals and
@@ -194,11 +202,33 @@ fn call_future(
     })
 }
 
-/// What a timer entry holds. The driver never keeps a session alive: its
-/// handles do (a campaign runs only while a stream, the keep-alive or a
-/// stop in progress holds one), and a session dropped with a timer armed is
-/// let go when it fires.
-type TimerRef = Weak<Session>;
+/// What a timer entry holds: its session, weakly. The driver never keeps a
+/// session alive: its handles do (a campaign runs only while a stream, the
+/// keep-alive or a stop in progress holds one), and a session dropped with
+/// a timer armed is let go when it fires.
+///
+/// An entry dropped unfired (the timer queue is dropped: the driver's task
+/// is gone, its runtime shut down) hands its session's step-down timer to a
+/// live driver ([`Session::timer_lost`]), so that the loss at the deadline
+/// still reaches the consumers on other runtimes. An entry the driver takes
+/// out itself (fired, or re-armed) is defused with [`TimerRef::take`].
+#[derive(Debug)]
+struct TimerRef(Weak<Session>);
+
+impl TimerRef {
+    /// The session, without the hand-over on drop.
+    fn take(mut self) -> Weak<Session> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for TimerRef {
+    fn drop(&mut self) {
+        if let Some(session) = self.0.upgrade() {
+            session.timer_lost();
+        }
+    }
+}
 
 /// The driver's part of one election, kept in its session (only the driver
 /// locks it).
@@ -288,6 +318,15 @@ struct Driver<F> {
     compact_at: usize,
 }
 
+impl<F> Drop for Driver<F> {
+    fn drop(&mut self) {
+        // Closed before the timer queue is dropped: its entries hand their
+        // sessions to a live driver (see [`TimerRef`]), and this one must
+        // no longer count as one.
+        self.rx.close();
+    }
+}
+
 impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
     /// `session`'s slot, if this driver (`id`) keeps it.
     fn owned(id: u64, session: &Session) -> Option<MutexGuard<'_, Slot>> {
@@ -354,7 +393,7 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             let (cmd, timer, call) = futures::future::poll_fn(|cx| {
                 let cmd = self.rx.poll_recv(cx);
                 let timer = match self.timers.poll_expired(cx) {
-                    Poll::Ready(Some(expired)) => Some(expired.into_inner()),
+                    Poll::Ready(Some(expired)) => Some(expired.into_inner().take()),
                     _ => None,
                 };
                 let call = match self.calls.poll_next_unpin(cx) {
@@ -540,21 +579,25 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             return;
         }
         if let Some((_, key)) = slot.timer.take() {
-            self.timers.try_remove(&key);
+            if let Some(removed) = self.timers.try_remove(&key) {
+                removed.into_inner().take();
+            }
         }
         if let Some(at) = at {
             // A timer queue holds nothing further out than about two years,
             // and a TTL may be 68: a far instant is armed at the horizon,
             // and re-armed from there when it fires.
             let when = at.min(crate::time::after(Instant::now(), TIMER_HORIZON));
-            let key = self.timers.insert_at(Arc::downgrade(session), when);
+            let key = self
+                .timers
+                .insert_at(TimerRef(Arc::downgrade(session)), when);
             slot.timer = Some((at, key));
         }
     }
 
     /// The timer of a session fired: the deadline passed (a tick reports
     /// the loss) and/or its campaign's wake-up came.
-    fn fired(&mut self, timer: TimerRef) {
+    fn fired(&mut self, timer: Weak<Session>) {
         let Some(session) = timer.upgrade() else {
             return;
         };

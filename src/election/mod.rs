@@ -77,6 +77,11 @@ pub(crate) struct Session {
     /// reports of lease changes made outside it (see [`Session::poke`]).
     /// A leaf lock (taken under the state lock, never the other way).
     home: Mutex<Option<driver::Handle>>,
+    /// The driver on the runtime of the callbacks adapter, if any: it keeps
+    /// the step-down timer while no campaign runs (the loss at the deadline
+    /// must reach the callbacks even if the runtime an imperative call was
+    /// made on, or the campaign's, has shut down since).
+    adapter: std::sync::OnceLock<driver::Handle>,
     /// The driver (its id; 0: none) that was told of a lease change made
     /// outside it and has not taken the report yet: no second report is
     /// sent to it meanwhile. A driver that died with the report unread (its
@@ -224,6 +229,7 @@ impl Session {
             )),
             slot: Mutex::default(),
             home: Mutex::new(None),
+            adapter: std::sync::OnceLock::new(),
             poke_pending: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             observer,
@@ -305,61 +311,17 @@ impl Session {
         rx
     }
 
-    /// The events of the callbacks adapter: a subscriber's, with a backstop
-    /// of the driver's step-down timer on the adapter's own runtime. While
-    /// idle it sleeps until the published deadline and then settles it (a
-    /// tick): so `on_leader_lost` comes at the deadline even when the
-    /// runtime the connection's driver ran on has shut down and nothing
-    /// else touches the client (a tick that finds the term ended or renewed
-    /// changes nothing). It holds the session weakly: it ends with it.
+    /// The events of the callbacks adapter, which runs on the current
+    /// runtime: a subscriber's. The step-down timer is kept on this
+    /// runtime's driver while no campaign runs (see [`Session::timer_driver`]).
     pub(crate) fn callback_events(
         self: &Arc<Self>,
     ) -> impl futures::Stream<Item = LeadershipEvent> + Send + 'static {
+        if let Some(driver) = self.rpc.transport().driver() {
+            let _ = self.adapter.set(driver);
+        }
         let mut events = self.subscribe();
-        let session = Arc::downgrade(self);
-        let mut timer: Option<(Instant, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
-        futures::stream::poll_fn(move |cx| {
-            use std::future::Future;
-            use std::task::Poll;
-            loop {
-                if let Poll::Ready(ev) = events.poll_recv(cx) {
-                    return Poll::Ready(ev);
-                }
-                let deadline = session.upgrade().and_then(|s| s.published_deadline());
-                let Some(deadline) = deadline else {
-                    timer = None;
-                    return Poll::Pending;
-                };
-                let sleep = match &mut timer {
-                    Some((at, sleep)) if *at == deadline => sleep,
-                    _ => {
-                        &mut timer
-                            .insert((deadline, Box::pin(tokio::time::sleep_until(deadline))))
-                            .1
-                    }
-                };
-                if sleep.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                timer = None;
-                if Instant::now() < deadline {
-                    // Woken early (a timer years ahead): sleep on.
-                    continue;
-                }
-                // The deadline passed: settle it, then read the loss it
-                // queued (nothing is queued if the term was renewed
-                // meanwhile: the next turn sleeps to the new deadline).
-                let Some(s) = session.upgrade() else {
-                    return Poll::Pending;
-                };
-                s.observe(Observation::Tick).deliver();
-                if s.published_deadline() == Some(deadline) {
-                    // A passed deadline the tick left in place would be a
-                    // bug: no spin.
-                    return Poll::Pending;
-                }
-            }
-        })
+        futures::stream::poll_fn(move |cx| events.poll_recv(cx))
     }
 
     pub(crate) fn is_leader(&self) -> bool {
@@ -388,20 +350,48 @@ impl Session {
         self.lease.deadline()
     }
 
+    /// The driver that keeps the step-down timer (and the campaign, if
+    /// one runs): the campaign's, while its runtime runs; else the one on
+    /// the callbacks adapter's runtime (where the loss must be reported);
+    /// else `fallback`.
+    fn timer_driver(
+        &self,
+        fallback: impl FnOnce() -> Option<driver::Handle>,
+    ) -> Option<driver::Handle> {
+        let alive = |d: &&driver::Handle| d.is_alive();
+        let home = lock(&self.home).as_ref().filter(alive).cloned();
+        home.or_else(|| self.adapter.get().filter(alive).cloned())
+            .or_else(fallback)
+    }
+
     /// Tells the driver that the lease changed, unless the driver (or a call
     /// it runs) made the change, or a report is already pending.
     fn poke(&self) {
-        // The driver of the campaign if it runs, else this runtime's.
-        let home = lock(&self.home).as_ref().filter(|d| d.is_alive()).cloned();
-        let Some(driver) = home.or_else(|| self.rpc.transport().driver()) else {
+        let Some(driver) = self.timer_driver(|| self.rpc.transport().driver()) else {
             return;
         };
-        if driver.is_current()
-            || self.poke_pending.swap(driver.id(), Ordering::SeqCst) == driver.id()
-        {
+        if driver.is_current() {
             return;
         }
-        driver.poke(self.me.clone());
+        self.poke_to(&driver);
+    }
+
+    /// Sends `driver` a report of a lease change, unless one is pending.
+    fn poke_to(&self, driver: &driver::Handle) {
+        if self.poke_pending.swap(driver.id(), Ordering::SeqCst) != driver.id() {
+            driver.poke(self.me.clone());
+        }
+    }
+
+    /// The driver that kept this session's step-down timer is gone (its
+    /// runtime shut down): a live one takes it over, so that the loss at
+    /// the deadline is still reported (it re-reads the published lease).
+    /// Called while the dead driver is dropped, perhaps outside any
+    /// runtime: it starts no driver.
+    fn timer_lost(&self) {
+        if let Some(driver) = self.timer_driver(|| self.rpc.transport().live_driver()) {
+            self.poke_to(&driver);
+        }
     }
 
     /// Driver `driver` took this session's pending report.
