@@ -253,9 +253,10 @@ pub(crate) struct Hub {
 struct HubState {
     /// The number of the next batch to hand out (batches count from 1).
     next: u64,
-    /// Batches that arrived ahead of an earlier one. At most one per task
-    /// that is between applying an observation and handing it over (a few
-    /// statements, with no `await`): a handful at the very most.
+    /// Batches that arrived ahead of an earlier one (and, for an instant,
+    /// the one being handed over). At most one per task that is between
+    /// applying an observation and handing it over (a few statements, with
+    /// no `await`): a handful at the very most.
     early: Vec<(u64, Vec<LeadershipEvent>)>,
     subscribers: Vec<Subscriber>,
 }
@@ -302,6 +303,10 @@ impl Hub {
     /// Hands batch `seq` to every subscriber, after every batch before it
     /// (`seq` counts from 1, each number once). `each` runs once per batch,
     /// in order, before the batch is handed out (logs, metrics).
+    ///
+    /// A batch counts as handed out before anything is done with it: if
+    /// `each` or a send panics (a bug), that batch is lost to some
+    /// subscribers, but the ones after it still go out.
     pub(crate) fn deliver(
         &self,
         seq: u64,
@@ -309,24 +314,19 @@ impl Hub {
         mut each: impl FnMut(&[LeadershipEvent]),
     ) {
         let mut state = self.state();
-        if seq != state.next {
-            // An earlier batch is still on its way: it hands this one out.
-            state.early.push((seq, events));
-            return;
-        }
-        let mut batch = events;
+        // Parked until its turn; handed out below if this is it.
+        state.early.push((seq, events));
         loop {
-            let seq = state.next;
+            let next = state.next;
+            let Some(i) = state.early.iter().position(|(s, _)| *s == next) else {
+                return;
+            };
+            let (_, batch) = state.early.swap_remove(i);
+            state.next = next.wrapping_add(1);
             each(&batch);
             state
                 .subscribers
-                .retain(|s| seq < s.from || batch.iter().all(|ev| s.tx.send(ev.clone())));
-            state.next = seq.wrapping_add(1);
-            let next = state.next;
-            match state.early.iter().position(|(s, _)| *s == next) {
-                Some(i) => batch = state.early.swap_remove(i).1,
-                None => return,
-            }
+                .retain(|s| next < s.from || batch.iter().all(|ev| s.tx.send(ev.clone())));
         }
     }
 
@@ -620,5 +620,20 @@ mod tests {
         hub.close();
         assert_eq!(drain(&mut rx), ["F", "E1"]);
         assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_hand_over_panicked_does_not_hold_back_the_later_ones() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        hub.deliver(3, vec![renewed(3)], |_| {});
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hub.deliver(1, vec![elected(1)], |_| panic!("a logging bug"));
+        }));
+        assert!(panicked.is_err());
+        hub.deliver(2, vec![lost(1)], |_| {});
+        assert_eq!(drain(&mut rx), ["L1", "R3"]);
+        hub.deliver(4, vec![elected(2)], |_| {});
+        assert_eq!(drain(&mut rx), ["E2"]);
     }
 }
