@@ -612,6 +612,47 @@ mod tests {
         assert_eq!(drain(&mut late), ["E2", "R7"]);
     }
 
+    /// The `each` hook runs the application's code (its tracing layers,
+    /// its metrics recorder). If it panics on one batch, that batch and
+    /// every later one must still reach every subscriber: a batch left
+    /// undelivered would park every later one in `early` for ever (no
+    /// event again, on any stream, and `early` growing with each renewal).
+    #[tokio::test]
+    async fn a_panic_in_the_hook_neither_loses_the_batch_nor_stalls_the_next() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hub.deliver(1, vec![elected(1)], |_| panic!("a recorder's bug"))
+        }));
+        assert!(panicked.is_err(), "the hook's panic is not hidden");
+        hub.deliver(2, vec![lost(1)], |_| {});
+        hub.deliver(3, vec![elected(2)], |_| {});
+        assert_eq!(drain(&mut rx), ["E1", "L1", "E2"]);
+        assert!(hub.state().early.is_empty(), "batches parked for ever");
+    }
+
+    /// The same for a batch handed out from `early` (its hook panics while
+    /// the task that delivered the batch before it hands it out).
+    #[tokio::test]
+    async fn a_panic_in_the_hook_for_a_parked_batch_does_not_stall_the_next() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        hub.deliver(2, vec![lost(1)], |_| {});
+        let mut calls = 0;
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hub.deliver(1, vec![elected(1)], |_| {
+                calls += 1;
+                if calls == 2 {
+                    panic!("a recorder's bug");
+                }
+            })
+        }));
+        assert!(panicked.is_err(), "the hook's panic is not hidden");
+        hub.deliver(3, vec![elected(2)], |_| {});
+        assert_eq!(drain(&mut rx), ["E1", "L1", "E2"]);
+        assert!(hub.state().early.is_empty(), "batches parked for ever");
+    }
+
     #[tokio::test]
     async fn closing_the_hub_ends_every_subscriber_after_what_it_holds() {
         let hub = Hub::default();

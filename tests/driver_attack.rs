@@ -625,3 +625,140 @@ async fn dropped_leaders_with_long_leases_give_their_memory_back() {
         "6 000 dropped leaders still hold {held} bytes"
     );
 }
+
+/// The keep-alive is started on a current-thread runtime whose driver does
+/// not get to read its queue before the runtime is dropped (a sync
+/// wrapper's `block_on(start_keep_alive())` returns at once). Meanwhile the
+/// client becomes leader with `try_acquire_lock()` on its own runtime: that
+/// lease change is reported to the campaign's driver, which dies with its
+/// runtime before it reads the report and never held a timer entry for the
+/// election (so no entry is dropped to hand the timer over). The loss at
+/// the deadline must still reach the callbacks (rule 2).
+#[test]
+fn callbacks_get_the_loss_when_a_driver_dies_with_a_lease_change_unread() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let first = current_thread();
+    first.block_on(client.start_keep_alive()).unwrap();
+    home.block_on(async {
+        assert!(client.try_acquire_lock().await.unwrap());
+        eventually(5 * SEC, "on_leader_elected", || log.get() == ["elected"]).await;
+    });
+    // The campaign's driver dies with the lease change unread.
+    drop(first);
+    home.block_on(async {
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    home.block_on(server.shutdown());
+}
+
+/// The same with a stream on the client's runtime instead of callbacks,
+/// already waiting for its next event when the campaign's runtime is
+/// dropped: nothing polls it again unless an event comes, so only the
+/// hand-over of the step-down timer can end its term.
+#[test]
+fn a_waiting_stream_gets_the_loss_when_a_driver_dies_with_a_lease_change_unread() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let first = current_thread();
+    first.block_on(client.start_keep_alive()).unwrap();
+    let mut stream = client.leadership();
+    let waiting = home.block_on(async {
+        assert!(client.try_acquire_lock().await.unwrap());
+        until_elected(&mut stream, 5 * SEC, "Elected").await;
+        tokio::spawn(async move {
+            let lost = until(&mut stream, 20 * SEC, "Lost", LeadershipEvent::is_lost).await;
+            (stream, lost)
+        })
+    });
+    // Let the spawned task poll the stream (and wait) first.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(first);
+    let (stream, lost) = home.block_on(waiting).unwrap();
+    assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    drop(stream);
+    home.block_on(server.shutdown());
+}
+
+/// The keep-alive runs on a current-thread runtime that is then left idle
+/// (not dropped: a sync wrapper's runtime between two `block_on`s), so its
+/// renewals stop and the term runs out. The callbacks run on the client's
+/// healthy runtime: `on_leader_lost` must come at the deadline, as it did
+/// with the callbacks' own backstop timer (HEAD~2, `callback_events`).
+#[test]
+fn callbacks_get_the_loss_when_the_keep_alives_runtime_is_left_idle() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    // `idle` is kept, but nothing runs it any more.
+    home.block_on(async {
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// `stop_keep_alive()` promises that a leader stays leader until its lease
+/// runs out "and `on_leader_lost` fires then". Stopped on a current-thread
+/// runtime that is then left idle, with the callbacks on the client's
+/// healthy runtime, and no campaign running (so, by the design, the
+/// callbacks' driver should keep the step-down timer): the loss must come.
+#[test]
+fn callbacks_get_the_loss_after_stop_keep_alive_on_a_runtime_left_idle() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+        client.stop_keep_alive().await;
+    });
+    home.block_on(async {
+        // A lease change made on the healthy runtime, with no campaign.
+        assert!(client.try_acquire_lock().await.unwrap());
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    drop(idle);
+    home.block_on(server.shutdown());
+}
