@@ -25,6 +25,7 @@
 //! round trip and usually a retry period).
 
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -302,30 +303,66 @@ impl Hub {
     /// Hands batch `seq` to every subscriber, after every batch before it
     /// (`seq` counts from 1, each number once). `each` runs once per batch,
     /// in order, before the batch is handed out (logs, metrics).
+    ///
+    /// `each` and a subscriber's wake-up run the application's code (its
+    /// tracing layers, metrics recorder, executor). If one panics, the
+    /// batch still reaches every subscriber and the batches parked behind
+    /// it still go out (a batch left undelivered would park every later
+    /// one for ever); the first panic is then resumed, outside the lock
+    /// (unless this thread is already unwinding: a second panic would
+    /// abort). A subscriber whose wake-up panicked keeps its place (the
+    /// events were queued before the wake-up; dropping it here would run
+    /// its waker again, under the lock).
     pub(crate) fn deliver(
         &self,
         seq: u64,
         events: Vec<LeadershipEvent>,
         mut each: impl FnMut(&[LeadershipEvent]),
     ) {
-        let mut state = self.state();
-        if seq != state.next {
-            // An earlier batch is still on its way: it hands this one out.
-            state.early.push((seq, events));
-            return;
+        let mut panic = None;
+        {
+            let mut state = self.state();
+            if seq != state.next {
+                // An earlier batch is still on its way: it hands this one out.
+                state.early.push((seq, events));
+                return;
+            }
+            let mut batch = events;
+            loop {
+                let seq = state.next;
+                if let Err(p) = catch_unwind(AssertUnwindSafe(|| each(&batch))) {
+                    panic.get_or_insert(p);
+                }
+                state.subscribers.retain(|s| {
+                    if seq < s.from {
+                        return true;
+                    }
+                    for ev in &batch {
+                        match catch_unwind(AssertUnwindSafe(|| s.tx.send(ev.clone()))) {
+                            Ok(true) => {}
+                            // The receiver is gone: forget the subscriber.
+                            Ok(false) => return false,
+                            // The event was queued before the wake-up that
+                            // panicked: the subscriber keeps it, and the
+                            // rest of the batch follows.
+                            Err(p) => {
+                                panic.get_or_insert(p);
+                            }
+                        }
+                    }
+                    true
+                });
+                state.next = seq.wrapping_add(1);
+                let next = state.next;
+                match state.early.iter().position(|(s, _)| *s == next) {
+                    Some(i) => batch = state.early.swap_remove(i).1,
+                    None => break,
+                }
+            }
         }
-        let mut batch = events;
-        loop {
-            let seq = state.next;
-            each(&batch);
-            state
-                .subscribers
-                .retain(|s| seq < s.from || batch.iter().all(|ev| s.tx.send(ev.clone())));
-            state.next = seq.wrapping_add(1);
-            let next = state.next;
-            match state.early.iter().position(|(s, _)| *s == next) {
-                Some(i) => batch = state.early.swap_remove(i).1,
-                None => return,
+        if let Some(p) = panic {
+            if !std::thread::panicking() {
+                resume_unwind(p);
             }
         }
     }
@@ -651,6 +688,33 @@ mod tests {
         hub.deliver(3, vec![elected(2)], |_| {});
         assert_eq!(drain(&mut rx), ["E1", "L1", "E2"]);
         assert!(hub.state().early.is_empty(), "batches parked for ever");
+    }
+
+    /// A subscriber's wake-up runs its executor's code: one that panics
+    /// costs neither that subscriber the rest of the batch, nor the other
+    /// subscribers the batch, nor anyone the later batches.
+    #[tokio::test]
+    async fn a_panicking_wake_up_loses_no_event_for_anyone() {
+        struct Panics;
+        impl futures::task::ArcWake for Panics {
+            fn wake_by_ref(_: &Arc<Self>) {
+                panic!("an executor's bug");
+            }
+        }
+        let hub = Hub::default();
+        let mut broken = hub.subscribe(1, None);
+        let mut fine = hub.subscribe(1, None);
+        let waker = futures::task::waker(Arc::new(Panics));
+        assert!(broken
+            .poll_recv(&mut Context::from_waker(&waker))
+            .is_pending());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hub.deliver(1, vec![elected(1), renewed(5)], |_| {})
+        }));
+        assert!(panicked.is_err(), "the wake-up's panic is not hidden");
+        hub.deliver(2, vec![lost(1)], |_| {});
+        assert_eq!(drain(&mut fine), ["E1", "R5", "L1"]);
+        assert_eq!(drain(&mut broken), ["E1", "R5", "L1"]);
     }
 
     #[tokio::test]
