@@ -324,6 +324,22 @@ impl<F> Drop for Driver<F> {
         // sessions to a live driver (see [`TimerRef`]), and this one must
         // no longer count as one.
         self.rx.close();
+        // A lease change reported here and not read yet (a poke, or a
+        // start that would have read the lease) may concern an election
+        // this driver holds no timer entry for (a follower until that
+        // change): its step-down timer is handed over too, or the loss at
+        // its deadline would never be reported.
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Start(session) => session.timer_lost(),
+                Command::Poke(session) => {
+                    if let Some(session) = session.upgrade() {
+                        session.timer_lost();
+                    }
+                }
+                Command::Stop { .. } => {}
+            }
+        }
     }
 }
 
