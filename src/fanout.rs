@@ -161,6 +161,12 @@ impl EventSender {
         self.shared.state().receiver_gone
     }
 
+    /// Wakes the receiver without an event: it is polled again (a stream
+    /// then revives a campaign whose driver is gone).
+    pub(crate) fn wake(&self) {
+        self.shared.waker.wake();
+    }
+
     /// How many status events were replaced by a newer one so far.
     #[cfg(test)]
     pub(crate) fn coalesced(&self) -> u64 {
@@ -364,6 +370,13 @@ impl Hub {
             if !std::thread::panicking() {
                 resume_unwind(p);
             }
+        }
+    }
+
+    /// Wakes every subscriber without an event (see [`EventSender::wake`]).
+    pub(crate) fn wake_all(&self) {
+        for s in &self.state().subscribers {
+            s.tx.wake();
         }
     }
 

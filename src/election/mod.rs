@@ -387,11 +387,15 @@ impl Session {
     /// runtime shut down): a live one takes it over, so that the loss at
     /// the deadline is still reported (it re-reads the published lease).
     /// Called while the dead driver is dropped, perhaps outside any
-    /// runtime: it starts no driver.
+    /// runtime: it starts no driver. Every subscriber is woken too: a
+    /// stream waiting for its next event is polled again, which revives
+    /// its campaign on its own runtime (when no live driver takes the
+    /// timer over, nothing else would).
     fn timer_lost(&self) {
         if let Some(driver) = self.timer_driver(|| self.rpc.transport().live_driver()) {
             self.poke_to(&driver);
         }
+        self.hub.wake_all();
     }
 
     /// Driver `driver` took this session's pending report.
