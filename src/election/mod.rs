@@ -54,6 +54,9 @@ pub use stream::Leadership;
 /// How long stopping a campaign waits for the driver to let go of it.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
+/// The furthest the callbacks adapter's backstop timer is armed ahead.
+const BACKSTOP_HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// One client's election: state, subscribers and its campaign (run by the
 /// connection's driver).
 #[derive(Debug)]
@@ -314,6 +317,15 @@ impl Session {
     /// The events of the callbacks adapter, which runs on the current
     /// runtime: a subscriber's. The step-down timer is kept on this
     /// runtime's driver while no campaign runs (see [`Session::timer_driver`]).
+    ///
+    /// The adapter also keeps a backstop timer of its own at the published
+    /// deadline, on its own runtime: the driver that keeps the step-down
+    /// timer may sit on a runtime that is alive but no longer run (a
+    /// current-thread runtime between two `block_on`s, holding the
+    /// keep-alive's campaign or the timer since it ran there): nothing
+    /// tells a live driver to take over then, and without the backstop
+    /// `on_leader_lost` would never come. A tick at a deadline the driver
+    /// already settled changes nothing (the loss is reported once).
     pub(crate) fn callback_events(
         self: &Arc<Self>,
     ) -> impl futures::Stream<Item = LeadershipEvent> + Send + 'static {
@@ -321,7 +333,47 @@ impl Session {
             let _ = self.adapter.set(driver);
         }
         let mut events = self.subscribe();
-        futures::stream::poll_fn(move |cx| events.poll_recv(cx))
+        let session = Arc::downgrade(self);
+        let mut timer: Option<(Instant, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
+        futures::stream::poll_fn(move |cx| loop {
+            if let std::task::Poll::Ready(ev) = events.poll_recv(cx) {
+                return std::task::Poll::Ready(ev);
+            }
+            let Some(session) = session.upgrade() else {
+                return std::task::Poll::Pending;
+            };
+            let Some(deadline) = session.published_deadline() else {
+                timer = None;
+                return std::task::Poll::Pending;
+            };
+            let sleep = match &mut timer {
+                Some((at, sleep)) if *at == deadline => sleep,
+                _ => {
+                    // A far deadline is slept towards from the horizon on
+                    // (a tokio timer panics beyond about two years).
+                    let when = deadline.min(crate::time::after(Instant::now(), BACKSTOP_HORIZON));
+                    &mut timer
+                        .insert((deadline, Box::pin(tokio::time::sleep_until(when))))
+                        .1
+                }
+            };
+            if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            timer = None;
+            if Instant::now() < deadline {
+                // Woken at the horizon: sleep on.
+                continue;
+            }
+            // The deadline passed: settle it (the loss it reports is
+            // queued for this adapter too, and read at the next turn).
+            session.observe(Observation::Tick).deliver();
+            if session.published_deadline() == Some(deadline) {
+                // A passed deadline a tick left in place would be a bug:
+                // no spin.
+                return std::task::Poll::Pending;
+            }
+        })
     }
 
     pub(crate) fn is_leader(&self) -> bool {
