@@ -779,3 +779,31 @@ fn callbacks_get_the_loss_after_stop_keep_alive_on_a_runtime_left_idle() {
     drop(idle);
     home.block_on(server.shutdown());
 }
+
+/// The keep-alive runs on a current-thread runtime that is then left idle
+/// (not dropped); a stream on the client's healthy runtime joins that
+/// campaign (it runs, as far as anyone can tell: its driver is alive). The
+/// renewals stop with the idle runtime and the term runs out: the stream
+/// must be told (`Elected` and `Lost` alternate; a consumer that keeps
+/// leader work running until `Lost` must not run it past the deadline).
+#[test]
+fn a_stream_on_a_healthy_runtime_gets_the_loss_while_the_keep_alives_runtime_is_idle() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    // `idle` is kept, but nothing runs it any more.
+    home.block_on(async {
+        let mut stream = client.leadership();
+        until_elected(&mut stream, 5 * SEC, "Elected (the running term)").await;
+        let lost = until(&mut stream, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
+        assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+        assert!(!client.is_leader());
+    });
+    drop(idle);
+    home.block_on(server.shutdown());
+}
