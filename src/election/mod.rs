@@ -29,9 +29,12 @@ mod campaign;
 mod driver;
 mod stream;
 
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -142,6 +145,67 @@ impl Drop for Applied<'_> {
             self.session
                 .hub
                 .deliver(seq, events, |events| observer.published(events));
+        }
+    }
+}
+
+/// A consumer's own timer at the published deadline, on the runtime that
+/// polls the consumer (the callbacks adapter, a [`Leadership`] stream).
+///
+/// The driver that keeps the election's step-down timer may sit on a
+/// runtime that is alive but no longer run (a current-thread runtime
+/// between two `block_on`s, where the keep-alive was started or stopped):
+/// nothing tells a live driver to take over then, and without this the
+/// term would run out with no `Lost` to the consumers. A tick at a deadline
+/// the driver already settled changes nothing: the loss is reported once.
+#[derive(Debug, Default)]
+pub(crate) struct Backstop {
+    /// The deadline it is armed for, the runtime its sleep belongs to (a
+    /// sleep must not be polled after its runtime shut down), the sleep.
+    timer: Option<(Instant, tokio::runtime::Id, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Backstop {
+    /// `Pending` (woken at the deadline) while the published deadline is
+    /// ahead, or none, or outside a runtime; `Ready` once a passed
+    /// deadline was settled: the loss is queued for the caller, which
+    /// reads its queue again.
+    pub(crate) fn poll(&mut self, session: &Session, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(deadline) = session.published_deadline() else {
+                self.timer = None;
+                return Poll::Pending;
+            };
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                self.timer = None;
+                return Poll::Pending;
+            };
+            let here = runtime.id();
+            let sleep = match &mut self.timer {
+                Some((at, id, sleep)) if *at == deadline && *id == here => sleep,
+                _ => {
+                    // A far deadline is slept towards from the horizon on
+                    // (a tokio timer panics beyond about two years).
+                    let when = deadline.min(crate::time::after(Instant::now(), BACKSTOP_HORIZON));
+                    let sleep = Box::pin(tokio::time::sleep_until(when));
+                    &mut self.timer.insert((deadline, here, sleep)).2
+                }
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.timer = None;
+            if Instant::now() < deadline {
+                // Woken at the horizon: sleep on.
+                continue;
+            }
+            session.observe(Observation::Tick).deliver();
+            if session.published_deadline() == Some(deadline) {
+                // A passed deadline a tick left in place would be a bug:
+                // no spin.
+                return Poll::Pending;
+            }
+            return Poll::Ready(());
         }
     }
 }
@@ -318,14 +382,7 @@ impl Session {
     /// runtime: a subscriber's. The step-down timer is kept on this
     /// runtime's driver while no campaign runs (see [`Session::timer_driver`]).
     ///
-    /// The adapter also keeps a backstop timer of its own at the published
-    /// deadline, on its own runtime: the driver that keeps the step-down
-    /// timer may sit on a runtime that is alive but no longer run (a
-    /// current-thread runtime between two `block_on`s, holding the
-    /// keep-alive's campaign or the timer since it ran there): nothing
-    /// tells a live driver to take over then, and without the backstop
-    /// `on_leader_lost` would never come. A tick at a deadline the driver
-    /// already settled changes nothing (the loss is reported once).
+    /// The adapter also keeps a [`Backstop`] on its own runtime.
     pub(crate) fn callback_events(
         self: &Arc<Self>,
     ) -> impl futures::Stream<Item = LeadershipEvent> + Send + 'static {
@@ -334,44 +391,16 @@ impl Session {
         }
         let mut events = self.subscribe();
         let session = Arc::downgrade(self);
-        let mut timer: Option<(Instant, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
+        let mut backstop = Backstop::default();
         futures::stream::poll_fn(move |cx| loop {
-            if let std::task::Poll::Ready(ev) = events.poll_recv(cx) {
-                return std::task::Poll::Ready(ev);
+            if let Poll::Ready(ev) = events.poll_recv(cx) {
+                return Poll::Ready(ev);
             }
             let Some(session) = session.upgrade() else {
-                return std::task::Poll::Pending;
+                return Poll::Pending;
             };
-            let Some(deadline) = session.published_deadline() else {
-                timer = None;
-                return std::task::Poll::Pending;
-            };
-            let sleep = match &mut timer {
-                Some((at, sleep)) if *at == deadline => sleep,
-                _ => {
-                    // A far deadline is slept towards from the horizon on
-                    // (a tokio timer panics beyond about two years).
-                    let when = deadline.min(crate::time::after(Instant::now(), BACKSTOP_HORIZON));
-                    &mut timer
-                        .insert((deadline, Box::pin(tokio::time::sleep_until(when))))
-                        .1
-                }
-            };
-            if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
-                return std::task::Poll::Pending;
-            }
-            timer = None;
-            if Instant::now() < deadline {
-                // Woken at the horizon: sleep on.
-                continue;
-            }
-            // The deadline passed: settle it (the loss it reports is
-            // queued for this adapter too, and read at the next turn).
-            session.observe(Observation::Tick).deliver();
-            if session.published_deadline() == Some(deadline) {
-                // A passed deadline a tick left in place would be a bug:
-                // no spin.
-                return std::task::Poll::Pending;
+            if backstop.poll(&session, cx).is_pending() {
+                return Poll::Pending;
             }
         })
     }
