@@ -807,3 +807,36 @@ fn a_stream_on_a_healthy_runtime_gets_the_loss_while_the_keep_alives_runtime_is_
     drop(idle);
     home.block_on(server.shutdown());
 }
+
+/// The keep-alive's runtime (multi-thread) is shut down with
+/// `shutdown_background()` mid-term: its tasks (the driver and the timer
+/// entries it held) are dropped on its worker threads, not on the caller's.
+/// No panic there, and the callbacks on the client's runtime still get the
+/// loss at the deadline.
+#[test]
+fn callbacks_get_the_loss_when_the_keep_alives_runtime_shuts_down_in_the_background() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let first = home_runtime();
+    first.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    first.shutdown_background();
+    home.block_on(async {
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    home.block_on(server.shutdown());
+}
