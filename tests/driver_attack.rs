@@ -680,15 +680,15 @@ fn a_waiting_stream_is_not_left_silent_when_a_driver_dies_with_a_lease_change_un
     first.block_on(client.start_keep_alive()).unwrap();
     let mut stream = client.leadership();
     let lost = Arc::new(Mutex::new(None));
-    let waiting = home.block_on(async {
+    home.block_on(async {
         assert!(client.try_acquire_lock().await.unwrap());
         until_elected(&mut stream, 5 * SEC, "Elected").await;
-        let lost = lost.clone();
-        tokio::spawn(async move {
-            let ev = until(&mut stream, 60 * SEC, "Lost", LeadershipEvent::is_lost).await;
-            *lost.lock().unwrap() = Some(ev);
-            stream
-        })
+    });
+    let seen = lost.clone();
+    let waiting = home.spawn(async move {
+        let ev = until(&mut stream, 60 * SEC, "Lost", LeadershipEvent::is_lost).await;
+        *seen.lock().unwrap() = Some(ev);
+        stream
     });
     // Let the spawned task poll the stream (and wait) first.
     std::thread::sleep(std::time::Duration::from_millis(200));
