@@ -336,8 +336,12 @@ impl Session {
         let now = Instant::now();
         self.observer.observed(&obs, now);
         let events = shared.election.apply(obs, now);
+        // Published and numbered before `read` runs: should it panic, the
+        // lease still follows the state, and the events are delivered as
+        // the `Applied` drops.
+        let applied = self.applied(&mut shared, events);
         let out = read(&mut shared.election);
-        (self.applied(&mut shared, events), out)
+        (applied, out)
     }
 
     /// Publishes the lease the state now holds and numbers `events`. A
