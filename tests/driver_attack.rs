@@ -840,3 +840,43 @@ fn callbacks_get_the_loss_when_the_keep_alives_runtime_shuts_down_in_the_backgro
     assert_eq!(log.get(), ["elected", "lost"]);
     home.block_on(server.shutdown());
 }
+
+/// The stream's backstop through renewals: the keep-alive on a
+/// current-thread runtime renews for two TTLs (each renewal moves the
+/// deadline later: the backstop must not report a loss at a deadline that
+/// was renewed), then that runtime is left idle: the stream on the
+/// client's runtime gets `Lost` at the last deadline.
+#[test]
+fn a_streams_backstop_sleeps_through_renewals_and_reports_the_last_deadline() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    let mut stream = client.leadership();
+    let waiting = home.spawn(async move {
+        until_elected(&mut stream, 5 * SEC, "Elected (the running term)").await;
+        let lost = until(&mut stream, 30 * SEC, "Lost", LeadershipEvent::is_lost).await;
+        (stream, lost, std::time::Instant::now())
+    });
+    // Renewing for two TTLs (the campaign runs while this runtime runs).
+    idle.block_on(async {
+        tokio::time::sleep(6 * SEC).await;
+        assert!(client.is_leader(), "renewed all along");
+    });
+    let stopped = std::time::Instant::now();
+    let (stream, lost, at) = home.block_on(waiting).unwrap();
+    assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    assert!(at >= stopped, "Lost came while the term was being renewed");
+    assert!(
+        at.duration_since(stopped) < 5 * SEC,
+        "Lost came {:?} after the renewals stopped (TTL 3 s)",
+        at.duration_since(stopped)
+    );
+    drop(stream);
+    drop(idle);
+    home.block_on(server.shutdown());
+}

@@ -158,18 +158,24 @@ impl Drop for Applied<'_> {
 /// nothing tells a live driver to take over then, and without this the
 /// term would run out with no `Lost` to the consumers. A tick at a deadline
 /// the driver already settled changes nothing: the loss is reported once.
+///
+/// Cheap on purpose (a process may hold 100,000 streams): none while the
+/// driver that keeps the timer runs on the consumer's own runtime (which
+/// runs, since it polls the consumer), and a renewal (a later deadline)
+/// does not re-arm it: it wakes at the deadline it was armed for, then
+/// sleeps on to the current one.
 #[derive(Debug, Default)]
 pub(crate) struct Backstop {
-    /// The deadline it is armed for, the runtime its sleep belongs to (a
+    /// The instant it is armed for, the runtime its sleep belongs to (a
     /// sleep must not be polled after its runtime shut down), the sleep.
     timer: Option<(Instant, tokio::runtime::Id, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl Backstop {
-    /// `Pending` (woken at the deadline) while the published deadline is
-    /// ahead, or none, or outside a runtime; `Ready` once a passed
-    /// deadline was settled: the loss is queued for the caller, which
-    /// reads its queue again.
+    /// `Pending` (woken by the deadline at the latest) while the published
+    /// deadline is ahead, or none, or outside a runtime; `Ready` once a
+    /// passed deadline was settled: the loss is queued for the caller,
+    /// which reads its queue again.
     pub(crate) fn poll(&mut self, session: &Session, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let Some(deadline) = session.published_deadline() else {
@@ -180,25 +186,41 @@ impl Backstop {
                 self.timer = None;
                 return Poll::Pending;
             };
+            if session.timer_driver_runs_here() {
+                self.timer = None;
+                return Poll::Pending;
+            }
             let here = runtime.id();
-            let sleep = match &mut self.timer {
-                Some((at, id, sleep)) if *at == deadline && *id == here => sleep,
+            // A far deadline is slept towards from the horizon on (a tokio
+            // timer panics beyond about two years).
+            let when = deadline.min(crate::time::after(Instant::now(), BACKSTOP_HORIZON));
+            let (armed, sleep) = match &mut self.timer {
+                Some((armed, id, sleep)) if *id == here => {
+                    if when < *armed {
+                        // Moved earlier: re-armed (a later one is not).
+                        sleep.as_mut().reset(when);
+                        *armed = when;
+                    }
+                    (armed, sleep)
+                }
                 _ => {
-                    // A far deadline is slept towards from the horizon on
-                    // (a tokio timer panics beyond about two years).
-                    let when = deadline.min(crate::time::after(Instant::now(), BACKSTOP_HORIZON));
-                    let sleep = Box::pin(tokio::time::sleep_until(when));
-                    &mut self.timer.insert((deadline, here, sleep)).2
+                    let (armed, _, sleep) =
+                        self.timer
+                            .insert((when, here, Box::pin(tokio::time::sleep_until(when))));
+                    (armed, sleep)
                 }
             };
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            self.timer = None;
             if Instant::now() < deadline {
-                // Woken at the horizon: sleep on.
+                // Woken at an earlier deadline (renewed since) or at the
+                // horizon: sleep on to the current one.
+                sleep.as_mut().reset(when);
+                *armed = when;
                 continue;
             }
+            self.timer = None;
             session.observe(Observation::Tick).deliver();
             if session.published_deadline() == Some(deadline) {
                 // A passed deadline a tick left in place would be a bug:
@@ -447,6 +469,14 @@ impl Session {
         let home = lock(&self.home).as_ref().filter(alive).cloned();
         home.or_else(|| self.adapter.get().filter(alive).cloned())
             .or_else(fallback)
+    }
+
+    /// Whether the driver that keeps the step-down timer (see
+    /// [`timer_driver`](Self::timer_driver); none is started here) runs on
+    /// the current runtime.
+    fn timer_driver_runs_here(&self) -> bool {
+        self.timer_driver(|| None)
+            .is_some_and(|driver| driver.runs_here())
     }
 
     /// Tells the driver that the lease changed, unless the driver (or a call
