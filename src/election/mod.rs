@@ -475,8 +475,18 @@ impl Session {
     /// [`timer_driver`](Self::timer_driver); none is started here) runs on
     /// the current runtime.
     fn timer_driver_runs_here(&self) -> bool {
-        self.timer_driver(|| None)
-            .is_some_and(|driver| driver.runs_here())
+        // As `timer_driver`, without cloning a handle (once per event read).
+        let home = lock(&self.home)
+            .as_ref()
+            .filter(|d| d.is_alive())
+            .map(driver::Handle::runs_here);
+        home.or_else(|| {
+            self.adapter
+                .get()
+                .filter(|d| d.is_alive())
+                .map(driver::Handle::runs_here)
+        })
+        .unwrap_or(false)
     }
 
     /// Tells the driver that the lease changed, unless the driver (or a call
