@@ -25,6 +25,7 @@
 //! round trip and usually a retry period).
 
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -158,6 +159,12 @@ impl EventSender {
     /// this sender can be forgotten without waiting for the next event.
     pub(crate) fn receiver_gone(&self) -> bool {
         self.shared.state().receiver_gone
+    }
+
+    /// Wakes the receiver without an event: it is polled again (a stream
+    /// then revives a campaign whose driver is gone).
+    pub(crate) fn wake(&self) {
+        self.shared.waker.wake();
     }
 
     /// How many status events were replaced by a newer one so far.
@@ -304,29 +311,73 @@ impl Hub {
     /// (`seq` counts from 1, each number once). `each` runs once per batch,
     /// in order, before the batch is handed out (logs, metrics).
     ///
-    /// A batch counts as handed out before anything is done with it: if
-    /// `each` or a send panics (a bug), that batch is lost to some
-    /// subscribers, but the ones after it still go out.
+    /// `each` and a subscriber's wake-up run the application's code (its
+    /// tracing layers, metrics recorder, executor). If one panics, the
+    /// batch still reaches every subscriber and the batches parked behind
+    /// it still go out (a batch left undelivered would park every later
+    /// one for ever); the first panic is then resumed, outside the lock
+    /// (unless this thread is already unwinding: a second panic would
+    /// abort). A subscriber whose wake-up panicked keeps its place (the
+    /// events were queued before the wake-up; dropping it here would run
+    /// its waker again, under the lock).
     pub(crate) fn deliver(
         &self,
         seq: u64,
         events: Vec<LeadershipEvent>,
         mut each: impl FnMut(&[LeadershipEvent]),
     ) {
-        let mut state = self.state();
-        // Parked until its turn; handed out below if this is it.
-        state.early.push((seq, events));
-        loop {
-            let next = state.next;
-            let Some(i) = state.early.iter().position(|(s, _)| *s == next) else {
+        let mut panic = None;
+        {
+            let mut state = self.state();
+            if seq != state.next {
+                // An earlier batch is still on its way: it hands this one out.
+                state.early.push((seq, events));
                 return;
-            };
-            let (_, batch) = state.early.swap_remove(i);
-            state.next = next.wrapping_add(1);
-            each(&batch);
-            state
-                .subscribers
-                .retain(|s| next < s.from || batch.iter().all(|ev| s.tx.send(ev.clone())));
+            }
+            let mut batch = events;
+            loop {
+                let seq = state.next;
+                if let Err(p) = catch_unwind(AssertUnwindSafe(|| each(&batch))) {
+                    panic.get_or_insert(p);
+                }
+                state.subscribers.retain(|s| {
+                    if seq < s.from {
+                        return true;
+                    }
+                    for ev in &batch {
+                        match catch_unwind(AssertUnwindSafe(|| s.tx.send(ev.clone()))) {
+                            Ok(true) => {}
+                            // The receiver is gone: forget the subscriber.
+                            Ok(false) => return false,
+                            // The event was queued before the wake-up that
+                            // panicked: the subscriber keeps it, and the
+                            // rest of the batch follows.
+                            Err(p) => {
+                                panic.get_or_insert(p);
+                            }
+                        }
+                    }
+                    true
+                });
+                state.next = seq.wrapping_add(1);
+                let next = state.next;
+                match state.early.iter().position(|(s, _)| *s == next) {
+                    Some(i) => batch = state.early.swap_remove(i).1,
+                    None => break,
+                }
+            }
+        }
+        if let Some(p) = panic {
+            if !std::thread::panicking() {
+                resume_unwind(p);
+            }
+        }
+    }
+
+    /// Wakes every subscriber without an event (see [`EventSender::wake`]).
+    pub(crate) fn wake_all(&self) {
+        for s in &self.state().subscribers {
+            s.tx.wake();
         }
     }
 
@@ -612,6 +663,74 @@ mod tests {
         assert_eq!(drain(&mut late), ["E2", "R7"]);
     }
 
+    /// The `each` hook runs the application's code (its tracing layers,
+    /// its metrics recorder). If it panics on one batch, that batch and
+    /// every later one must still reach every subscriber: a batch left
+    /// undelivered would park every later one in `early` for ever (no
+    /// event again, on any stream, and `early` growing with each renewal).
+    #[tokio::test]
+    async fn a_panic_in_the_hook_neither_loses_the_batch_nor_stalls_the_next() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hub.deliver(1, vec![elected(1)], |_| panic!("a recorder's bug"))
+        }));
+        assert!(panicked.is_err(), "the hook's panic is not hidden");
+        hub.deliver(2, vec![lost(1)], |_| {});
+        hub.deliver(3, vec![elected(2)], |_| {});
+        assert_eq!(drain(&mut rx), ["E1", "L1", "E2"]);
+        assert!(hub.state().early.is_empty(), "batches parked for ever");
+    }
+
+    /// The same for a batch handed out from `early` (its hook panics while
+    /// the task that delivered the batch before it hands it out).
+    #[tokio::test]
+    async fn a_panic_in_the_hook_for_a_parked_batch_does_not_stall_the_next() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        hub.deliver(2, vec![lost(1)], |_| {});
+        let mut calls = 0;
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hub.deliver(1, vec![elected(1)], |_| {
+                calls += 1;
+                if calls == 2 {
+                    panic!("a recorder's bug");
+                }
+            })
+        }));
+        assert!(panicked.is_err(), "the hook's panic is not hidden");
+        hub.deliver(3, vec![elected(2)], |_| {});
+        assert_eq!(drain(&mut rx), ["E1", "L1", "E2"]);
+        assert!(hub.state().early.is_empty(), "batches parked for ever");
+    }
+
+    /// A subscriber's wake-up runs its executor's code: one that panics
+    /// costs neither that subscriber the rest of the batch, nor the other
+    /// subscribers the batch, nor anyone the later batches.
+    #[tokio::test]
+    async fn a_panicking_wake_up_loses_no_event_for_anyone() {
+        struct Panics;
+        impl futures::task::ArcWake for Panics {
+            fn wake_by_ref(_: &Arc<Self>) {
+                panic!("an executor's bug");
+            }
+        }
+        let hub = Hub::default();
+        let mut broken = hub.subscribe(1, None);
+        let mut fine = hub.subscribe(1, None);
+        let waker = futures::task::waker(Arc::new(Panics));
+        assert!(broken
+            .poll_recv(&mut Context::from_waker(&waker))
+            .is_pending());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hub.deliver(1, vec![elected(1), renewed(5)], |_| {})
+        }));
+        assert!(panicked.is_err(), "the wake-up's panic is not hidden");
+        hub.deliver(2, vec![lost(1)], |_| {});
+        assert_eq!(drain(&mut fine), ["E1", "R5", "L1"]);
+        assert_eq!(drain(&mut broken), ["E1", "R5", "L1"]);
+    }
+
     #[tokio::test]
     async fn closing_the_hub_ends_every_subscriber_after_what_it_holds() {
         let hub = Hub::default();
@@ -620,20 +739,5 @@ mod tests {
         hub.close();
         assert_eq!(drain(&mut rx), ["F", "E1"]);
         assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
-    }
-
-    #[tokio::test]
-    async fn a_batch_whose_hand_over_panicked_does_not_hold_back_the_later_ones() {
-        let hub = Hub::default();
-        let mut rx = hub.subscribe(1, None);
-        hub.deliver(3, vec![renewed(3)], |_| {});
-        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            hub.deliver(1, vec![elected(1)], |_| panic!("a logging bug"));
-        }));
-        assert!(panicked.is_err());
-        hub.deliver(2, vec![lost(1)], |_| {});
-        assert_eq!(drain(&mut rx), ["L1", "R3"]);
-        hub.deliver(4, vec![elected(2)], |_| {});
-        assert_eq!(drain(&mut rx), ["E2"]);
     }
 }

@@ -625,3 +625,258 @@ async fn dropped_leaders_with_long_leases_give_their_memory_back() {
         "6 000 dropped leaders still hold {held} bytes"
     );
 }
+
+/// The keep-alive is started on a current-thread runtime whose driver does
+/// not get to read its queue before the runtime is dropped (a sync
+/// wrapper's `block_on(start_keep_alive())` returns at once). Meanwhile the
+/// client becomes leader with `try_acquire_lock()` on its own runtime: that
+/// lease change is reported to the campaign's driver, which dies with its
+/// runtime before it reads the report and never held a timer entry for the
+/// election (so no entry is dropped to hand the timer over). The loss at
+/// the deadline must still reach the callbacks (rule 2).
+#[test]
+fn callbacks_get_the_loss_when_a_driver_dies_with_a_lease_change_unread() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let first = current_thread();
+    first.block_on(client.start_keep_alive()).unwrap();
+    home.block_on(async {
+        assert!(client.try_acquire_lock().await.unwrap());
+        eventually(5 * SEC, "on_leader_elected", || log.get() == ["elected"]).await;
+    });
+    // The campaign's driver dies with the lease change unread.
+    drop(first);
+    home.block_on(async {
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    home.block_on(server.shutdown());
+}
+
+/// The same with a stream on the client's runtime instead of callbacks
+/// (and no driver there: the campaign runs on the other runtime's), already
+/// waiting for its next event when the campaign's runtime is dropped. The
+/// stream still wants the campaign, and `revive_campaign` restarts it on
+/// the runtime that polls the stream, but only if something polls it: with
+/// no live driver to hand the timer to, nothing did, and the term ran out
+/// with the stream waiting for ever (no `Lost`, no campaign).
+#[test]
+fn a_waiting_stream_is_not_left_silent_when_a_driver_dies_with_a_lease_change_unread() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let first = current_thread();
+    first.block_on(client.start_keep_alive()).unwrap();
+    let mut stream = client.leadership();
+    let lost = Arc::new(Mutex::new(None));
+    home.block_on(async {
+        assert!(client.try_acquire_lock().await.unwrap());
+        until_elected(&mut stream, 5 * SEC, "Elected").await;
+    });
+    let seen = lost.clone();
+    let waiting = home.spawn(async move {
+        let ev = until(&mut stream, 60 * SEC, "Lost", LeadershipEvent::is_lost).await;
+        *seen.lock().unwrap() = Some(ev);
+        stream
+    });
+    // Let the spawned task poll the stream (and wait) first.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(first);
+    home.block_on(async {
+        // Past the deadline of the term won before the drop (TTL 3 s).
+        tokio::time::sleep(5 * SEC).await;
+        assert!(
+            client.is_leader() || lost.lock().unwrap().is_some(),
+            "the term ran out and the waiting stream was not told"
+        );
+        assert!(
+            client.health().campaign_running,
+            "a stream still wants the campaign, and nothing runs it"
+        );
+    });
+    waiting.abort();
+    drop(home.block_on(waiting));
+    home.block_on(server.shutdown());
+}
+
+/// The keep-alive runs on a current-thread runtime that is then left idle
+/// (not dropped: a sync wrapper's runtime between two `block_on`s), so its
+/// renewals stop and the term runs out. The callbacks run on the client's
+/// healthy runtime: `on_leader_lost` must come at the deadline, as it did
+/// with the callbacks' own backstop timer (HEAD~2, `callback_events`).
+#[test]
+fn callbacks_get_the_loss_when_the_keep_alives_runtime_is_left_idle() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    // `idle` is kept, but nothing runs it any more.
+    home.block_on(async {
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// `stop_keep_alive()` promises that a leader stays leader until its lease
+/// runs out "and `on_leader_lost` fires then". Stopped on a current-thread
+/// runtime that is then left idle, with the callbacks on the client's
+/// healthy runtime, and no campaign running (so, by the design, the
+/// callbacks' driver should keep the step-down timer): the loss must come.
+#[test]
+fn callbacks_get_the_loss_after_stop_keep_alive_on_a_runtime_left_idle() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+        client.stop_keep_alive().await;
+    });
+    home.block_on(async {
+        // A lease change made on the healthy runtime, with no campaign.
+        assert!(client.try_acquire_lock().await.unwrap());
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// The keep-alive runs on a current-thread runtime that is then left idle
+/// (not dropped); a stream on the client's healthy runtime joins that
+/// campaign (it runs, as far as anyone can tell: its driver is alive). The
+/// renewals stop with the idle runtime and the term runs out: the stream
+/// must be told (`Elected` and `Lost` alternate; a consumer that keeps
+/// leader work running until `Lost` must not run it past the deadline).
+#[test]
+fn a_stream_on_a_healthy_runtime_gets_the_loss_while_the_keep_alives_runtime_is_idle() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    // `idle` is kept, but nothing runs it any more.
+    home.block_on(async {
+        let mut stream = client.leadership();
+        until_elected(&mut stream, 5 * SEC, "Elected (the running term)").await;
+        let lost = until(&mut stream, 10 * SEC, "Lost", LeadershipEvent::is_lost).await;
+        assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+        assert!(!client.is_leader());
+    });
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// The keep-alive's runtime (multi-thread) is shut down with
+/// `shutdown_background()` mid-term: its tasks (the driver and the timer
+/// entries it held) are dropped on its worker threads, not on the caller's.
+/// No panic there, and the callbacks on the client's runtime still get the
+/// loss at the deadline.
+#[test]
+fn callbacks_get_the_loss_when_the_keep_alives_runtime_shuts_down_in_the_background() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let first = home_runtime();
+    first.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    first.shutdown_background();
+    home.block_on(async {
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    home.block_on(server.shutdown());
+}
+
+/// The stream's backstop through renewals: the keep-alive on a
+/// current-thread runtime renews for two TTLs (each renewal moves the
+/// deadline later: the backstop must not report a loss at a deadline that
+/// was renewed), then that runtime is left idle: the stream on the
+/// client's runtime gets `Lost` at the last deadline.
+#[test]
+fn a_streams_backstop_sleeps_through_renewals_and_reports_the_last_deadline() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    let mut stream = client.leadership();
+    let waiting = home.spawn(async move {
+        until_elected(&mut stream, 5 * SEC, "Elected (the running term)").await;
+        let lost = until(&mut stream, 30 * SEC, "Lost", LeadershipEvent::is_lost).await;
+        (stream, lost, std::time::Instant::now())
+    });
+    // Renewing for two TTLs (the campaign runs while this runtime runs).
+    idle.block_on(async {
+        tokio::time::sleep(6 * SEC).await;
+        assert!(client.is_leader(), "renewed all along");
+    });
+    let stopped = std::time::Instant::now();
+    let (stream, lost, at) = home.block_on(waiting).unwrap();
+    assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    assert!(at >= stopped, "Lost came while the term was being renewed");
+    assert!(
+        at.duration_since(stopped) < 5 * SEC,
+        "Lost came {:?} after the renewals stopped (TTL 3 s)",
+        at.duration_since(stopped)
+    );
+    drop(stream);
+    drop(idle);
+    home.block_on(server.shutdown());
+}

@@ -90,6 +90,8 @@ thread_local! {
 pub(crate) struct Handle {
     id: u64,
     tx: mpsc::UnboundedSender<Command>,
+    /// The runtime its task runs on.
+    runtime: tokio::runtime::Id,
 }
 
 impl Handle {
@@ -114,7 +116,11 @@ impl Handle {
             id,
             inner: Box::pin(driver.run()),
         });
-        Handle { id, tx }
+        Handle {
+            id,
+            tx,
+            runtime: runtime.id(),
+        }
     }
 
     /// This driver's id (never 0).
@@ -125,6 +131,11 @@ impl Handle {
     /// `false` once the driver's task is gone (its runtime shut down).
     pub(crate) fn is_alive(&self) -> bool {
         !self.tx.is_closed()
+    }
+
+    /// `true` when called on the runtime this driver's task runs on.
+    pub(crate) fn runs_here(&self) -> bool {
+        tokio::runtime::Handle::try_current().is_ok_and(|here| here.id() == self.runtime)
     }
 
     /// `true` when called from this driver's own task.
@@ -324,6 +335,22 @@ impl<F> Drop for Driver<F> {
         // sessions to a live driver (see [`TimerRef`]), and this one must
         // no longer count as one.
         self.rx.close();
+        // A lease change reported here and not read yet (a poke, or a
+        // start that would have read the lease) may concern an election
+        // this driver holds no timer entry for (a follower until that
+        // change): its step-down timer is handed over too, or the loss at
+        // its deadline would never be reported.
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Start(session) => session.timer_lost(),
+                Command::Poke(session) => {
+                    if let Some(session) = session.upgrade() {
+                        session.timer_lost();
+                    }
+                }
+                Command::Stop { .. } => {}
+            }
+        }
     }
 }
 

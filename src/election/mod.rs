@@ -29,9 +29,12 @@ mod campaign;
 mod driver;
 mod stream;
 
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -53,6 +56,9 @@ pub use stream::Leadership;
 
 /// How long stopping a campaign waits for the driver to let go of it.
 const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// The furthest the callbacks adapter's backstop timer is armed ahead.
+const BACKSTOP_HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// One client's election: state, subscribers and its campaign (run by the
 /// connection's driver).
@@ -139,6 +145,89 @@ impl Drop for Applied<'_> {
             self.session
                 .hub
                 .deliver(seq, events, |events| observer.published(events));
+        }
+    }
+}
+
+/// A consumer's own timer at the published deadline, on the runtime that
+/// polls the consumer (the callbacks adapter, a [`Leadership`] stream).
+///
+/// The driver that keeps the election's step-down timer may sit on a
+/// runtime that is alive but no longer run (a current-thread runtime
+/// between two `block_on`s, where the keep-alive was started or stopped):
+/// nothing tells a live driver to take over then, and without this the
+/// term would run out with no `Lost` to the consumers. A tick at a deadline
+/// the driver already settled changes nothing: the loss is reported once.
+///
+/// Cheap on purpose (a process may hold 100,000 streams): none while the
+/// driver that keeps the timer runs on the consumer's own runtime (which
+/// runs, since it polls the consumer), and a renewal (a later deadline)
+/// does not re-arm it: it wakes at the deadline it was armed for, then
+/// sleeps on to the current one.
+#[derive(Debug, Default)]
+pub(crate) struct Backstop {
+    /// The instant it is armed for, the runtime its sleep belongs to (a
+    /// sleep must not be polled after its runtime shut down), the sleep.
+    timer: Option<(Instant, tokio::runtime::Id, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Backstop {
+    /// `Pending` (woken by the deadline at the latest) while the published
+    /// deadline is ahead, or none, or outside a runtime; `Ready` once a
+    /// passed deadline was settled: the loss is queued for the caller,
+    /// which reads its queue again.
+    pub(crate) fn poll(&mut self, session: &Session, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(deadline) = session.published_deadline() else {
+                self.timer = None;
+                return Poll::Pending;
+            };
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                self.timer = None;
+                return Poll::Pending;
+            };
+            if session.timer_driver_runs_here() {
+                self.timer = None;
+                return Poll::Pending;
+            }
+            let here = runtime.id();
+            // A far deadline is slept towards from the horizon on (a tokio
+            // timer panics beyond about two years).
+            let when = deadline.min(crate::time::after(Instant::now(), BACKSTOP_HORIZON));
+            let (armed, sleep) = match &mut self.timer {
+                Some((armed, id, sleep)) if *id == here => {
+                    if when < *armed {
+                        // Moved earlier: re-armed (a later one is not).
+                        sleep.as_mut().reset(when);
+                        *armed = when;
+                    }
+                    (armed, sleep)
+                }
+                _ => {
+                    let (armed, _, sleep) =
+                        self.timer
+                            .insert((when, here, Box::pin(tokio::time::sleep_until(when))));
+                    (armed, sleep)
+                }
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() < deadline {
+                // Woken at an earlier deadline (renewed since) or at the
+                // horizon: sleep on to the current one.
+                sleep.as_mut().reset(when);
+                *armed = when;
+                continue;
+            }
+            self.timer = None;
+            session.observe(Observation::Tick).deliver();
+            if session.published_deadline() == Some(deadline) {
+                // A passed deadline a tick left in place would be a bug:
+                // no spin.
+                return Poll::Pending;
+            }
+            return Poll::Ready(());
         }
     }
 }
@@ -269,8 +358,12 @@ impl Session {
         let now = Instant::now();
         self.observer.observed(&obs, now);
         let events = shared.election.apply(obs, now);
+        // Published and numbered before `read` runs: should it panic, the
+        // lease still follows the state, and the events are delivered as
+        // the `Applied` drops.
+        let applied = self.applied(&mut shared, events);
         let out = read(&mut shared.election);
-        (self.applied(&mut shared, events), out)
+        (applied, out)
     }
 
     /// Publishes the lease the state now holds and numbers `events`. A
@@ -314,6 +407,8 @@ impl Session {
     /// The events of the callbacks adapter, which runs on the current
     /// runtime: a subscriber's. The step-down timer is kept on this
     /// runtime's driver while no campaign runs (see [`Session::timer_driver`]).
+    ///
+    /// The adapter also keeps a [`Backstop`] on its own runtime.
     pub(crate) fn callback_events(
         self: &Arc<Self>,
     ) -> impl futures::Stream<Item = LeadershipEvent> + Send + 'static {
@@ -321,7 +416,19 @@ impl Session {
             let _ = self.adapter.set(driver);
         }
         let mut events = self.subscribe();
-        futures::stream::poll_fn(move |cx| events.poll_recv(cx))
+        let session = Arc::downgrade(self);
+        let mut backstop = Backstop::default();
+        futures::stream::poll_fn(move |cx| loop {
+            if let Poll::Ready(ev) = events.poll_recv(cx) {
+                return Poll::Ready(ev);
+            }
+            let Some(session) = session.upgrade() else {
+                return Poll::Pending;
+            };
+            if backstop.poll(&session, cx).is_pending() {
+                return Poll::Pending;
+            }
+        })
     }
 
     pub(crate) fn is_leader(&self) -> bool {
@@ -364,6 +471,24 @@ impl Session {
             .or_else(fallback)
     }
 
+    /// Whether the driver that keeps the step-down timer (see
+    /// [`timer_driver`](Self::timer_driver); none is started here) runs on
+    /// the current runtime.
+    fn timer_driver_runs_here(&self) -> bool {
+        // As `timer_driver`, without cloning a handle (once per event read).
+        let home = lock(&self.home)
+            .as_ref()
+            .filter(|d| d.is_alive())
+            .map(driver::Handle::runs_here);
+        home.or_else(|| {
+            self.adapter
+                .get()
+                .filter(|d| d.is_alive())
+                .map(driver::Handle::runs_here)
+        })
+        .unwrap_or(false)
+    }
+
     /// Tells the driver that the lease changed, unless the driver (or a call
     /// it runs) made the change, or a report is already pending.
     fn poke(&self) {
@@ -387,11 +512,15 @@ impl Session {
     /// runtime shut down): a live one takes it over, so that the loss at
     /// the deadline is still reported (it re-reads the published lease).
     /// Called while the dead driver is dropped, perhaps outside any
-    /// runtime: it starts no driver.
+    /// runtime: it starts no driver. Every subscriber is woken too: a
+    /// stream waiting for its next event is polled again, which revives
+    /// its campaign on its own runtime (when no live driver takes the
+    /// timer over, nothing else would).
     fn timer_lost(&self) {
         if let Some(driver) = self.timer_driver(|| self.rpc.transport().live_driver()) {
             self.poke_to(&driver);
         }
+        self.hub.wake_all();
     }
 
     /// Driver `driver` took this session's pending report.

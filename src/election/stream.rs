@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 
-use super::Session;
+use super::{Backstop, Session};
 use crate::error::Result;
 use crate::event::LeadershipEvent;
 use crate::fanout::EventReceiver;
@@ -59,6 +59,9 @@ pub struct Leadership {
     session: Arc<Session>,
     rx: EventReceiver,
     phase: StreamPhase,
+    /// The loss at the deadline, should the driver keeping the step-down
+    /// timer not run (see [`Backstop`]).
+    backstop: Backstop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +78,7 @@ impl Leadership {
             session,
             rx,
             phase: StreamPhase::NotStarted,
+            backstop: Backstop::default(),
         }
     }
 
@@ -125,7 +129,15 @@ impl Stream for Leadership {
                 self.session.revive_campaign();
             }
         }
-        self.rx.poll_recv(cx)
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(ev) = this.rx.poll_recv(cx) {
+                return Poll::Ready(ev);
+            }
+            if this.backstop.poll(&this.session, cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
     }
 }
 

@@ -215,3 +215,44 @@ fn events_applied_on_many_threads_reach_every_subscriber_in_one_order() {
     assert_eq!(late, first[start..], "the late subscriber diverged");
     rt.block_on(server.shutdown());
 }
+
+/// `observe_with`'s reading closure runs after the observation was applied
+/// to the state machine. If it panicked before the lease was published and
+/// the events numbered, the term would have ended in the state machine
+/// while `is_leader()` still read the old deadline, and its `Lost` would be
+/// gone for good (a subscriber would see `Elected` and never its `Lost`).
+#[tokio::test(start_paused = true)]
+async fn a_panic_reading_the_state_after_an_observation_loses_nothing() {
+    let server = TestServer::start().await.unwrap();
+    let session = session(&server).await;
+    let wait = crate::admission::Wait::Unbounded;
+    let answer = session.try_acquire(wait).await;
+    assert!(matches!(answer.result, Ok(true)), "{:?}", answer.result);
+    // The keep-alive that confirms the grant makes the client leader.
+    let confirm = session.keep_alive(session.timing.rpc_timeout, wait).await;
+    assert!(confirm.result.is_ok(), "{:?}", confirm.result);
+    assert!(session.is_leader());
+    let mut events = session.subscribe();
+    assert!(matches!(
+        next(&mut events).await,
+        Some(LeadershipEvent::Elected { .. })
+    ));
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (applied, ()) = session.observe_with(crate::state::Observation::ReleaseStarted, |_| {
+            panic!("a bug while reading the state")
+        });
+        applied.deliver();
+    }));
+    assert!(panicked.is_err());
+    assert!(
+        !session.is_leader(),
+        "the state machine released, the published lease did not"
+    );
+    assert!(matches!(
+        next(&mut events).await,
+        Some(LeadershipEvent::Lost {
+            reason: LossReason::Released,
+            ..
+        })
+    ));
+}
