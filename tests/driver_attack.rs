@@ -880,3 +880,35 @@ fn a_streams_backstop_sleeps_through_renewals_and_reports_the_last_deadline() {
     drop(idle);
     home.block_on(server.shutdown());
 }
+
+/// A stream polled on a runtime built without timers (`enable_io` only),
+/// while its campaign runs on the client's runtime: reading it must not
+/// panic (its backstop timer cannot be armed there; the step-down timer of
+/// the campaign's driver still reports the loss).
+#[test]
+fn a_stream_polled_on_a_runtime_without_timers_does_not_panic() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    home.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    let no_timers = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let mut stream = client.leadership();
+    use futures::StreamExt;
+    let first = no_timers.block_on(async { stream.next().await });
+    assert!(
+        matches!(first, Some(LeadershipEvent::Elected { .. })),
+        "{first:?}"
+    );
+    // Waits for the next event (a renewal) there, arming nothing.
+    let next = no_timers.block_on(async { stream.next().await });
+    assert!(next.is_some());
+    home.block_on(client.stop_keep_alive());
+    drop(stream);
+    home.block_on(server.shutdown());
+}

@@ -156,9 +156,10 @@ impl Handle {
         Some(rx)
     }
 
-    /// The lease of `session` changed outside the driver.
-    pub(crate) fn poke(&self, session: Weak<Session>) {
-        let _ = self.tx.send(Command::Poke(session));
+    /// The lease of `session` changed outside the driver. `false` if the
+    /// driver is gone (the report was not sent).
+    pub(crate) fn poke(&self, session: Weak<Session>) -> bool {
+        self.tx.send(Command::Poke(session)).is_ok()
     }
 }
 
@@ -506,9 +507,11 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                     let _ = ack.send(());
                     return;
                 };
-                // A slot another (live) driver took over since: nothing of
-                // this campaign is left here but its aborted call, if any.
-                let Ok(mut slot) = self.take_over(&session, false) else {
+                // A slot another driver keeps (it took the session over
+                // since, alive or not): nothing of this campaign is left
+                // here but its aborted call, if any. A stop takes nothing
+                // over: that would reset the other driver's timer.
+                let Some(mut slot) = Self::owned(self.id, &session) else {
                     let _ = ack.send(());
                     return;
                 };

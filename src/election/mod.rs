@@ -25,16 +25,15 @@
 //! that runs every campaign and keeps every step-down timer in [`driver`];
 //! callback ordering in [`crate::callbacks`].
 
+mod backstop;
 mod campaign;
 mod driver;
 mod stream;
 
-use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -50,15 +49,13 @@ use crate::rpc::{Answer, LeaseAnswer, Rpc};
 use crate::state::{ElectionState, Observation};
 use crate::sync::lock;
 
+use backstop::Backstop;
 pub(crate) use driver::Handle as DriverHandle;
 
 pub use stream::Leadership;
 
 /// How long stopping a campaign waits for the driver to let go of it.
 const STOP_GRACE: Duration = Duration::from_secs(1);
-
-/// The furthest the callbacks adapter's backstop timer is armed ahead.
-const BACKSTOP_HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// One client's election: state, subscribers and its campaign (run by the
 /// connection's driver).
@@ -79,8 +76,9 @@ pub(crate) struct Session {
     backoff: Mutex<Backoff>,
     /// The driver's part of this election (see [`driver::Slot`]).
     slot: Mutex<driver::Slot>,
-    /// The driver that runs (or ran) this election's campaign: it takes the
-    /// reports of lease changes made outside it (see [`Session::poke`]).
+    /// The driver that runs this election's campaign (none once it is
+    /// stopped): it takes the reports of lease changes made outside it (see
+    /// [`Session::poke`]).
     /// A leaf lock (taken under the state lock, never the other way).
     home: Mutex<Option<driver::Handle>>,
     /// The driver on the runtime of the callbacks adapter, if any: it keeps
@@ -145,89 +143,6 @@ impl Drop for Applied<'_> {
             self.session
                 .hub
                 .deliver(seq, events, |events| observer.published(events));
-        }
-    }
-}
-
-/// A consumer's own timer at the published deadline, on the runtime that
-/// polls the consumer (the callbacks adapter, a [`Leadership`] stream).
-///
-/// The driver that keeps the election's step-down timer may sit on a
-/// runtime that is alive but no longer run (a current-thread runtime
-/// between two `block_on`s, where the keep-alive was started or stopped):
-/// nothing tells a live driver to take over then, and without this the
-/// term would run out with no `Lost` to the consumers. A tick at a deadline
-/// the driver already settled changes nothing: the loss is reported once.
-///
-/// Cheap on purpose (a process may hold 100,000 streams): none while the
-/// driver that keeps the timer runs on the consumer's own runtime (which
-/// runs, since it polls the consumer), and a renewal (a later deadline)
-/// does not re-arm it: it wakes at the deadline it was armed for, then
-/// sleeps on to the current one.
-#[derive(Debug, Default)]
-pub(crate) struct Backstop {
-    /// The instant it is armed for, the runtime its sleep belongs to (a
-    /// sleep must not be polled after its runtime shut down), the sleep.
-    timer: Option<(Instant, tokio::runtime::Id, Pin<Box<tokio::time::Sleep>>)>,
-}
-
-impl Backstop {
-    /// `Pending` (woken by the deadline at the latest) while the published
-    /// deadline is ahead, or none, or outside a runtime; `Ready` once a
-    /// passed deadline was settled: the loss is queued for the caller,
-    /// which reads its queue again.
-    pub(crate) fn poll(&mut self, session: &Session, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            let Some(deadline) = session.published_deadline() else {
-                self.timer = None;
-                return Poll::Pending;
-            };
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                self.timer = None;
-                return Poll::Pending;
-            };
-            if session.timer_driver_runs_here() {
-                self.timer = None;
-                return Poll::Pending;
-            }
-            let here = runtime.id();
-            // A far deadline is slept towards from the horizon on (a tokio
-            // timer panics beyond about two years).
-            let when = deadline.min(crate::time::after(Instant::now(), BACKSTOP_HORIZON));
-            let (armed, sleep) = match &mut self.timer {
-                Some((armed, id, sleep)) if *id == here => {
-                    if when < *armed {
-                        // Moved earlier: re-armed (a later one is not).
-                        sleep.as_mut().reset(when);
-                        *armed = when;
-                    }
-                    (armed, sleep)
-                }
-                _ => {
-                    let (armed, _, sleep) =
-                        self.timer
-                            .insert((when, here, Box::pin(tokio::time::sleep_until(when))));
-                    (armed, sleep)
-                }
-            };
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            if Instant::now() < deadline {
-                // Woken at an earlier deadline (renewed since) or at the
-                // horizon: sleep on to the current one.
-                sleep.as_mut().reset(when);
-                *armed = when;
-                continue;
-            }
-            self.timer = None;
-            session.observe(Observation::Tick).deliver();
-            if session.published_deadline() == Some(deadline) {
-                // A passed deadline a tick left in place would be a bug:
-                // no spin.
-                return Poll::Pending;
-            }
-            return Poll::Ready(());
         }
     }
 }
@@ -492,20 +407,28 @@ impl Session {
     /// Tells the driver that the lease changed, unless the driver (or a call
     /// it runs) made the change, or a report is already pending.
     fn poke(&self) {
-        let Some(driver) = self.timer_driver(|| self.rpc.transport().driver()) else {
-            return;
-        };
-        if driver.is_current() {
-            return;
+        // A driver that dies between the choice and the send is passed
+        // over the next time round (it no longer counts as live).
+        for _ in 0..3 {
+            let Some(driver) = self.timer_driver(|| self.rpc.transport().driver()) else {
+                return;
+            };
+            if driver.is_current() || self.poke_to(&driver) {
+                return;
+            }
         }
-        self.poke_to(&driver);
     }
 
     /// Sends `driver` a report of a lease change, unless one is pending.
-    fn poke_to(&self, driver: &driver::Handle) {
-        if self.poke_pending.swap(driver.id(), Ordering::SeqCst) != driver.id() {
-            driver.poke(self.me.clone());
+    /// `false` if the driver is gone.
+    fn poke_to(&self, driver: &driver::Handle) -> bool {
+        if self.poke_pending.swap(driver.id(), Ordering::SeqCst) == driver.id()
+            || driver.poke(self.me.clone())
+        {
+            return true;
         }
+        self.poke_taken(driver.id());
+        false
     }
 
     /// The driver that kept this session's step-down timer is gone (its
@@ -517,8 +440,11 @@ impl Session {
     /// its campaign on its own runtime (when no live driver takes the
     /// timer over, nothing else would).
     fn timer_lost(&self) {
-        if let Some(driver) = self.timer_driver(|| self.rpc.transport().live_driver()) {
-            self.poke_to(&driver);
+        for _ in 0..3 {
+            match self.timer_driver(|| self.rpc.transport().live_driver()) {
+                Some(driver) if !self.poke_to(&driver) => continue,
+                _ => break,
+            }
         }
         self.hub.wake_all();
     }
@@ -651,6 +577,9 @@ impl Session {
     fn take_campaign(&self, control: &mut Control) -> Option<Stopping> {
         let campaign = control.campaign.take()?;
         self.generation.fetch_add(1, Ordering::SeqCst);
+        // Lease changes from now on go to the callbacks' runtime's driver
+        // (else the caller's), not to one that may sit idle.
+        *lock(&self.home) = None;
         Some(campaign.stop())
     }
 
