@@ -912,3 +912,42 @@ fn a_stream_polled_on_a_runtime_without_timers_does_not_panic() {
     drop(stream);
     home.block_on(server.shutdown());
 }
+
+// ----- fourth attack (home cleared on stop, backstop choice) -----
+
+/// `stop_keep_alive()` on a current-thread runtime that is then left idle,
+/// with the callbacks on the client's healthy runtime, and NO lease change
+/// after the stop: the step-down timer stays in the stopped campaign's
+/// driver (a stop takes nothing over, and nothing pokes the callbacks'
+/// driver), while the callbacks' backstop believes the callbacks' own
+/// driver keeps it (no home, adapter alive on this runtime) and arms
+/// nothing. `on_leader_lost` must still come at the deadline.
+#[test]
+fn callbacks_get_the_loss_after_stop_keep_alive_left_idle_without_a_later_lease_change() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+        client.stop_keep_alive().await;
+    });
+    // `idle` is kept, but nothing runs it any more.
+    home.block_on(async {
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    drop(idle);
+    home.block_on(server.shutdown());
+}
