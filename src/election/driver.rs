@@ -296,6 +296,12 @@ impl Session {
     fn slot(&self) -> MutexGuard<'_, Slot> {
         crate::sync::lock(&self.slot)
     }
+
+    /// The id of the driver that keeps this session's slot (its step-down
+    /// timer and campaign; 0: none yet).
+    pub(super) fn slot_driver(&self) -> u64 {
+        self.slot().driver
+    }
 }
 
 struct Driver<F> {

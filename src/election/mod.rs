@@ -389,19 +389,24 @@ impl Session {
     /// Whether the driver that keeps the step-down timer (see
     /// [`timer_driver`](Self::timer_driver); none is started here) runs on
     /// the current runtime.
+    ///
+    /// `true` only if that driver also keeps the timer now (records the
+    /// slot): a driver is chosen for the next report, but the timer moves
+    /// only when it reads one, and a stopped campaign's driver keeps it
+    /// until then (perhaps on a runtime left idle). A wrong `true` would
+    /// leave the consumer without the loss; a wrong `false` costs one
+    /// spurious backstop tick.
     fn timer_driver_runs_here(&self) -> bool {
         // As `timer_driver`, without cloning a handle (once per event read).
+        let here = |d: &driver::Handle| d.runs_here().then(|| d.id());
         let home = lock(&self.home)
             .as_ref()
             .filter(|d| d.is_alive())
-            .map(driver::Handle::runs_here);
-        home.or_else(|| {
-            self.adapter
-                .get()
-                .filter(|d| d.is_alive())
-                .map(driver::Handle::runs_here)
-        })
-        .unwrap_or(false)
+            .map(here);
+        let chosen = home
+            .or_else(|| self.adapter.get().filter(|d| d.is_alive()).map(here))
+            .flatten();
+        chosen.is_some_and(|id| self.slot_driver() == id)
     }
 
     /// Tells the driver that the lease changed, unless the driver (or a call
