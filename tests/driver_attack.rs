@@ -951,3 +951,43 @@ fn callbacks_get_the_loss_after_stop_keep_alive_left_idle_without_a_later_lease_
     drop(idle);
     home.block_on(server.shutdown());
 }
+
+/// A start left unread in an idle runtime's driver, then a stop (also
+/// unread there) and a restart on the healthy runtime's driver, which had
+/// run the campaign before. When the idle runtime runs again, its driver
+/// reads the stale start first: it must not take the slot over from the
+/// live campaign (aborting its renewal), or the stop that follows wipes it,
+/// and the keep-alive silently stops renewing while
+/// `is_keep_alive_running()` and the health say it runs.
+#[test]
+fn a_stale_start_on_an_idle_runtime_does_not_steal_the_restarted_keep_alive() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    home.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+        client.stop_keep_alive().await;
+    });
+    let idle = idle_runtime();
+    // Returns before the idle runtime's driver reads the start.
+    idle.block_on(async { client.start_keep_alive().await.unwrap() });
+    home.block_on(async {
+        // The stop waits in the idle driver's queue (the wait gives up
+        // after its grace period); the restart goes to this runtime's
+        // driver, which kept the slot.
+        client.stop_keep_alive().await;
+        client.start_keep_alive().await.unwrap();
+        leads_throughout(&client, SEC).await;
+    });
+    // The idle runtime runs again: its driver reads the stale start and stop.
+    idle.block_on(async { tokio::time::sleep(ms(50)).await });
+    home.block_on(async {
+        assert!(client.is_keep_alive_running());
+        assert!(client.health().campaign_running);
+        leads_throughout(&client, 7 * SEC).await;
+        client.stop_keep_alive().await;
+    });
+    drop(idle);
+    home.block_on(server.shutdown());
+}
