@@ -143,9 +143,17 @@ impl Handle {
         CURRENT.with(|c| c.get() == self.id)
     }
 
-    /// Starts `session`'s campaign.
+    /// Starts `session`'s campaign, the one of its current generation
+    /// (called under the control lock, as the generation moves on only
+    /// there): a start read after a later stop is stale and ignored.
     pub(crate) fn start(&self, session: Arc<Session>) -> bool {
-        self.tx.send(Command::Start(session)).is_ok()
+        let generation = session.campaign_generation();
+        self.tx
+            .send(Command::Start {
+                session,
+                generation,
+            })
+            .is_ok()
     }
 
     /// Stops `session`'s campaign: the returned receiver completes once the
@@ -164,7 +172,11 @@ impl Handle {
 }
 
 enum Command {
-    Start(Arc<Session>),
+    /// Start the campaign of `generation` (see [`Session::take_campaign`]).
+    Start {
+        session: Arc<Session>,
+        generation: u64,
+    },
     Stop {
         session: Weak<Session>,
         ack: oneshot::Sender<()>,
@@ -276,6 +288,11 @@ struct Running {
     /// Counts the campaign's waits and calls, so that the end of an earlier
     /// one is told apart.
     seq: u64,
+    /// The session's campaign generation it was started in: its calls are
+    /// made under it, so that none is sent once it was stopped, even if
+    /// this driver (its runtime not run) launches one before it reads the
+    /// stop.
+    generation: u64,
     mode: Mode,
 }
 
@@ -349,7 +366,7 @@ impl<F> Drop for Driver<F> {
         // its deadline would never be reported.
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
-                Command::Start(session) => session.timer_lost(),
+                Command::Start { session, .. } => session.timer_lost(),
                 Command::Poke(session) => {
                     if let Some(session) = session.upgrade() {
                         session.timer_lost();
@@ -491,8 +508,19 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Start(session) => self.guarded(&session, |driver, session| {
+            Command::Start {
+                session,
+                generation,
+            } => self.guarded(&session, |driver, session| {
                 {
+                    // Stopped since it was sent (its driver's runtime was
+                    // not run meanwhile): the slot may now hold the live
+                    // campaign of a later start, on another driver, which
+                    // this one must not take over (its stale stop, next in
+                    // this queue, would then wipe it).
+                    if session.campaign_generation() != generation {
+                        return;
+                    }
                     let Ok(mut slot) = driver.take_over(session, true) else {
                         return;
                     };
@@ -503,6 +531,7 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                     slot.campaign = Some(Running {
                         plan: Plan::new(session),
                         seq,
+                        generation,
                         mode: Mode::Ready,
                     });
                 }
@@ -737,7 +766,7 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
     /// lease it publishes is the driver's own change: no poke).
     fn launch(&mut self, session: &Arc<Session>, running: &mut Running, call: Call) {
         let seq = running.seq;
-        let generation = session.campaign_generation();
+        let generation = running.generation;
         let (abort, registration) = AbortHandle::new_pair();
         self.calls.push((self.make)(
             session.clone(),
