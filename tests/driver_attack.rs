@@ -991,3 +991,35 @@ fn a_stale_start_on_an_idle_runtime_does_not_steal_the_restarted_keep_alive() {
     drop(idle);
     home.block_on(server.shutdown());
 }
+
+/// A stream read through `Handle::block_on` of a runtime that has shut down
+/// (a sync wrapper that kept the handle), while the campaign runs on the
+/// client's runtime: its backstop timer belongs to the dead runtime, whose
+/// timer panics when polled ("being shutdown"). Reading must not panic; the
+/// campaign's driver still reports the events.
+#[test]
+fn a_stream_read_on_a_shut_down_runtimes_handle_does_not_panic() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    home.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    let gone = home_runtime();
+    let handle = gone.handle().clone();
+    drop(gone);
+    let mut stream = client.leadership();
+    use futures::StreamExt;
+    let first = handle.block_on(async { stream.next().await });
+    assert!(
+        matches!(first, Some(LeadershipEvent::Elected { .. })),
+        "{first:?}"
+    );
+    // Waits for the next event (a renewal) there, with no usable timer.
+    let next = handle.block_on(async { stream.next().await });
+    assert!(next.is_some());
+    home.block_on(client.stop_keep_alive());
+    drop(stream);
+    home.block_on(server.shutdown());
+}
