@@ -34,8 +34,9 @@ pub(crate) struct Backstop {
     /// The instant it is armed for, the runtime its sleep belongs to (a
     /// sleep must not be polled after its runtime shut down), the sleep.
     timer: Option<(Instant, tokio::runtime::Id, Pin<Box<tokio::time::Sleep>>)>,
-    /// A runtime found without timers (built without `enable_time`): no
-    /// backstop is armed while polled there.
+    /// A runtime found without usable timers (built without `enable_time`,
+    /// or shut down: polled through a handle kept from it): no backstop is
+    /// armed while polled there.
     no_timers: Option<tokio::runtime::Id>,
 }
 
@@ -89,8 +90,19 @@ impl Backstop {
                     (armed, sleep)
                 }
             };
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+            match poll_sleep(sleep, cx) {
+                Some(Poll::Pending) => return Poll::Pending,
+                Some(Poll::Ready(())) => {}
+                None => {
+                    tracing::warn!(
+                        "a leadership stream or the callbacks are polled on a runtime that \
+                         shut down (its timers no longer run): the loss at the deadline is \
+                         reported only by the campaign's runtime"
+                    );
+                    self.timer = None;
+                    self.no_timers = Some(here);
+                    return Poll::Pending;
+                }
             }
             if Instant::now() < deadline {
                 // Woken at an earlier deadline (renewed since) or at the
@@ -115,4 +127,11 @@ impl Backstop {
 /// panics instead: caught here, so that reading a stream never panics).
 fn sleep_until(when: Instant) -> Option<Pin<Box<tokio::time::Sleep>>> {
     std::panic::catch_unwind(|| Box::pin(tokio::time::sleep_until(when))).ok()
+}
+
+/// Polls `sleep`; `None` if its runtime's timers shut down (tokio panics
+/// then: caught here, so that reading a stream through the handle of a
+/// runtime that shut down never panics).
+fn poll_sleep(sleep: &mut Pin<Box<tokio::time::Sleep>>, cx: &mut Context<'_>) -> Option<Poll<()>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sleep.as_mut().poll(cx))).ok()
 }
