@@ -399,10 +399,7 @@ impl Session {
     fn timer_driver_runs_here(&self) -> bool {
         // As `timer_driver`, without cloning a handle (once per event read).
         let here = |d: &driver::Handle| d.runs_here().then(|| d.id());
-        let home = lock(&self.home)
-            .as_ref()
-            .filter(|d| d.is_alive())
-            .map(here);
+        let home = lock(&self.home).as_ref().filter(|d| d.is_alive()).map(here);
         let chosen = home
             .or_else(|| self.adapter.get().filter(|d| d.is_alive()).map(here))
             .flatten();
