@@ -1023,3 +1023,41 @@ fn a_stream_read_on_a_shut_down_runtimes_handle_does_not_panic() {
     drop(stream);
     home.block_on(server.shutdown());
 }
+
+/// The keep-alive runs on a current-thread runtime left idle; it is
+/// stopped from the client's healthy runtime (the stop waits, unread, in
+/// the idle driver's queue), and the lock is then won imperatively there:
+/// the report of that lease change is forwarded to the idle driver (its
+/// slot still records the campaign), which keeps the step-down timer. The
+/// callbacks on the healthy runtime must still get the loss at the
+/// deadline (their backstop must not believe their own driver keeps it).
+#[test]
+fn callbacks_get_the_loss_of_an_imperative_lease_whose_timer_sits_in_an_idle_driver() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    let idle = idle_runtime();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    home.block_on(async {
+        // Gives up waiting after its grace period.
+        client.stop_keep_alive().await;
+        assert!(client.try_acquire_lock().await.unwrap());
+        eventually(10 * SEC, "the term ends at its deadline", || {
+            !client.is_leader()
+        })
+        .await;
+        eventually(5 * SEC, "on_leader_lost after the deadline", || {
+            log.get().last() == Some(&"lost")
+        })
+        .await;
+    });
+    assert_eq!(log.get(), ["elected", "lost"]);
+    drop(idle);
+    home.block_on(server.shutdown());
+}
