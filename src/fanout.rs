@@ -382,7 +382,7 @@ impl Hub {
     }
 
     /// Ends every subscriber (each yields what it holds, then ends).
-    pub(crate) fn close(&self) {
+    pub(crate) fn close(&self, _after: u64) {
         self.state().subscribers.clear();
     }
 }
@@ -731,12 +731,29 @@ mod tests {
         assert_eq!(drain(&mut broken), ["E1", "R5", "L1"]);
     }
 
+    /// `shutdown()` closes the hub after its release's `Lost`; a batch
+    /// numbered before the close but still on its way (a tick's `Lost` at
+    /// the deadline, applied by the driver on another thread) must still
+    /// reach the subscribers: "streams and callbacks end after the loss",
+    /// never after an `Elected` alone.
+    #[tokio::test]
+    async fn closing_the_hub_waits_for_the_batches_numbered_before_it() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        // Batch 1 (the term) is on its way; batch 2 (its loss) arrived.
+        hub.deliver(2, vec![lost(1)], |_| {});
+        hub.close(2);
+        hub.deliver(1, vec![elected(1)], |_| {});
+        assert_eq!(drain(&mut rx), ["E1", "L1"]);
+        assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
+    }
+
     #[tokio::test]
     async fn closing_the_hub_ends_every_subscriber_after_what_it_holds() {
         let hub = Hub::default();
         let mut rx = hub.subscribe(1, Some(LeadershipEvent::Follower));
         hub.deliver(1, vec![elected(1)], |_| {});
-        hub.close();
+        hub.close(1);
         assert_eq!(drain(&mut rx), ["F", "E1"]);
         assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
     }

@@ -696,7 +696,8 @@ impl Session {
     /// Ends every subscriber (streams end after the events they hold, the
     /// callbacks adapter after its last callback).
     fn close_subscribers(&self) {
-        self.hub.close();
+        let applied = self.shared().seq;
+        self.hub.close(applied);
     }
 
     /// Leader or granted: the server holds (or was just asked for) the lock
