@@ -266,6 +266,9 @@ struct HubState {
     /// no `await`): a handful at the very most.
     early: Vec<(u64, Vec<LeadershipEvent>)>,
     subscribers: Vec<Subscriber>,
+    /// A close waiting for the batches numbered before it (see
+    /// [`Hub::close`]): the subscribers end once this one is handed out.
+    close_after: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -282,6 +285,7 @@ impl Default for Hub {
                 next: 1,
                 early: Vec::new(),
                 subscribers: Vec::new(),
+                close_after: None,
             }),
         }
     }
@@ -360,6 +364,10 @@ impl Hub {
                     true
                 });
                 state.next = seq.wrapping_add(1);
+                if state.close_after == Some(seq) {
+                    state.close_after = None;
+                    state.subscribers.clear();
+                }
                 let next = state.next;
                 match state.early.iter().position(|(s, _)| *s == next) {
                     Some(i) => batch = state.early.swap_remove(i).1,
@@ -381,9 +389,17 @@ impl Hub {
         }
     }
 
-    /// Ends every subscriber (each yields what it holds, then ends).
-    pub(crate) fn close(&self, _after: u64) {
-        self.state().subscribers.clear();
+    /// Ends every subscriber (each yields what it holds, then ends) once
+    /// every batch up to `after` (the last one numbered: its events were
+    /// applied before the close) is handed out: one still on its way (a
+    /// tick's `Lost`, applied on another thread) is not lost.
+    pub(crate) fn close(&self, after: u64) {
+        let mut state = self.state();
+        if state.next > after {
+            state.subscribers.clear();
+        } else {
+            state.close_after = Some(after);
+        }
     }
 }
 
