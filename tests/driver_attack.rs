@@ -1061,3 +1061,28 @@ fn callbacks_get_the_loss_of_an_imperative_lease_whose_timer_sits_in_an_idle_dri
     drop(idle);
     home.block_on(server.shutdown());
 }
+
+/// The imperative API and the keep-alive's stop used on a runtime built
+/// without timers (`enable_io` only): an error or a result, never a panic
+/// inside tokio ("timers are disabled").
+#[test]
+fn the_api_on_a_runtime_without_timers_does_not_panic() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let no_timers = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let acquired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        no_timers.block_on(client.try_acquire_lock())
+    }));
+    assert!(acquired.is_ok(), "try_acquire_lock panicked");
+    home.block_on(client.start_keep_alive()).unwrap();
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        no_timers.block_on(client.stop_keep_alive())
+    }));
+    assert!(stopped.is_ok(), "stop_keep_alive panicked");
+    drop(no_timers);
+    home.block_on(server.shutdown());
+}
