@@ -14,8 +14,28 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// tokio.
 ///
 /// [`Error::NoRuntime`]: crate::Error::NoRuntime
+///
+/// A runtime built without timers (`enable_io()` alone) is refused with
+/// [`Error::InvalidParameter`]: every call's timeout needs them, and tokio
+/// panics without them.
+///
+/// [`Error::InvalidParameter`]: crate::Error::InvalidParameter
 pub(crate) fn runtime() -> crate::error::Result<tokio::runtime::Handle> {
-    tokio::runtime::Handle::try_current().map_err(|_| crate::error::Error::NoRuntime)
+    let runtime =
+        tokio::runtime::Handle::try_current().map_err(|_| crate::error::Error::NoRuntime)?;
+    if !has_timers() {
+        return Err(crate::error::Error::InvalidParameter(
+            "the Tokio runtime has no timers: build it with `enable_all()` or `enable_time()`"
+                .into(),
+        ));
+    }
+    Ok(runtime)
+}
+
+/// Whether the current runtime has timers (tokio panics on a timer made on
+/// one without: the probe catches it; it registers nothing).
+pub(crate) fn has_timers() -> bool {
+    std::panic::catch_unwind(|| drop(tokio::time::sleep(std::time::Duration::ZERO))).is_ok()
 }
 
 /// Cancels `stop`, then waits up to `grace` for each task to end; a task

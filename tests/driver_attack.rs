@@ -1077,7 +1077,14 @@ fn the_api_on_a_runtime_without_timers_does_not_panic() {
     let acquired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         no_timers.block_on(client.try_acquire_lock())
     }));
-    assert!(acquired.is_ok(), "try_acquire_lock panicked");
+    let acquired = acquired.expect("try_acquire_lock panicked");
+    assert!(
+        matches!(
+            acquired,
+            Err(quorum_quest_client::Error::InvalidParameter(ref m)) if m.contains("enable_time")
+        ),
+        "{acquired:?}"
+    );
     home.block_on(client.start_keep_alive()).unwrap();
     let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         no_timers.block_on(client.stop_keep_alive())

@@ -194,7 +194,7 @@ impl Stopping {
         let Some(ack) = self.ack else {
             return;
         };
-        if tokio::runtime::Handle::try_current().is_err() {
+        if tokio::runtime::Handle::try_current().is_err() || !crate::sync::has_timers() {
             return;
         }
         // Acknowledged once the call in flight, if any, is dropped (or the
