@@ -335,8 +335,16 @@ impl Session {
     /// Tells the driver that the lease changed, unless the driver (or a call
     /// it runs) made the change, or a report is already pending.
     fn poke(&self) {
-        // The driver of the campaign if it runs, else this runtime's.
-        let home = lock(&self.home).as_ref().filter(|d| d.is_alive()).cloned();
+        // The driver of the campaign if it runs, else this runtime's. A
+        // change the running driver made itself (every renewal) returns
+        // here, without copying the handle.
+        let home = {
+            let home = lock(&self.home);
+            match home.as_ref().filter(|d| d.is_alive()) {
+                Some(driver) if driver.is_current() => return,
+                live => live.cloned(),
+            }
+        };
         let Some(driver) = home.or_else(|| self.rpc.transport().driver()) else {
             return;
         };
