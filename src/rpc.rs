@@ -248,7 +248,7 @@ impl Rpc {
         priority: Priority,
     ) -> Answer<bool> {
         let s = &self.scope;
-        let req = TryAcquireLockRequest {
+        let req = || TryAcquireLockRequest {
             service: s.service.to_string(),
             domain: s.domain.to_string(),
             client_id: s.wire_id(incarnation),
@@ -272,7 +272,7 @@ impl Rpc {
         wait: Wait,
     ) -> Answer<LeaseAnswer> {
         let s = &self.scope;
-        let req = KeepAliveRequest {
+        let req = || KeepAliveRequest {
             service: s.service.to_string(),
             domain: s.domain.to_string(),
             client_id: s.wire_id(incarnation),
@@ -296,7 +296,7 @@ impl Rpc {
         wait: Wait,
     ) -> Answer<()> {
         let s = &self.scope;
-        let req = ReleaseLockRequest {
+        let req = || ReleaseLockRequest {
             service: s.service.to_string(),
             domain: s.domain.to_string(),
             client_id: s.wire_id(incarnation),
@@ -323,16 +323,20 @@ impl Rpc {
     /// Each attempt first waits for a slot on the connection (`wait` bounds
     /// how long the first one may wait); the `timeout` budget starts when the
     /// first attempt is sent, and never runs past a [`Wait::Until`] instant.
-    async fn call<Req, Resp, F, Fut>(
+    ///
+    /// `req` builds each attempt's request (built per attempt rather than
+    /// built once and cloned for each: one copy of its strings per call, not
+    /// two).
+    async fn call<Req, Resp, M, F, Fut>(
         &self,
         (rpc, priority): (RpcKind, Priority),
         incarnation: u32,
         (timeout, wait): (Duration, Wait),
-        req: Req,
+        req: M,
         f: F,
     ) -> Answer<Resp>
     where
-        Req: Clone,
+        M: Fn() -> Req,
         F: Fn(LeaderElectionServiceClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
@@ -390,7 +394,7 @@ impl Rpc {
             queue_until = Some(end);
             let (channel, connection) = self.transport.channel();
             let client = LeaderElectionServiceClient::new(channel);
-            let mut request = Request::new(req.clone());
+            let mut request = Request::new(req());
             request.set_timeout(left);
             let attempt = RpcAttempt::start(&self.span, rpc, attempts);
             let result = match self.metadata.apply(request) {

@@ -74,6 +74,12 @@ const TIMER_HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
 /// least this many entries and twice as many as after the last compaction.
 const COMPACT_MIN: usize = 1024;
 
+/// How many spare call cells ([`Driver::spare`]) the driver keeps for
+/// reuse: enough for the calls a steady state has in flight at once, few
+/// enough that a burst (a cold start, renewals in lockstep) does not leave
+/// memory behind (a cell is a few kilobytes).
+const SPARE_CELLS: usize = 64;
+
 /// How many commands the driver takes in one go before it looks at its
 /// timers and calls again (so a flood of starts cannot delay a step-down).
 const BATCH: usize = 256;
@@ -106,6 +112,7 @@ impl Handle {
             rx,
             make: call_future,
             calls: FuturesUnordered::new(),
+            spare: Vec::new(),
             timers: DelayQueue::new(),
             acquires: acquires.max(1),
             acquiring: 0,
@@ -200,8 +207,8 @@ enum Outcome {
 /// campaign stopped).
 type CallEnd = (Arc<Session>, u64, bool, Result<Outcome, Aborted>);
 
-/// A campaign call in flight, as the driver polls it (not boxed: the
-/// driver's queue of calls holds each in one allocation).
+/// A campaign call in flight, as the driver polls it (not boxed: it lives
+/// in a [`CallCell`] the driver reuses).
 fn call_future(
     session: Arc<Session>,
     seq: u64,
@@ -331,8 +338,13 @@ struct Driver<F> {
     /// Makes a call's future ([`call_future`]; a parameter only so that its
     /// type, which has no name, can be the queue's).
     make: fn(Arc<Session>, u64, Call, u64, AbortRegistration) -> F,
-    /// The campaigns' calls in flight.
-    calls: FuturesUnordered<F>,
+    /// The campaigns' calls in flight, each in a cell of its own.
+    calls: FuturesUnordered<InCell<F>>,
+    /// Cells of calls that ended, for the next calls (at most
+    /// [`SPARE_CELLS`]): a call's future is a few kilobytes, and
+    /// allocating (and freeing) that much for every renewal costs more
+    /// than the rest of the driver's work on it.
+    spare: Vec<CallCell<F>>,
     timers: DelayQueue<TimerRef>,
     /// At most this many follower attempts are in flight at once (twice
     /// the connection's cap on calls, so that the connection stays busy).
@@ -448,7 +460,12 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
                     _ => None,
                 };
                 let call = match self.calls.poll_next_unpin(cx) {
-                    Poll::Ready(Some(done)) => Some(done),
+                    Poll::Ready(Some((done, cell))) => {
+                        if self.spare.len() < SPARE_CELLS {
+                            self.spare.push(cell);
+                        }
+                        Some(done)
+                    }
                     _ => None,
                 };
                 if cmd.is_pending() && timer.is_none() && call.is_none() {
@@ -768,13 +785,15 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
         let seq = running.seq;
         let generation = running.generation;
         let (abort, registration) = AbortHandle::new_pair();
-        self.calls.push((self.make)(
+        let mut cell = self.spare.pop().unwrap_or_else(|| Box::pin(None));
+        cell.as_mut().set(Some((self.make)(
             session.clone(),
             seq,
             call,
             generation,
             registration,
-        ));
+        )));
+        self.calls.push(InCell { cell: Some(cell) });
         let acquire = matches!(call, Call::Acquire);
         running.mode = Mode::Call { abort };
         if acquire {
@@ -941,6 +960,38 @@ async fn make_call(session: &Session, call: Call, generation: u64) -> Outcome {
         Call::Settle { class } => {
             session.settle_unknown_acquire().await;
             Outcome::Settled(class)
+        }
+    }
+}
+
+/// A reusable allocation for one call's future (empty between calls).
+type CallCell<F> = Pin<Box<Option<F>>>;
+
+/// A call's future in its [`CallCell`]. It ends with the call's output and the
+/// cell, emptied: the future is dropped before its end is reported (so a
+/// stop acknowledged then finds nothing of the campaign left to run).
+struct InCell<F> {
+    cell: Option<CallCell<F>>,
+}
+
+impl<F: Future> Future for InCell<F> {
+    type Output = (F::Output, CallCell<F>);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // `InCell` is `Unpin`: the future is pinned inside its box.
+        let this = self.get_mut();
+        let Some(cell) = this.cell.as_mut() else {
+            // Polled after it ended (never done by `FuturesUnordered`).
+            return Poll::Pending;
+        };
+        let Some(future) = cell.as_mut().as_pin_mut() else {
+            return Poll::Pending;
+        };
+        let output = futures::ready!(future.poll(cx));
+        cell.as_mut().set(None);
+        match this.cell.take() {
+            Some(cell) => Poll::Ready((output, cell)),
+            None => Poll::Pending,
         }
     }
 }

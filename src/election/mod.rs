@@ -409,6 +409,14 @@ impl Session {
     /// Tells the driver that the lease changed, unless the driver (or a call
     /// it runs) made the change, or a report is already pending.
     fn poke(&self) {
+        // A change the campaign's running driver made itself (every
+        // renewal) returns here, without copying a handle.
+        if lock(&self.home)
+            .as_ref()
+            .is_some_and(driver::Handle::is_current)
+        {
+            return;
+        }
         // A driver that dies between the choice and the send is passed
         // over the next time round (it no longer counts as live).
         for _ in 0..3 {
