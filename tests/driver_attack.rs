@@ -51,6 +51,35 @@ impl Callbacks for Log {
     }
 }
 
+/// A long-lived runtime, a server on it, and a client (ttl 3 s) built there
+/// with its callbacks recorded.
+fn with_callbacks() -> (
+    tokio::runtime::Runtime,
+    quorum_quest_client::testing::TestServer,
+    Arc<Log>,
+    quorum_quest_client::QuorumQuestClient,
+) {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Log::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
+        .unwrap();
+    (home, server, log, client)
+}
+
+/// Waits until the term ends at its deadline and `on_leader_lost` follows.
+async fn loss_reported(client: &quorum_quest_client::QuorumQuestClient, log: &Log) {
+    eventually(10 * SEC, "the term ends at its deadline", || {
+        !client.is_leader()
+    })
+    .await;
+    eventually(5 * SEC, "on_leader_lost after the deadline", || {
+        log.get().last() == Some(&"lost")
+    })
+    .await;
+}
+
 /// A stream dropped on a current-thread runtime stops its campaign from a
 /// spawned task; a stream created right after starts the campaign at once.
 /// The late stop must not stop the new stream's campaign: the new stream
@@ -87,12 +116,7 @@ async fn a_stream_recreated_right_after_a_drop_keeps_campaigning() {
 /// reported to the callbacks.
 #[test]
 fn runtimes_in_sequence_around_one_client_still_report_the_loss() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let log = Arc::new(Log::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
-        .unwrap();
+    let (home, server, log, client) = with_callbacks();
     let fresh = current_thread;
     // First "test": acquires (its driver starts here, and dies with it).
     let first = fresh();
@@ -103,14 +127,7 @@ fn runtimes_in_sequence_around_one_client_still_report_the_loss() {
     let second = fresh();
     second.block_on(async {
         assert!(client.try_acquire_lock().await.unwrap());
-        eventually(10 * SEC, "the term ends at its deadline", || {
-            !client.is_leader()
-        })
-        .await;
-        eventually(5 * SEC, "on_leader_lost after the deadline", || {
-            log.get().last() == Some(&"lost")
-        })
-        .await;
+        loss_reported(&client, &log).await;
     });
     assert_eq!(log.get(), ["elected", "lost"]);
     drop(second);
@@ -255,24 +272,12 @@ fn a_stream_on_a_healthy_runtime_campaigns_while_the_drivers_runtime_is_idle() {
 /// deadline (rule 2), as `is_leader()` turns false then.
 #[test]
 fn callbacks_get_the_loss_when_the_drivers_runtime_shut_down_and_nothing_else_happens() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let log = Arc::new(Log::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
-        .unwrap();
+    let (home, server, log, client) = with_callbacks();
     let first = current_thread();
     assert!(first.block_on(client.try_acquire_lock()).unwrap());
     drop(first);
     home.block_on(async {
-        eventually(10 * SEC, "the term ends at its deadline", || {
-            !client.is_leader()
-        })
-        .await;
-        eventually(5 * SEC, "on_leader_lost after the deadline", || {
-            log.get().last() == Some(&"lost")
-        })
-        .await;
+        loss_reported(&client, &log).await;
     });
     assert_eq!(log.get(), ["elected", "lost"]);
     home.block_on(server.shutdown());
@@ -285,12 +290,7 @@ fn callbacks_get_the_loss_when_the_drivers_runtime_shut_down_and_nothing_else_ha
 /// the client (rule 2: no leadership change is lost silently).
 #[test]
 fn callbacks_get_the_loss_when_the_keep_alives_runtime_shut_down_mid_term() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let log = Arc::new(Log::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
-        .unwrap();
+    let (home, server, log, client) = with_callbacks();
     let first = current_thread();
     first.block_on(async {
         client.start_keep_alive().await.unwrap();
@@ -299,14 +299,7 @@ fn callbacks_get_the_loss_when_the_keep_alives_runtime_shut_down_mid_term() {
     // Its campaign and driver die here, mid-term.
     drop(first);
     home.block_on(async {
-        eventually(10 * SEC, "the term ends at its deadline", || {
-            !client.is_leader()
-        })
-        .await;
-        eventually(5 * SEC, "on_leader_lost after the deadline", || {
-            log.get().last() == Some(&"lost")
-        })
-        .await;
+        loss_reported(&client, &log).await;
     });
     assert_eq!(log.get(), ["elected", "lost"]);
     home.block_on(server.shutdown());
@@ -636,12 +629,7 @@ async fn dropped_leaders_with_long_leases_give_their_memory_back() {
 /// the deadline must still reach the callbacks (rule 2).
 #[test]
 fn callbacks_get_the_loss_when_a_driver_dies_with_a_lease_change_unread() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let log = Arc::new(Log::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
-        .unwrap();
+    let (home, server, log, client) = with_callbacks();
     let first = current_thread();
     first.block_on(client.start_keep_alive()).unwrap();
     home.block_on(async {
@@ -651,14 +639,7 @@ fn callbacks_get_the_loss_when_a_driver_dies_with_a_lease_change_unread() {
     // The campaign's driver dies with the lease change unread.
     drop(first);
     home.block_on(async {
-        eventually(10 * SEC, "the term ends at its deadline", || {
-            !client.is_leader()
-        })
-        .await;
-        eventually(5 * SEC, "on_leader_lost after the deadline", || {
-            log.get().last() == Some(&"lost")
-        })
-        .await;
+        loss_reported(&client, &log).await;
     });
     assert_eq!(log.get(), ["elected", "lost"]);
     home.block_on(server.shutdown());
@@ -717,12 +698,7 @@ fn a_waiting_stream_is_not_left_silent_when_a_driver_dies_with_a_lease_change_un
 /// with the callbacks' own backstop timer (HEAD~2, `callback_events`).
 #[test]
 fn callbacks_get_the_loss_when_the_keep_alives_runtime_is_left_idle() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let log = Arc::new(Log::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
-        .unwrap();
+    let (home, server, log, client) = with_callbacks();
     let idle = current_thread();
     idle.block_on(async {
         client.start_keep_alive().await.unwrap();
@@ -730,14 +706,7 @@ fn callbacks_get_the_loss_when_the_keep_alives_runtime_is_left_idle() {
     });
     // `idle` is kept, but nothing runs it any more.
     home.block_on(async {
-        eventually(10 * SEC, "the term ends at its deadline", || {
-            !client.is_leader()
-        })
-        .await;
-        eventually(5 * SEC, "on_leader_lost after the deadline", || {
-            log.get().last() == Some(&"lost")
-        })
-        .await;
+        loss_reported(&client, &log).await;
     });
     assert_eq!(log.get(), ["elected", "lost"]);
     drop(idle);
@@ -751,12 +720,7 @@ fn callbacks_get_the_loss_when_the_keep_alives_runtime_is_left_idle() {
 /// callbacks' driver should keep the step-down timer): the loss must come.
 #[test]
 fn callbacks_get_the_loss_after_stop_keep_alive_on_a_runtime_left_idle() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let log = Arc::new(Log::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
-        .unwrap();
+    let (home, server, log, client) = with_callbacks();
     let idle = current_thread();
     idle.block_on(async {
         client.start_keep_alive().await.unwrap();
@@ -766,14 +730,7 @@ fn callbacks_get_the_loss_after_stop_keep_alive_on_a_runtime_left_idle() {
     home.block_on(async {
         // A lease change made on the healthy runtime, with no campaign.
         assert!(client.try_acquire_lock().await.unwrap());
-        eventually(10 * SEC, "the term ends at its deadline", || {
-            !client.is_leader()
-        })
-        .await;
-        eventually(5 * SEC, "on_leader_lost after the deadline", || {
-            log.get().last() == Some(&"lost")
-        })
-        .await;
+        loss_reported(&client, &log).await;
     });
     assert_eq!(log.get(), ["elected", "lost"]);
     drop(idle);
@@ -815,12 +772,7 @@ fn a_stream_on_a_healthy_runtime_gets_the_loss_while_the_keep_alives_runtime_is_
 /// loss at the deadline.
 #[test]
 fn callbacks_get_the_loss_when_the_keep_alives_runtime_shuts_down_in_the_background() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let log = Arc::new(Log::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
-        .unwrap();
+    let (home, server, log, client) = with_callbacks();
     let first = home_runtime();
     first.block_on(async {
         client.start_keep_alive().await.unwrap();
@@ -828,14 +780,7 @@ fn callbacks_get_the_loss_when_the_keep_alives_runtime_shuts_down_in_the_backgro
     });
     first.shutdown_background();
     home.block_on(async {
-        eventually(10 * SEC, "the term ends at its deadline", || {
-            !client.is_leader()
-        })
-        .await;
-        eventually(5 * SEC, "on_leader_lost after the deadline", || {
-            log.get().last() == Some(&"lost")
-        })
-        .await;
+        loss_reported(&client, &log).await;
     });
     assert_eq!(log.get(), ["elected", "lost"]);
     home.block_on(server.shutdown());
@@ -924,12 +869,7 @@ fn a_stream_polled_on_a_runtime_without_timers_does_not_panic() {
 /// nothing. `on_leader_lost` must still come at the deadline.
 #[test]
 fn callbacks_get_the_loss_after_stop_keep_alive_left_idle_without_a_later_lease_change() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let log = Arc::new(Log::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
-        .unwrap();
+    let (home, server, log, client) = with_callbacks();
     let idle = current_thread();
     idle.block_on(async {
         client.start_keep_alive().await.unwrap();
@@ -938,14 +878,7 @@ fn callbacks_get_the_loss_after_stop_keep_alive_left_idle_without_a_later_lease_
     });
     // `idle` is kept, but nothing runs it any more.
     home.block_on(async {
-        eventually(10 * SEC, "the term ends at its deadline", || {
-            !client.is_leader()
-        })
-        .await;
-        eventually(5 * SEC, "on_leader_lost after the deadline", || {
-            log.get().last() == Some(&"lost")
-        })
-        .await;
+        loss_reported(&client, &log).await;
     });
     assert_eq!(log.get(), ["elected", "lost"]);
     drop(idle);
@@ -1033,12 +966,7 @@ fn a_stream_read_on_a_shut_down_runtimes_handle_does_not_panic() {
 /// deadline (their backstop must not believe their own driver keeps it).
 #[test]
 fn callbacks_get_the_loss_of_an_imperative_lease_whose_timer_sits_in_an_idle_driver() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let log = Arc::new(Log::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 3).callbacks(log.clone()).build())
-        .unwrap();
+    let (home, server, log, client) = with_callbacks();
     let idle = idle_runtime();
     idle.block_on(async {
         client.start_keep_alive().await.unwrap();
@@ -1048,14 +976,7 @@ fn callbacks_get_the_loss_of_an_imperative_lease_whose_timer_sits_in_an_idle_dri
         // Gives up waiting after its grace period.
         client.stop_keep_alive().await;
         assert!(client.try_acquire_lock().await.unwrap());
-        eventually(10 * SEC, "the term ends at its deadline", || {
-            !client.is_leader()
-        })
-        .await;
-        eventually(5 * SEC, "on_leader_lost after the deadline", || {
-            log.get().last() == Some(&"lost")
-        })
-        .await;
+        loss_reported(&client, &log).await;
     });
     assert_eq!(log.get(), ["elected", "lost"]);
     drop(idle);
