@@ -261,8 +261,8 @@ impl Drop for TimerRef {
     }
 }
 
-/// The driver's part of one election, kept in its session (only the driver
-/// locks it).
+/// The driver's part of one election, kept in its session (drivers change
+/// it; a consumer's backstop only reads which driver keeps it).
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
     /// The armed timer: when, and its entry. Its instant is derived each
