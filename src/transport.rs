@@ -613,7 +613,7 @@ pub(crate) struct Transport {
     /// elections on this connection: one per runtime using it (started on
     /// first use there), so that a campaign runs on the runtime that
     /// started it, not on another one that may sit idle.
-    driver: Mutex<Vec<(tokio::runtime::Id, crate::election::DriverHandle)>>,
+    driver: Mutex<Vec<crate::election::DriverHandle>>,
 }
 
 #[derive(Debug)]
@@ -706,13 +706,13 @@ impl Transport {
         let here = runtime.id();
         let mut drivers = crate::sync::lock(&self.driver);
         // Drivers of runtimes that shut down are gone.
-        drivers.retain(|(_, d)| d.is_alive());
-        if let Some((_, driver)) = drivers.iter().find(|(id, _)| *id == here) {
+        drivers.retain(|d| d.is_alive());
+        if let Some(driver) = drivers.iter().find(|d| d.runtime() == here) {
             return Some(driver.clone());
         }
         let driver =
             crate::election::DriverHandle::spawn(&runtime, self.admission.cap().saturating_mul(2));
-        drivers.push((here, driver.clone()));
+        drivers.push(driver.clone());
         Some(driver)
     }
 
@@ -721,7 +721,6 @@ impl Transport {
     pub(crate) fn live_driver(&self) -> Option<crate::election::DriverHandle> {
         crate::sync::lock(&self.driver)
             .iter()
-            .map(|(_, d)| d)
             .find(|d| d.is_alive())
             .cloned()
     }

@@ -140,6 +140,11 @@ impl Handle {
         !self.tx.is_closed()
     }
 
+    /// The runtime this driver's task runs on.
+    pub(crate) fn runtime(&self) -> tokio::runtime::Id {
+        self.runtime
+    }
+
     /// `true` when called on the runtime this driver's task runs on.
     pub(crate) fn runs_here(&self) -> bool {
         tokio::runtime::Handle::try_current().is_ok_and(|here| here.id() == self.runtime)

@@ -372,23 +372,30 @@ impl Session {
         self.lease.deadline()
     }
 
-    /// The driver that keeps the step-down timer (and the campaign, if
-    /// one runs): the campaign's, while its runtime runs; else the one on
-    /// the callbacks adapter's runtime (where the loss must be reported);
-    /// else `fallback`.
+    /// Reads the driver that keeps the step-down timer (and the campaign,
+    /// if one runs), without copying its handle: the campaign's, while its
+    /// runtime runs; else the one on the callbacks adapter's runtime (where
+    /// the loss must be reported). `None` if neither is alive.
+    fn with_timer_driver<T>(&self, read: impl FnOnce(&driver::Handle) -> T) -> Option<T> {
+        let home = lock(&self.home);
+        match home.as_ref().filter(|d| d.is_alive()) {
+            Some(driver) => Some(read(driver)),
+            None => self.adapter.get().filter(|d| d.is_alive()).map(read),
+        }
+    }
+
+    /// The driver that keeps the step-down timer (see
+    /// [`with_timer_driver`](Self::with_timer_driver)), else `fallback`.
     fn timer_driver(
         &self,
         fallback: impl FnOnce() -> Option<driver::Handle>,
     ) -> Option<driver::Handle> {
-        let alive = |d: &&driver::Handle| d.is_alive();
-        let home = lock(&self.home).as_ref().filter(alive).cloned();
-        home.or_else(|| self.adapter.get().filter(alive).cloned())
+        self.with_timer_driver(driver::Handle::clone)
             .or_else(fallback)
     }
 
-    /// Whether the driver that keeps the step-down timer (see
-    /// [`timer_driver`](Self::timer_driver); none is started here) runs on
-    /// the current runtime.
+    /// Whether the driver that keeps the step-down timer (none is started
+    /// here) runs on the current runtime.
     ///
     /// `true` only if that driver also keeps the timer now (records the
     /// slot): a driver is chosen for the next report, but the timer moves
@@ -397,11 +404,9 @@ impl Session {
     /// leave the consumer without the loss; a wrong `false` costs one
     /// spurious backstop tick.
     fn timer_driver_runs_here(&self) -> bool {
-        // As `timer_driver`, without cloning a handle (once per event read).
-        let here = |d: &driver::Handle| d.runs_here().then(|| d.id());
-        let home = lock(&self.home).as_ref().filter(|d| d.is_alive()).map(here);
-        let chosen = home
-            .or_else(|| self.adapter.get().filter(|d| d.is_alive()).map(here))
+        // Once per event a consumer reads: no handle is copied.
+        let chosen = self
+            .with_timer_driver(|d| d.runs_here().then(|| d.id()))
             .flatten();
         chosen.is_some_and(|id| self.slot_driver() == id)
     }
