@@ -832,6 +832,19 @@ fn a_streams_backstop_sleeps_through_renewals_and_reports_the_last_deadline() {
 /// the campaign's driver still reports the loss).
 #[test]
 fn a_stream_polled_on_a_runtime_without_timers_does_not_panic() {
+    let no_timers = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    stream_read_elsewhere_gets_its_events(no_timers.handle());
+}
+
+/// Campaigns (keep-alive) on a healthy runtime, reads a stream's first two
+/// events (`Elected`, then the next, a renewal) through `elsewhere`, where
+/// the stream's backstop cannot arm a working timer: no panic, and the
+/// campaign's driver still delivers them.
+fn stream_read_elsewhere_gets_its_events(elsewhere: &tokio::runtime::Handle) {
+    use futures::StreamExt;
     let home = home_runtime();
     let server = home.block_on(server());
     let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
@@ -839,19 +852,14 @@ fn a_stream_polled_on_a_runtime_without_timers_does_not_panic() {
         client.start_keep_alive().await.unwrap();
         eventually(10 * SEC, "elected", || client.is_leader()).await;
     });
-    let no_timers = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap();
     let mut stream = client.leadership();
-    use futures::StreamExt;
-    let first = no_timers.block_on(async { stream.next().await });
+    let first = elsewhere.block_on(async { stream.next().await });
     assert!(
         matches!(first, Some(LeadershipEvent::Elected { .. })),
         "{first:?}"
     );
-    // Waits for the next event (a renewal) there, arming nothing.
-    let next = no_timers.block_on(async { stream.next().await });
+    // Waits for the next event (a renewal) there.
+    let next = elsewhere.block_on(async { stream.next().await });
     assert!(next.is_some());
     home.block_on(client.stop_keep_alive());
     drop(stream);
@@ -932,29 +940,10 @@ fn a_stale_start_on_an_idle_runtime_does_not_steal_the_restarted_keep_alive() {
 /// campaign's driver still reports the events.
 #[test]
 fn a_stream_read_on_a_shut_down_runtimes_handle_does_not_panic() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
-    home.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "elected", || client.is_leader()).await;
-    });
     let gone = home_runtime();
     let handle = gone.handle().clone();
     drop(gone);
-    let mut stream = client.leadership();
-    use futures::StreamExt;
-    let first = handle.block_on(async { stream.next().await });
-    assert!(
-        matches!(first, Some(LeadershipEvent::Elected { .. })),
-        "{first:?}"
-    );
-    // Waits for the next event (a renewal) there, with no usable timer.
-    let next = handle.block_on(async { stream.next().await });
-    assert!(next.is_some());
-    home.block_on(client.stop_keep_alive());
-    drop(stream);
-    home.block_on(server.shutdown());
+    stream_read_elsewhere_gets_its_events(&handle);
 }
 
 /// The keep-alive runs on a current-thread runtime left idle; it is
