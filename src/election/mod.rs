@@ -414,12 +414,9 @@ impl Session {
     /// Tells the driver that the lease changed, unless the driver (or a call
     /// it runs) made the change, or a report is already pending.
     fn poke(&self) {
-        // A change the campaign's running driver made itself (every
-        // renewal) returns here, without copying a handle.
-        if lock(&self.home)
-            .as_ref()
-            .is_some_and(driver::Handle::is_current)
-        {
+        // A change the timer's driver made itself (every renewal) returns
+        // here, without copying a handle.
+        if self.with_timer_driver(driver::Handle::is_current) == Some(true) {
             return;
         }
         // A driver that dies between the choice and the send is passed
