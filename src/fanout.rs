@@ -56,9 +56,89 @@ fn kind(ev: &LeadershipEvent) -> Kind {
     }
 }
 
+/// The events of one subscriber's queue. One event (nearly always all
+/// there is: the consumer takes each before the next comes) is held inline:
+/// an event passed from the publishing thread to the consuming one costs no
+/// allocation, and so no memory freed on another thread than the one that
+/// allocated it (which glibc's malloc serves only on its slow path). More
+/// than one go to a buffer, freed again once the consumer has emptied it.
+#[derive(Debug, Default)]
+enum Queue {
+    #[default]
+    Empty,
+    One(LeadershipEvent),
+    Many(VecDeque<LeadershipEvent>),
+}
+
+impl Queue {
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Queue::Empty => 0,
+            Queue::One(_) => 1,
+            Queue::Many(q) => q.len(),
+        }
+    }
+
+    fn push_back(&mut self, ev: LeadershipEvent) {
+        match std::mem::take(self) {
+            Queue::Empty => *self = Queue::One(ev),
+            Queue::One(first) => *self = Queue::Many(VecDeque::from([first, ev])),
+            Queue::Many(mut q) => {
+                q.push_back(ev);
+                *self = Queue::Many(q);
+            }
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<LeadershipEvent> {
+        match self {
+            Queue::Empty => None,
+            Queue::One(_) => match std::mem::take(self) {
+                Queue::One(ev) => Some(ev),
+                _ => None,
+            },
+            Queue::Many(q) => {
+                let ev = q.pop_front();
+                if q.is_empty() {
+                    // An idle subscriber (nearly all of them, nearly all
+                    // the time) holds no buffer.
+                    *self = Queue::Empty;
+                }
+                ev
+            }
+        }
+    }
+
+    /// Removes the status event of kind `k` queued after the last queued
+    /// transition (the tail segment), if any.
+    fn remove_in_tail(&mut self, k: Kind) -> Option<LeadershipEvent> {
+        match self {
+            Queue::Empty => None,
+            Queue::One(ev) if kind(ev) == k => self.pop_front(),
+            Queue::One(_) => None,
+            Queue::Many(q) => {
+                // The tail segment is at most two events long, so this scan
+                // is constant time.
+                let i = q
+                    .iter()
+                    .rev()
+                    .take_while(|queued| kind(queued) != Kind::Transition)
+                    .position(|queued| kind(queued) == k)
+                    .map(|from_back| q.len() - 1 - from_back)?;
+                let removed = q.remove(i);
+                if q.is_empty() {
+                    *self = Queue::Empty;
+                }
+                removed
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<LeadershipEvent>,
+    queue: Queue,
     /// The sender closed (or was dropped): the receiver drains, then ends.
     closed: bool,
     /// The receiver was dropped: sending is pointless.
@@ -123,18 +203,7 @@ impl EventSender {
             }
             let replaced = match kind(&ev) {
                 Kind::Transition => None,
-                k => {
-                    // The tail segment is at most two events long, so this
-                    // scan is constant time.
-                    let pos = state
-                        .queue
-                        .iter()
-                        .rev()
-                        .take_while(|queued| kind(queued) != Kind::Transition)
-                        .position(|queued| kind(queued) == k)
-                        .map(|from_back| state.queue.len() - 1 - from_back);
-                    pos.and_then(|i| state.queue.remove(i))
-                }
+                k => state.queue.remove_in_tail(k),
             };
             state.queue.push_back(ev);
             replaced
@@ -195,14 +264,7 @@ impl EventReceiver {
         self.shared.waker.register(cx.waker());
         let mut state = self.shared.state();
         match state.queue.pop_front() {
-            Some(ev) => {
-                if state.queue.is_empty() {
-                    // An idle subscriber (nearly all of them, nearly all the
-                    // time) holds no buffer: one event waits at a time.
-                    state.queue = VecDeque::new();
-                }
-                Poll::Ready(Some(ev))
-            }
+            Some(ev) => Poll::Ready(Some(ev)),
             None if state.closed => Poll::Ready(None),
             None => Poll::Pending,
         }
@@ -472,6 +534,29 @@ mod tests {
             out.push(tag(&ev));
         }
         out
+    }
+
+    #[tokio::test]
+    async fn one_waiting_event_is_held_inline_and_a_drained_queue_holds_no_buffer() {
+        let (tx, mut rx) = channel();
+        let inline = |rx: &EventReceiver| matches!(rx.shared.state().queue, Queue::One(_));
+        let empty = |rx: &EventReceiver| matches!(rx.shared.state().queue, Queue::Empty);
+        tx.send(renewed(1));
+        assert!(inline(&rx), "one event needs no buffer");
+        tx.send(renewed(2));
+        assert!(
+            inline(&rx),
+            "a renewal replacing the one queued needs none either"
+        );
+        assert_eq!(drain(&mut rx), ["R2"]);
+        assert!(empty(&rx));
+        tx.send(renewed(3));
+        tx.send(lost(1));
+        tx.send(failed(4));
+        tx.send(renewed(5));
+        assert_eq!(rx.queued(), 4);
+        assert_eq!(drain(&mut rx), ["R3", "L1", "X4", "R5"]);
+        assert!(empty(&rx), "an emptied queue gives its buffer back");
     }
 
     #[tokio::test]

@@ -395,7 +395,7 @@ impl Rpc {
             let (channel, connection) = self.transport.channel();
             let client = LeaderElectionServiceClient::new(channel);
             let mut request = Request::new(req());
-            request.set_timeout(left);
+            set_timeout(&mut request, left);
             let attempt = RpcAttempt::start(&self.span, rpc, attempts);
             let result = match self.metadata.apply(request) {
                 Err(status) => Err(status),
@@ -459,6 +459,39 @@ impl Rpc {
                 }
             }
         }
+    }
+}
+
+thread_local! {
+    /// The `grpc-timeout` value of the last timeout a call on this thread
+    /// sent (nearly always the RPC timeout: a first attempt's).
+    static TIMEOUT_HEADER: std::cell::RefCell<Option<(Duration, tonic::metadata::AsciiMetadataValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// [`Request::set_timeout`], without formatting and allocating the header
+/// again for the timeout the last call on this thread sent: the copy is a
+/// reference count (the allocation would otherwise be freed on the
+/// connection's thread, which glibc's malloc serves only on its slow path).
+fn set_timeout<T>(request: &mut Request<T>, timeout: Duration) {
+    const KEY: &str = "grpc-timeout";
+    let cached = TIMEOUT_HEADER.with(|cell| {
+        let cell = cell.try_borrow().ok()?;
+        let (d, value) = cell.as_ref()?;
+        (*d == timeout).then(|| value.clone())
+    });
+    if let Some(value) = cached {
+        request.metadata_mut().insert(KEY, value);
+        return;
+    }
+    request.set_timeout(timeout);
+    if let Some(value) = request.metadata().get(KEY) {
+        let value = value.clone();
+        TIMEOUT_HEADER.with(|cell| {
+            if let Ok(mut cell) = cell.try_borrow_mut() {
+                *cell = Some((timeout, value));
+            }
+        });
     }
 }
 
@@ -545,6 +578,39 @@ fn is_transport_failure(status: &Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The header tonic itself would send for `timeout`.
+    fn tonic_header(timeout: Duration) -> String {
+        let mut request = Request::new(());
+        request.set_timeout(timeout);
+        let value = request.metadata().get("grpc-timeout").cloned();
+        value
+            .and_then(|v| v.to_str().ok().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_reused_timeout_header_is_the_one_for_each_calls_own_timeout() {
+        // The same timeout twice (the second is the reused value), another
+        // one, then the first again: each request carries its own.
+        let timeouts = [
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            Duration::from_millis(1_234),
+            Duration::from_secs(5),
+            Duration::from_secs(3 * 3600),
+            Duration::ZERO,
+        ];
+        for timeout in timeouts {
+            let mut request = Request::new(());
+            set_timeout(&mut request, timeout);
+            let sent = request.metadata().get_all("grpc-timeout").iter().count();
+            assert_eq!(sent, 1, "one grpc-timeout per request");
+            let value = request.metadata().get("grpc-timeout").cloned();
+            let value = value.and_then(|v| v.to_str().ok().map(str::to_string));
+            assert_eq!(value.as_deref(), Some(tonic_header(timeout).as_str()));
+        }
+    }
 
     #[test]
     fn a_peer_answering_http_without_grpc_status_is_named_and_keeps_its_code() {
