@@ -5,7 +5,12 @@
 //! ```text
 //! cargo run --release --features testing --example scale                      # N = 1,000 / 10,000 / 100,000
 //! cargo run --release --features testing --example scale -- --n 1000,5000 --ttl 15 --window 8
+//! cargo run --release --features testing --example scale -- --n 100000 --window 60 --repeat 3
 //! ```
+//!
+//! CPU figures on a shared machine move by ±20 % from run to run; with
+//! `--repeat K` each N runs K rounds of the three variants in turn, the
+//! table shows the medians and every round's CPU ratio is printed.
 //!
 //! For each N, three child processes run one after the other (so that each
 //! measures its own memory):
@@ -74,6 +79,11 @@ struct Args {
     /// Give up electing after this many seconds.
     #[arg(long, default_value_t = 120)]
     give_up: u64,
+    /// Rounds per N (each runs the three variants in turn): the table then
+    /// shows the median of each figure (the worst for failed calls, losses,
+    /// redials and elected), and the CPU ratio of every round is printed.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    repeat: u64,
     /// Internal: run the server and answer `stats` on stdin.
     #[arg(long, hide = true)]
     serve: bool,
@@ -209,6 +219,29 @@ impl Figures {
         )
     }
 
+    /// One variant's figures over several rounds: the median of each,
+    /// except the worst round for what must hold in every round (all
+    /// elected; no failed call, loss or redial).
+    fn summary(rounds: &[Figures]) -> Figures {
+        let median = |f: fn(&Figures) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        Figures {
+            elected: rounds.iter().map(|r| r.elected).min().unwrap_or(0),
+            elect_secs: median(|r| r.elect_secs),
+            failed: rounds.iter().map(|r| r.failed).max().unwrap_or(0),
+            lost: rounds.iter().map(|r| r.lost).max().unwrap_or(0),
+            bytes_per_election: median(|r| r.bytes_per_election),
+            cpu_us_per_renewal: median(|r| r.cpu_us_per_renewal),
+            renewals: median(|r| r.renewals as f64) as u64,
+            late_p50_ms: median(|r| r.late_p50_ms),
+            late_p99_ms: median(|r| r.late_p99_ms),
+            redials: rounds.iter().map(|r| r.redials).max().unwrap_or(0),
+        }
+    }
+
     fn parse(line: &str) -> Option<Self> {
         let v: Vec<&str> = line.strip_prefix("RESULT ")?.split_whitespace().collect();
         let f = |i: usize| v.get(i).and_then(|s| s.parse::<f64>().ok());
@@ -238,32 +271,36 @@ fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     for (round, &n) in args.n.iter().enumerate() {
-        let mut results = Vec::new();
-        for variant in ["stub", "spread", "client"] {
-            let before = server.connections()?;
-            let service = format!("scale-{round}-{variant}");
-            let out = Command::new(std::env::current_exe()?)
-                .args([
-                    "--run",
-                    variant,
-                    "--url",
-                    &server.url,
-                    "--service",
-                    &service,
-                ])
-                .args(["--n", &n.to_string()])
-                .args(["--ttl", &args.ttl.to_string()])
-                .args(["--window", &args.window.to_string()])
-                .args(["--give-up", &args.give_up.to_string()])
-                .stderr(Stdio::inherit())
-                .output()?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let mut figures = text
-                .lines()
-                .find_map(Figures::parse)
-                .ok_or_else(|| format!("{variant} at N = {n} printed no result: {text}"))?;
-            figures.redials = server.connections()?.saturating_sub(before + 1);
-            results.push(figures);
+        // rounds[r][v]: round r, variant v (stub, spread, client).
+        let mut rounds: Vec<Vec<Figures>> = Vec::new();
+        for rep in 0..args.repeat {
+            let mut results = Vec::new();
+            for variant in ["stub", "spread", "client"] {
+                let service = format!("scale-{round}-{rep}-{variant}");
+                results.push(run_variant(args, &mut server, variant, n, &service)?);
+            }
+            rounds.push(results);
+        }
+        let summary: Vec<Figures> = (0..3)
+            .map(|v| Figures::summary(&rounds.iter().map(|r| r[v].clone()).collect::<Vec<_>>()))
+            .collect();
+        let results = &summary;
+        if args.repeat > 1 {
+            let ratios: Vec<String> = rounds
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:.2}x",
+                        r[2].cpu_us_per_renewal / r[1].cpu_us_per_renewal.max(f64::MIN_POSITIVE)
+                    )
+                })
+                .collect();
+            println!(
+                "\nN = {n}: CPU per renewal, client / stub+jitter, in each of {} rounds: {}",
+                args.repeat,
+                ratios.join(" ")
+            );
+            println!("(the table shows the median of each figure; failed calls, losses and redials the worst round)");
         }
         let (stub, spread, client) = (&results[0], &results[1], &results[2]);
         println!(
@@ -342,6 +379,32 @@ fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// Runs one variant in a child process of its own against `server`.
+fn run_variant(
+    args: &Args,
+    server: &mut ServerProcess,
+    variant: &str,
+    n: usize,
+    service: &str,
+) -> Result<Figures, Box<dyn std::error::Error>> {
+    let before = server.connections()?;
+    let out = Command::new(std::env::current_exe()?)
+        .args(["--run", variant, "--url", &server.url, "--service", service])
+        .args(["--n", &n.to_string()])
+        .args(["--ttl", &args.ttl.to_string()])
+        .args(["--window", &args.window.to_string()])
+        .args(["--give-up", &args.give_up.to_string()])
+        .stderr(Stdio::inherit())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut figures = text
+        .lines()
+        .find_map(Figures::parse)
+        .ok_or_else(|| format!("{variant} at N = {n} printed no result: {text}"))?;
+    figures.redials = server.connections()?.saturating_sub(before + 1);
+    Ok(figures)
 }
 
 // ----- one variant, in its own process -----
