@@ -858,4 +858,181 @@ mod tests {
         assert_eq!(drain(&mut rx), ["F", "E1"]);
         assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
     }
+
+    /// The queue against the plain `VecDeque` it replaced (same coalescing
+    /// rule), over random sends, partial drains and closes: the same events
+    /// come out in the same order, with the same count of coalesced ones.
+    #[test]
+    fn the_inline_queue_behaves_like_a_plain_deque_over_random_traffic() {
+        fn model_send(model: &mut VecDeque<LeadershipEvent>, ev: LeadershipEvent) -> bool {
+            let replaced = match kind(&ev) {
+                Kind::Transition => None,
+                k => model
+                    .iter()
+                    .rev()
+                    .take_while(|queued| kind(queued) != Kind::Transition)
+                    .position(|queued| kind(queued) == k)
+                    .map(|from_back| model.len() - 1 - from_back)
+                    .and_then(|i| model.remove(i)),
+            };
+            model.push_back(ev);
+            replaced.is_some()
+        }
+        let mut cx = Context::from_waker(noop_waker_ref());
+        for seed in 0..300 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (tx, mut rx) = channel();
+            let mut model = VecDeque::new();
+            let mut coalesced = 0;
+            for n in 0..200 {
+                match rng.u8(..10) {
+                    0 => {
+                        tx.send(elected(n));
+                        model_send(&mut model, elected(n));
+                    }
+                    1 => {
+                        tx.send(lost(n));
+                        model_send(&mut model, lost(n));
+                    }
+                    2 => {
+                        tx.send(LeadershipEvent::Follower);
+                        model_send(&mut model, LeadershipEvent::Follower);
+                    }
+                    3 | 4 => {
+                        tx.send(renewed(n));
+                        coalesced += u64::from(model_send(&mut model, renewed(n)));
+                    }
+                    5 | 6 => {
+                        tx.send(failed(n));
+                        coalesced += u64::from(model_send(&mut model, failed(n)));
+                    }
+                    _ => {
+                        for _ in 0..rng.usize(..4) {
+                            let got = match rx.poll_recv(&mut cx) {
+                                Poll::Ready(Some(ev)) => Some(tag(&ev)),
+                                Poll::Ready(None) => panic!("ended before the close"),
+                                Poll::Pending => None,
+                            };
+                            assert_eq!(got, model.pop_front().as_ref().map(tag), "seed {seed}");
+                        }
+                    }
+                }
+                assert_eq!(rx.queued(), model.len(), "seed {seed}");
+                assert_eq!(rx.coalesced(), coalesced, "seed {seed}");
+            }
+            tx.close();
+            let rest: Vec<String> = model.iter().map(tag).collect();
+            assert_eq!(drain(&mut rx), rest, "seed {seed}");
+            assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(None)));
+        }
+    }
+
+    /// A wake-up that re-enters the same queue (an executor that polls the
+    /// woken task inline, and the task sends on to itself or reads) finds it
+    /// unlocked.
+    #[test]
+    fn a_wake_up_that_reads_and_sends_again_does_not_deadlock() {
+        struct Reenters {
+            tx: Mutex<Option<EventSender>>,
+            rx: Mutex<Option<EventReceiver>>,
+            got: Mutex<Vec<String>>,
+        }
+        impl futures::task::ArcWake for Reenters {
+            fn wake_by_ref(me: &Arc<Self>) {
+                let waker = futures::task::waker_ref(me);
+                let mut cx = Context::from_waker(&waker);
+                // Busy: this is the wake-up of a send made below, and the
+                // reading loop that made it picks the event up.
+                let Ok(mut rx) = me.rx.try_lock() else { return };
+                let Some(rx) = rx.as_mut() else { return };
+                while let Poll::Ready(Some(ev)) = rx.poll_recv(&mut cx) {
+                    let t = tag(&ev);
+                    crate::sync::lock(&me.got).push(t.clone());
+                    if t == "E1" {
+                        if let Some(tx) = crate::sync::lock(&me.tx).as_ref() {
+                            tx.send(lost(1));
+                        }
+                    }
+                }
+            }
+        }
+        let (tx, mut rx) = channel();
+        let me = Arc::new(Reenters {
+            tx: Mutex::new(None),
+            rx: Mutex::new(None),
+            got: Mutex::new(Vec::new()),
+        });
+        let waker = futures::task::waker(me.clone());
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        *crate::sync::lock(&me.rx) = Some(rx);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let sender = Arc::new(tx);
+        *crate::sync::lock(&me.tx) = Some(EventSender {
+            shared: sender.shared.clone(),
+        });
+        let thread = std::thread::spawn({
+            let sender = sender.clone();
+            move || {
+                sender.send(elected(1));
+                let _ = done_tx.send(());
+            }
+        });
+        let finished = done.recv_timeout(Duration::from_secs(10)).is_ok();
+        assert!(finished, "a wake-up re-entering its own queue deadlocked");
+        assert!(thread.join().is_ok());
+        // `Lost` was sent from inside the wake-up that read `Elected`, and
+        // read by it.
+        let mut got = crate::sync::lock(&me.got).clone();
+        if let Some(rx) = crate::sync::lock(&me.rx).as_mut() {
+            got.extend(drain(rx));
+        }
+        assert_eq!(got, ["E1", "L1"]);
+        drop(crate::sync::lock(&me.tx).take());
+    }
+
+    /// A subscriber's wake-up that creates another subscriber of the same
+    /// hub (an executor that polls the woken task inline, and the task
+    /// calls `client.leadership()`, or drops its stream) must not deadlock
+    /// the task handing the batch out.
+    #[test]
+    fn a_wake_up_that_subscribes_to_the_hub_does_not_deadlock() {
+        struct Subscribes {
+            hub: Arc<Hub>,
+            subscribed: Mutex<Vec<EventReceiver>>,
+        }
+        impl futures::task::ArcWake for Subscribes {
+            fn wake_by_ref(me: &Arc<Self>) {
+                let rx = me.hub.subscribe(2, Some(elected(1)));
+                crate::sync::lock(&me.subscribed).push(rx);
+            }
+        }
+        let hub = Arc::new(Hub::default());
+        let mut rx = hub.subscribe(1, None);
+        let me = Arc::new(Subscribes {
+            hub: hub.clone(),
+            subscribed: Mutex::new(Vec::new()),
+        });
+        let waker = futures::task::waker(me.clone());
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let delivering = hub.clone();
+        let thread = std::thread::spawn(move || {
+            delivering.deliver(1, vec![elected(1)], |_| {});
+            let _ = done_tx.send(());
+        });
+        let finished = done.recv_timeout(Duration::from_secs(10)).is_ok();
+        if !finished {
+            // The thread is stuck for good: leave it (and what it holds).
+            std::mem::forget(thread);
+            std::mem::forget(me);
+            panic!("a wake-up that subscribed to the hub deadlocked the delivery");
+        }
+        assert!(thread.join().is_ok());
+        assert_eq!(drain(&mut rx), ["E1"]);
+        hub.deliver(2, vec![lost(1)], |_| {});
+        let mut late = crate::sync::lock(&me.subscribed)
+            .pop()
+            .expect("the wake-up subscribed");
+        assert_eq!(drain(&mut late), ["E1", "L1"]);
+    }
 }

@@ -612,6 +612,44 @@ mod tests {
         }
     }
 
+    /// A call made while the thread's locals are being destroyed (a
+    /// thread-local's `Drop` that releases a lock through the client, after
+    /// the header cache was destroyed) still gets its `grpc-timeout`, and
+    /// no "cannot access a Thread Local Storage value during or after
+    /// destruction" panic (which, in a destructor, aborts the process).
+    #[test]
+    fn a_timeout_set_while_the_threads_locals_are_destroyed_is_sent_without_a_panic() {
+        struct Late(std::sync::mpsc::Sender<Option<String>>);
+        impl Drop for Late {
+            fn drop(&mut self) {
+                let header = std::panic::catch_unwind(|| {
+                    let mut request = Request::new(());
+                    set_timeout(&mut request, Duration::from_secs(5));
+                    let value = request.metadata().get("grpc-timeout").cloned();
+                    value.and_then(|v| v.to_str().ok().map(str::to_string))
+                });
+                let _ = self.0.send(header.unwrap_or(Some("panicked".into())));
+            }
+        }
+        thread_local! {
+            static LATE: std::cell::RefCell<Option<Late>> = const { std::cell::RefCell::new(None) };
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            // Registered before the header cache, so destroyed after it
+            // (thread-local destructors run in reverse order).
+            LATE.with(|late| *late.borrow_mut() = Some(Late(tx)));
+            let mut request = Request::new(());
+            set_timeout(&mut request, Duration::from_secs(5));
+        });
+        assert!(thread.join().is_ok());
+        let sent = rx.recv().ok().flatten();
+        assert_eq!(
+            sent.as_deref(),
+            Some(tonic_header(Duration::from_secs(5)).as_str())
+        );
+    }
+
     #[test]
     fn a_peer_answering_http_without_grpc_status_is_named_and_keeps_its_code() {
         // What tonic answers when an HTTP/2 peer replies 404 without gRPC.
