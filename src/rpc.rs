@@ -475,11 +475,17 @@ thread_local! {
 /// connection's thread, which glibc's malloc serves only on its slow path).
 fn set_timeout<T>(request: &mut Request<T>, timeout: Duration) {
     const KEY: &str = "grpc-timeout";
-    let cached = TIMEOUT_HEADER.with(|cell| {
-        let cell = cell.try_borrow().ok()?;
-        let (d, value) = cell.as_ref()?;
-        (*d == timeout).then(|| value.clone())
-    });
+    // `try_with`: a call made while the thread's locals are destroyed (a
+    // thread-local's `Drop` that releases through the client) finds the
+    // cache gone; it formats its header as tonic does.
+    let cached = TIMEOUT_HEADER
+        .try_with(|cell| {
+            let cell = cell.try_borrow().ok()?;
+            let (d, value) = cell.as_ref()?;
+            (*d == timeout).then(|| value.clone())
+        })
+        .ok()
+        .flatten();
     if let Some(value) = cached {
         request.metadata_mut().insert(KEY, value);
         return;
@@ -487,7 +493,7 @@ fn set_timeout<T>(request: &mut Request<T>, timeout: Duration) {
     request.set_timeout(timeout);
     if let Some(value) = request.metadata().get(KEY) {
         let value = value.clone();
-        TIMEOUT_HEADER.with(|cell| {
+        let _ = TIMEOUT_HEADER.try_with(|cell| {
             if let Ok(mut cell) = cell.try_borrow_mut() {
                 *cell = Some((timeout, value));
             }
