@@ -196,6 +196,20 @@ impl EventSender {
     /// Returns `false` (and drops `ev`) once the receiver is gone or this
     /// side was closed, so the publisher can forget this subscriber.
     pub(crate) fn send(&self, ev: LeadershipEvent) -> bool {
+        if !self.queue(ev) {
+            return false;
+        }
+        // Woken after the lock is released, so the receiver does not wake
+        // up only to wait for it.
+        self.shared.waker.wake();
+        true
+    }
+
+    /// [`send`](Self::send) without the wake-up: the caller wakes the
+    /// receiver ([`take_waker`](Self::take_waker)) once it holds no lock
+    /// (a wake-up runs the application's executor code). Runs no code of
+    /// the application.
+    fn queue(&self, ev: LeadershipEvent) -> bool {
         let replaced = {
             let mut state = self.shared.state();
             if state.receiver_gone || state.closed {
@@ -211,10 +225,16 @@ impl EventSender {
         if replaced.is_some() {
             self.shared.coalesced.fetch_add(1, Ordering::Relaxed);
         }
-        // Woken after the lock is released, so the receiver does not wake
-        // up only to wait for it. The replaced event drops here, outside it.
-        self.shared.waker.wake();
+        // The replaced event (a status event: no term) drops here, outside
+        // the lock.
         true
+    }
+
+    /// The receiver's waker, taken to be woken later, outside any lock. The
+    /// events queued before this call are seen by the receiver's next poll,
+    /// whether it comes from this wake-up or from one registered since.
+    fn take_waker(&self) -> Option<std::task::Waker> {
+        self.shared.waker.take()
     }
 
     /// Closes the queue: later sends fail, and the receiver yields what is
@@ -228,12 +248,6 @@ impl EventSender {
     /// this sender can be forgotten without waiting for the next event.
     pub(crate) fn receiver_gone(&self) -> bool {
         self.shared.state().receiver_gone
-    }
-
-    /// Wakes the receiver without an event: it is polled again (a stream
-    /// then revives a campaign whose driver is gone).
-    pub(crate) fn wake(&self) {
-        self.shared.waker.wake();
     }
 
     /// How many status events were replaced by a newer one so far.
@@ -367,9 +381,17 @@ impl Hub {
         if let Some(ev) = first {
             tx.send(ev);
         }
-        let mut state = self.state();
-        state.subscribers.retain(|s| !s.tx.receiver_gone());
-        state.subscribers.push(Subscriber { from, tx });
+        let gone: Vec<Subscriber> = {
+            let mut state = self.state();
+            let gone = state
+                .subscribers
+                .extract_if(.., |s| s.tx.receiver_gone())
+                .collect();
+            state.subscribers.push(Subscriber { from, tx });
+            gone
+        };
+        // Dropped (which wakes their last waker) outside the lock.
+        drop(gone);
         rx
     }
 
@@ -378,14 +400,17 @@ impl Hub {
     /// in order, before the batch is handed out (logs, metrics).
     ///
     /// `each` and a subscriber's wake-up run the application's code (its
-    /// tracing layers, metrics recorder, executor). If one panics, the
-    /// batch still reaches every subscriber and the batches parked behind
-    /// it still go out (a batch left undelivered would park every later
-    /// one for ever); the first panic is then resumed, outside the lock
-    /// (unless this thread is already unwinding: a second panic would
-    /// abort). A subscriber whose wake-up panicked keeps its place (the
-    /// events were queued before the wake-up; dropping it here would run
-    /// its waker again, under the lock).
+    /// tracing layers, metrics recorder, executor). The wake-ups (and the
+    /// drops of the subscribers that end, which wake them) run after the
+    /// hub's lock is released: an executor that polls the woken task at
+    /// once, and a task that then creates a stream or drops one, must not
+    /// find the lock held by its own thread. If one panics, the batch still
+    /// reaches every subscriber and the batches parked behind it still go
+    /// out (a batch left undelivered would park every later one for ever),
+    /// every other subscriber is still woken; the first panic is then
+    /// resumed (unless this thread is already unwinding: a second panic
+    /// would abort). A subscriber whose wake-up panicked keeps its place
+    /// (the events were queued before the wake-up).
     pub(crate) fn deliver(
         &self,
         seq: u64,
@@ -393,6 +418,9 @@ impl Hub {
         mut each: impl FnMut(&[LeadershipEvent]),
     ) {
         let mut panic = None;
+        // Woken, and dropped, once the lock is released.
+        let mut wakes = Wakes::default();
+        let mut ended: Vec<Subscriber> = Vec::new();
         {
             let mut state = self.state();
             if seq != state.next {
@@ -406,29 +434,24 @@ impl Hub {
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| each(&batch))) {
                     panic.get_or_insert(p);
                 }
-                state.subscribers.retain(|s| {
+                let gone = state.subscribers.extract_if(.., |s| {
                     if seq < s.from {
-                        return true;
+                        return false;
                     }
                     for ev in &batch {
-                        match catch_unwind(AssertUnwindSafe(|| s.tx.send(ev.clone()))) {
-                            Ok(true) => {}
+                        if !s.tx.queue(ev.clone()) {
                             // The receiver is gone: forget the subscriber.
-                            Ok(false) => return false,
-                            // The event was queued before the wake-up that
-                            // panicked: the subscriber keeps it, and the
-                            // rest of the batch follows.
-                            Err(p) => {
-                                panic.get_or_insert(p);
-                            }
+                            return true;
                         }
                     }
-                    true
+                    wakes.push(s.tx.take_waker());
+                    false
                 });
+                ended.extend(gone);
                 state.next = seq.wrapping_add(1);
                 if state.close_after == Some(seq) {
                     state.close_after = None;
-                    state.subscribers.clear();
+                    ended.append(&mut state.subscribers);
                 }
                 let next = state.next;
                 match state.early.iter().position(|(s, _)| *s == next) {
@@ -437,6 +460,8 @@ impl Hub {
                 }
             }
         }
+        wakes.wake_all(&mut panic);
+        end_all(ended, &mut panic);
         if let Some(p) = panic {
             if !std::thread::panicking() {
                 resume_unwind(p);
@@ -444,10 +469,20 @@ impl Hub {
         }
     }
 
-    /// Wakes every subscriber without an event (see [`EventSender::wake`]).
+    /// Wakes every subscriber without an event: each is polled again (a
+    /// stream then revives a campaign whose driver is gone). The wake-ups
+    /// run outside the lock.
     pub(crate) fn wake_all(&self) {
+        let mut wakes = Wakes::default();
         for s in &self.state().subscribers {
-            s.tx.wake();
+            wakes.push(s.tx.take_waker());
+        }
+        let mut panic = None;
+        wakes.wake_all(&mut panic);
+        if let Some(p) = panic {
+            if !std::thread::panicking() {
+                resume_unwind(p);
+            }
         }
     }
 
@@ -456,11 +491,58 @@ impl Hub {
     /// applied before the close) is handed out: one still on its way (a
     /// tick's `Lost`, applied on another thread) is not lost.
     pub(crate) fn close(&self, after: u64) {
-        let mut state = self.state();
-        if state.next > after {
-            state.subscribers.clear();
-        } else {
-            state.close_after = Some(after);
+        let ended = {
+            let mut state = self.state();
+            if state.next > after {
+                std::mem::take(&mut state.subscribers)
+            } else {
+                state.close_after = Some(after);
+                Vec::new()
+            }
+        };
+        // Their wake-ups run outside the lock.
+        drop(ended);
+    }
+}
+
+/// The wake-ups of one hand-out, run once the hub's lock is released. Two
+/// are held inline (a stream and the callbacks adapter: no allocation per
+/// batch), more in a buffer.
+#[derive(Default)]
+struct Wakes {
+    inline: [Option<std::task::Waker>; 2],
+    more: Vec<std::task::Waker>,
+}
+
+impl Wakes {
+    fn push(&mut self, waker: Option<std::task::Waker>) {
+        let Some(waker) = waker else {
+            return;
+        };
+        match self.inline.iter_mut().find(|w| w.is_none()) {
+            Some(free) => *free = Some(waker),
+            None => self.more.push(waker),
+        }
+    }
+
+    /// Wakes every receiver; a wake-up that panics does not stop the
+    /// others (the first panic is kept in `panic`).
+    fn wake_all(self, panic: &mut Option<Box<dyn std::any::Any + Send>>) {
+        let Wakes { inline, more } = self;
+        for waker in inline.into_iter().flatten().chain(more) {
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| waker.wake())) {
+                panic.get_or_insert(p);
+            }
+        }
+    }
+}
+
+/// Drops the subscribers that ended (each wakes its receiver, which then
+/// sees the end); a wake-up that panics does not stop the others.
+fn end_all(ended: Vec<Subscriber>, panic: &mut Option<Box<dyn std::any::Any + Send>>) {
+    for s in ended {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| drop(s))) {
+            panic.get_or_insert(p);
         }
     }
 }
