@@ -1117,4 +1117,36 @@ mod tests {
             .expect("the wake-up subscribed");
         assert_eq!(drain(&mut late), ["E1", "L1"]);
     }
+
+    /// The `each` hook runs the application's tracing layers and metrics
+    /// recorder: one that creates a stream (subscribes to the hub) or whose
+    /// code ends up handing out a later batch must not deadlock.
+    #[test]
+    fn a_hook_that_subscribes_or_hands_out_a_later_batch_does_not_deadlock() {
+        let hub = Arc::new(Hub::default());
+        let mut rx = hub.subscribe(1, None);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let delivering = hub.clone();
+        let thread = std::thread::spawn(move || {
+            let mut late = None;
+            delivering.deliver(1, vec![elected(1)], |_| {
+                if late.is_none() {
+                    late = Some(delivering.subscribe(2, Some(elected(1))));
+                    // Batch 2, applied meanwhile, handed out from inside.
+                    delivering.deliver(2, vec![lost(1)], |_| {});
+                }
+            });
+            let _ = done_tx.send(());
+            late
+        });
+        if done.recv_timeout(Duration::from_secs(10)).is_err() {
+            std::mem::forget(thread);
+            panic!("a hook that re-entered the hub deadlocked the delivery");
+        }
+        let late = thread.join().ok().flatten();
+        assert_eq!(drain(&mut rx), ["E1", "L1"]);
+        let mut late = late.expect("the hook subscribed");
+        assert_eq!(drain(&mut late), ["E1", "L1"]);
+        assert!(hub.state().early.is_empty());
+    }
 }
