@@ -400,17 +400,19 @@ impl Hub {
     /// in order, before the batch is handed out (logs, metrics).
     ///
     /// `each` and a subscriber's wake-up run the application's code (its
-    /// tracing layers, metrics recorder, executor). The wake-ups (and the
-    /// drops of the subscribers that end, which wake them) run after the
-    /// hub's lock is released: an executor that polls the woken task at
-    /// once, and a task that then creates a stream or drops one, must not
-    /// find the lock held by its own thread. If one panics, the batch still
-    /// reaches every subscriber and the batches parked behind it still go
-    /// out (a batch left undelivered would park every later one for ever),
-    /// every other subscriber is still woken; the first panic is then
-    /// resumed (unless this thread is already unwinding: a second panic
-    /// would abort). A subscriber whose wake-up panicked keeps its place
-    /// (the events were queued before the wake-up).
+    /// tracing layers, metrics recorder, executor), so neither runs under
+    /// the hub's lock: `each` before its batch is handed out (the later
+    /// batches wait for it), the wake-ups (and the drops of the subscribers
+    /// that end, which wake them) after the hand-out. A tracing layer, or an
+    /// executor that polls the woken task at once, whose code then creates
+    /// a stream or drops one must not find the lock held by its own thread.
+    ///
+    /// If one panics, the batch still reaches every subscriber and the
+    /// batches parked behind it still go out (a batch left undelivered would
+    /// park every later one for ever), and every other subscriber is still
+    /// woken; the first panic is then resumed (unless this thread is already
+    /// unwinding: a second panic would abort). A subscriber whose wake-up
+    /// panicked keeps its place (the events were queued before the wake-up).
     pub(crate) fn deliver(
         &self,
         seq: u64,
@@ -431,9 +433,20 @@ impl Hub {
             let mut batch = events;
             loop {
                 let seq = state.next;
+                // The hook runs outside the lock too. Nothing overtakes this
+                // batch meanwhile: `next` stays `seq` until it is handed out
+                // below, so a later batch (from another thread, or from the
+                // hook itself) parks in `early`, and a subscriber made now
+                // starts after it (its snapshot reflects it).
+                drop(state);
+                // The previous batch's wake-ups first: a slow hook delays
+                // only the batches after it.
+                std::mem::take(&mut wakes).wake_all(&mut panic);
+                end_all(std::mem::take(&mut ended), &mut panic);
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| each(&batch))) {
                     panic.get_or_insert(p);
                 }
+                state = self.state();
                 let gone = state.subscribers.extract_if(.., |s| {
                     if seq < s.from {
                         return false;
