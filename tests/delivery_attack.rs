@@ -105,3 +105,168 @@ fn a_wake_up_that_creates_a_stream_does_not_hang_the_driver() {
         server.shutdown().await;
     });
 }
+
+/// What one stream has seen so far, checked event by event: it starts from
+/// its snapshot (`Elected` of the running term, or `Follower`), `Elected`
+/// and `Lost` alternate with matching terms, terms follow each other
+/// without a gap (a missed `Lost`/`Elected` pair would show as one), and a
+/// `Renewed` names the running term.
+#[derive(Default)]
+struct Seen {
+    /// The running term, as this stream sees it.
+    term: Option<u64>,
+    /// The last term it saw begin.
+    last: Option<u64>,
+    events: usize,
+    transitions: usize,
+    trail: Vec<String>,
+}
+
+impl Seen {
+    fn check(&mut self, ev: &LeadershipEvent, who: &str) {
+        self.events += 1;
+        let t = match ev {
+            LeadershipEvent::Elected { term, .. } => format!("E{}", term.id()),
+            LeadershipEvent::Lost { term, .. } => format!("L{}", term.id()),
+            LeadershipEvent::Follower => "F".into(),
+            LeadershipEvent::Renewed { term_id, .. } => format!("R{term_id}"),
+            LeadershipEvent::RpcFailed { .. } => "X".into(),
+            _ => "?".into(),
+        };
+        self.trail.push(t);
+        if self.trail.len() > 12 {
+            self.trail.remove(0);
+        }
+        let trail = &self.trail;
+        match ev {
+            LeadershipEvent::Elected { term, .. } => {
+                self.transitions += 1;
+                assert!(self.term.is_none(), "{who}: Elected twice: {trail:?}");
+                if let Some(last) = self.last {
+                    assert_eq!(term.id(), last + 1, "{who}: a term skipped: {trail:?}");
+                }
+                self.term = Some(term.id());
+                self.last = Some(term.id());
+            }
+            LeadershipEvent::Lost { term, .. } => {
+                self.transitions += 1;
+                assert_eq!(self.term, Some(term.id()), "{who}: Lost out of turn: {trail:?}");
+                self.term = None;
+            }
+            LeadershipEvent::Renewed { term_id, .. } => {
+                assert_eq!(self.term, Some(*term_id), "{who}: Renewed out of term: {trail:?}");
+            }
+            LeadershipEvent::Follower => {
+                self.transitions += 1;
+                assert!(self.term.is_none(), "{who}: Follower while leading: {trail:?}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Streams created, polled and dropped in a tight loop on a plain thread
+/// (not a runtime worker), while the leader renews every ~330 ms and the
+/// server takes the lock away every 150-900 ms (so `Lost` and `Elected` are
+/// handed out all the time by the driver, on another thread): every such
+/// stream starts from its snapshot and sees each transition after it once,
+/// in order, with no gap; so does the long-lived stream.
+#[test]
+fn streams_created_on_another_thread_during_hand_outs_see_each_transition_once() {
+    let rt = multi_thread(2);
+    let server = rt.block_on(server());
+    let client = rt
+        .block_on(over_tcp(&server.url(), 1).build())
+        .expect("client builds");
+    // The long-lived stream keeps the campaign running.
+    let main = {
+        let client = client.clone();
+        rt.spawn(async move {
+            use futures::StreamExt;
+            let mut stream = client.leadership();
+            let mut seen = Seen::default();
+            while let Some(ev) = stream.next().await {
+                seen.check(&ev, "the long-lived stream");
+            }
+            seen
+        })
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let client = client.clone();
+        let stop = stop.clone();
+        let handle = rt.handle().clone();
+        std::thread::spawn(move || {
+            let _in_runtime = handle.enter();
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            let (mut streams, mut events, mut transitions) = (0usize, 0usize, 0usize);
+            let mut rng = fastrand::Rng::with_seed(5);
+            // A rolling set of streams: each made at a random instant,
+            // polled (spinning: the events are handed out on another thread
+            // meanwhile) and dropped at another.
+            type Live = (quorum_quest_client::Leadership, Seen, std::time::Instant);
+            let mut live: Vec<Live> = Vec::new();
+            let mut retire = |seen: Seen| {
+                streams += 1;
+                events += seen.events;
+                transitions += seen.transitions;
+            };
+            while !stop.load(Ordering::SeqCst) {
+                if live.len() < 16 && rng.u8(..4) == 0 {
+                    // Most live a few ms (many subscriptions), some across
+                    // several transitions.
+                    let life = if rng.u8(..8) == 0 { 1500 } else { 5 };
+                    let until = std::time::Instant::now() + ms(rng.u64(..life));
+                    live.push((client.leadership(), Seen::default(), until));
+                }
+                let now = std::time::Instant::now();
+                if let Some(i) = live.iter().position(|(_, _, until)| *until <= now) {
+                    let (stream, seen, _) = live.swap_remove(i);
+                    drop(stream);
+                    retire(seen);
+                }
+                for (stream, seen, _) in live.iter_mut() {
+                    match Pin::new(stream).poll_next(&mut cx) {
+                        Poll::Ready(Some(ev)) => seen.check(&ev, "a short-lived stream"),
+                        Poll::Ready(None) => panic!("a short-lived stream ended"),
+                        Poll::Pending => {}
+                    }
+                }
+                std::thread::yield_now();
+            }
+            for (_, seen, _) in live {
+                retire(seen);
+            }
+            (streams, events, transitions)
+        })
+    };
+    rt.block_on(async {
+        let mut rng = fastrand::Rng::with_seed(9);
+        let end = tokio::time::Instant::now() + 8 * SEC;
+        while tokio::time::Instant::now() < end {
+            // Now before a renewal, now after one or two.
+            tokio::time::sleep(ms(rng.u64(150..900))).await;
+            server.force_expire(SERVICE, DOMAIN);
+        }
+    });
+    stop.store(true, Ordering::SeqCst);
+    let (streams, events, transitions) = churn.join().expect("no check failed");
+    rt.block_on(async {
+        let _ = client.shutdown().await;
+        let seen = tokio::time::timeout(10 * SEC, main)
+            .await
+            .expect("the long-lived stream ends after shutdown")
+            .expect("no check failed");
+        eprintln!(
+            "{streams} short-lived streams saw {events} events ({transitions} transitions); \
+             the long-lived one {} ({} transitions, last term {:?})",
+            seen.events, seen.transitions, seen.last
+        );
+        assert!(
+            seen.last.unwrap_or(0) >= 5,
+            "too few terms to attack anything"
+        );
+        assert!(streams >= 100, "too few streams to attack anything");
+        server.shutdown().await;
+    });
+}
