@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use common::*;
 use futures::Stream;
@@ -267,6 +268,74 @@ fn streams_created_on_another_thread_during_hand_outs_see_each_transition_once()
             "too few terms to attack anything"
         );
         assert!(streams >= 100, "too few streams to attack anything");
+        server.shutdown().await;
+    });
+}
+
+/// `shutdown()` at a random instant while renewals go out every 100 ms and
+/// the server answers each 0-80 ms late (so a renewal is often in flight,
+/// or answered, while the release goes out): when it returns the client no
+/// longer leads, its stream ended right after the `Lost` of its last term,
+/// and the lock is free (another client gets it at once).
+#[test]
+fn shutdown_racing_renewal_answers_leaves_no_leader_and_a_free_lock() {
+    let rt = multi_thread(2);
+    rt.block_on(async {
+        use futures::StreamExt;
+        let server = server().await;
+        let other = over_tcp(&server.url(), 2)
+            .client_id("other")
+            .build()
+            .await
+            .expect("client builds");
+        let mut rng = fastrand::Rng::with_seed(11);
+        for trial in 0..25 {
+            server.set_latency(Duration::ZERO);
+            let client = over_tcp(&server.url(), 2)
+                .client_id(format!("racer-{trial}"))
+                .renew_interval(ms(100))
+                .build()
+                .await
+                .expect("client builds");
+            let mut stream = client.leadership();
+            let consumer = tokio::spawn(async move {
+                let mut seen = Seen::default();
+                let mut last = None;
+                while let Some(ev) = stream.next().await {
+                    seen.check(&ev, "the racer's stream");
+                    if !matches!(ev, LeadershipEvent::Renewed { .. }) {
+                        last = Some(ev);
+                    }
+                }
+                (seen, last)
+            });
+            eventually(10 * SEC, "the racer leads", || client.is_leader()).await;
+            server.set_latency(ms(rng.u64(..80)));
+            tokio::time::sleep(ms(rng.u64(..300))).await;
+            let shut = client.shutdown().await;
+            assert!(shut.is_ok(), "trial {trial}: {shut:?}");
+            assert!(!client.is_leader(), "trial {trial}: leads after shutdown");
+            assert!(client.current_term().is_none(), "trial {trial}");
+            let lock = server.lock(SERVICE, DOMAIN);
+            assert!(lock.is_none(), "trial {trial}: the lock is still held: {lock:?}");
+            let (seen, last) = tokio::time::timeout(5 * SEC, consumer)
+                .await
+                .expect("the stream ends after shutdown")
+                .expect("no check failed");
+            assert!(
+                matches!(last, Some(LeadershipEvent::Lost { .. })),
+                "trial {trial}: the stream ended after {:?}",
+                seen.trail
+            );
+            server.set_latency(Duration::ZERO);
+            assert_eq!(
+                other.try_acquire_lock().await.ok(),
+                Some(true),
+                "trial {trial}"
+            );
+            assert!(other.release_lock().await.is_ok());
+            assert!(!client.is_leader(), "trial {trial}: leads again after shutdown");
+        }
         server.shutdown().await;
     });
 }
