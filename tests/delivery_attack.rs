@@ -339,3 +339,118 @@ fn shutdown_racing_renewal_answers_leaves_no_leader_and_a_free_lock() {
         server.shutdown().await;
     });
 }
+
+/// Two clients whose streams are dropped and made again in a tight loop
+/// (one on a plain thread, one in a runtime task) while the lease is
+/// renewed: every drop of a leading stream releases, every new one
+/// campaigns again. Sampled all along from a third thread: a client whose
+/// same term runs before and after a look at the server is its owner at
+/// that look, with a later expiry (so never two leaders); and every stream
+/// sees its transitions in order.
+#[test]
+fn streams_dropped_and_made_again_in_a_tight_loop_never_give_two_leaders() {
+    let rt = multi_thread(2);
+    let server = rt.block_on(server());
+    let build = |id: &str| {
+        rt.block_on(over_tcp(&server.url(), 1).client_id(id).build())
+            .expect("client builds")
+    };
+    let (a, b) = (build("alpha"), build("beta"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Alpha's streams, on a plain thread: each polled (spinning) for up to
+    // 60 ms, then dropped.
+    let churn_a = {
+        let (a, stop, handle) = (a.clone(), stop.clone(), rt.handle().clone());
+        std::thread::spawn(move || {
+            let _in_runtime = handle.enter();
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            let mut rng = fastrand::Rng::with_seed(21);
+            let mut made = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let mut stream = a.leadership();
+                let mut seen = Seen::default();
+                let until = std::time::Instant::now() + ms(rng.u64(..60));
+                while std::time::Instant::now() < until {
+                    match Pin::new(&mut stream).poll_next(&mut cx) {
+                        Poll::Ready(Some(ev)) => seen.check(&ev, "alpha"),
+                        Poll::Ready(None) => panic!("alpha's stream ended"),
+                        Poll::Pending => std::thread::yield_now(),
+                    }
+                }
+                made += 1;
+            }
+            made
+        })
+    };
+    // Beta's streams, in a task: each read for up to 120 ms, then dropped.
+    let churn_b = {
+        let (b, stop) = (b.clone(), stop.clone());
+        rt.spawn(async move {
+            use futures::StreamExt;
+            let mut rng = fastrand::Rng::with_seed(22);
+            let mut made = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let mut stream = b.leadership();
+                let mut seen = Seen::default();
+                let read = async {
+                    while let Some(ev) = stream.next().await {
+                        seen.check(&ev, "beta");
+                    }
+                };
+                let _ = tokio::time::timeout(ms(rng.u64(..120)), read).await;
+                drop(stream);
+                made += 1;
+            }
+            made
+        })
+    };
+    let end = std::time::Instant::now() + 8 * SEC;
+    let (mut led_a, mut led_b, mut samples) = (0u32, 0u32, 0u32);
+    while std::time::Instant::now() < end {
+        for (name, c, led) in [("alpha", &a, &mut led_a), ("beta", &b, &mut led_b)] {
+            let before = c.current_term().map(|t| t.id());
+            let left = c.get_remaining_lease();
+            let looked = std::time::Instant::now();
+            let lock = server.lock(SERVICE, DOMAIN);
+            let after = c.current_term().map(|t| t.id());
+            let (Some(term), Some(left)) = (before, left) else {
+                continue;
+            };
+            if after != Some(term) {
+                continue;
+            }
+            *led += 1;
+            let lock = lock.unwrap_or_else(|| {
+                panic!("{name} leads (term {term}, {left:?} left) but the server has no lock")
+            });
+            assert!(
+                lock.owner.starts_with(c.client_id()),
+                "{name} leads (term {term}) but {} owns the lock",
+                lock.owner
+            );
+            // Its deadline (read before the look) is before the server's
+            // expiry (seen at the look, a little later).
+            assert!(
+                left < lock.remaining + looked.elapsed() + ms(5),
+                "{name} believes {left:?}, the server expires in {:?}",
+                lock.remaining
+            );
+        }
+        samples += 1;
+        std::thread::sleep(ms(1));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let made_a = churn_a.join().expect("alpha's checks held");
+    let made_b = rt.block_on(churn_b).expect("beta's checks held");
+    eprintln!(
+        "{samples} samples: alpha led in {led_a}, beta in {led_b}; \
+         streams made: alpha {made_a}, beta {made_b}; releases {}",
+        server.calls(quorum_quest_client::RpcKind::ReleaseLock)
+    );
+    assert!(led_a > 0 && led_b > 0, "both must have led for this to attack anything");
+    rt.block_on(async {
+        let _ = a.shutdown().await;
+        let _ = b.shutdown().await;
+        server.shutdown().await;
+    });
+}
