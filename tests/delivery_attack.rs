@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::*;
-use futures::Stream;
+use futures::{Future, Stream};
 use quorum_quest_client::{LeadershipEvent, QuorumQuestClient};
 
 fn multi_thread(workers: usize) -> tokio::runtime::Runtime {
@@ -451,6 +451,63 @@ fn streams_dropped_and_made_again_in_a_tight_loop_never_give_two_leaders() {
     rt.block_on(async {
         let _ = a.shutdown().await;
         let _ = b.shutdown().await;
+        server.shutdown().await;
+    });
+}
+
+/// A waker whose executor runs the woken task at once, and the task asks
+/// the client for its current term.
+struct ReadsTheTerm {
+    client: QuorumQuestClient,
+    woken: Mutex<mpsc::Sender<()>>,
+}
+
+impl futures::task::ArcWake for ReadsTheTerm {
+    fn wake_by_ref(me: &Arc<Self>) {
+        let _ = me.client.current_term();
+        let _ = me.woken.lock().unwrap().send(());
+    }
+}
+
+/// The end of a term wakes the tasks waiting on `LeaderTerm::cancelled()`
+/// (and its tokens). A wake-up that runs the task at once, which then reads
+/// `client.current_term()`, must not find the client's state locked by its
+/// own thread. Here the term ends by `release_lock()`.
+#[test]
+fn a_term_end_wake_up_that_reads_the_client_does_not_deadlock() {
+    let rt = multi_thread(2);
+    let server = rt.block_on(server());
+    let client = rt
+        .block_on(over_tcp(&server.url(), 5).build())
+        .expect("client builds");
+    assert_eq!(rt.block_on(client.try_acquire_lock()).ok(), Some(true));
+    let term = client.current_term().expect("leads");
+    let (woken_tx, woken) = mpsc::channel();
+    let waker = futures::task::waker(Arc::new(ReadsTheTerm {
+        client: client.clone(),
+        woken: Mutex::new(woken_tx),
+    }));
+    let mut ended = term.cancelled();
+    {
+        let _in_runtime = rt.enter();
+        let polled = Pin::new(&mut ended).poll(&mut Context::from_waker(&waker));
+        assert!(polled.is_pending());
+    }
+    let releasing = client.clone();
+    let (released_tx, released) = mpsc::channel();
+    rt.spawn(async move {
+        let _ = releasing.release_lock().await;
+        let _ = released_tx.send(());
+    });
+    let woke = woken.recv_timeout(10 * SEC).is_ok();
+    let done = woke && released.recv_timeout(10 * SEC).is_ok();
+    if !done {
+        std::mem::forget((ended, waker, term, client, server, rt));
+        panic!("the release never finished (woken: {woke}): the wake-up deadlocked it");
+    }
+    assert!(!client.is_leader());
+    rt.block_on(async {
+        let _ = client.shutdown().await;
         server.shutdown().await;
     });
 }
