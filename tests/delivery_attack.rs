@@ -151,15 +151,26 @@ impl Seen {
             }
             LeadershipEvent::Lost { term, .. } => {
                 self.transitions += 1;
-                assert_eq!(self.term, Some(term.id()), "{who}: Lost out of turn: {trail:?}");
+                assert_eq!(
+                    self.term,
+                    Some(term.id()),
+                    "{who}: Lost out of turn: {trail:?}"
+                );
                 self.term = None;
             }
             LeadershipEvent::Renewed { term_id, .. } => {
-                assert_eq!(self.term, Some(*term_id), "{who}: Renewed out of term: {trail:?}");
+                assert_eq!(
+                    self.term,
+                    Some(*term_id),
+                    "{who}: Renewed out of term: {trail:?}"
+                );
             }
             LeadershipEvent::Follower => {
                 self.transitions += 1;
-                assert!(self.term.is_none(), "{who}: Follower while leading: {trail:?}");
+                assert!(
+                    self.term.is_none(),
+                    "{who}: Follower while leading: {trail:?}"
+                );
             }
             _ => {}
         }
@@ -317,7 +328,10 @@ fn shutdown_racing_renewal_answers_leaves_no_leader_and_a_free_lock() {
             assert!(!client.is_leader(), "trial {trial}: leads after shutdown");
             assert!(client.current_term().is_none(), "trial {trial}");
             let lock = server.lock(SERVICE, DOMAIN);
-            assert!(lock.is_none(), "trial {trial}: the lock is still held: {lock:?}");
+            assert!(
+                lock.is_none(),
+                "trial {trial}: the lock is still held: {lock:?}"
+            );
             let (seen, last) = tokio::time::timeout(5 * SEC, consumer)
                 .await
                 .expect("the stream ends after shutdown")
@@ -334,7 +348,10 @@ fn shutdown_racing_renewal_answers_leaves_no_leader_and_a_free_lock() {
                 "trial {trial}"
             );
             assert!(other.release_lock().await.is_ok());
-            assert!(!client.is_leader(), "trial {trial}: leads again after shutdown");
+            assert!(
+                !client.is_leader(),
+                "trial {trial}: leads again after shutdown"
+            );
         }
         server.shutdown().await;
     });
@@ -447,7 +464,10 @@ fn streams_dropped_and_made_again_in_a_tight_loop_never_give_two_leaders() {
          streams made: alpha {made_a}, beta {made_b}; releases {}",
         server.calls(quorum_quest_client::RpcKind::ReleaseLock)
     );
-    assert!(led_a > 0 && led_b > 0, "both must have led for this to attack anything");
+    assert!(
+        led_a > 0 && led_b > 0,
+        "both must have led for this to attack anything"
+    );
     rt.block_on(async {
         let _ = a.shutdown().await;
         let _ = b.shutdown().await;
