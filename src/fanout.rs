@@ -1162,4 +1162,34 @@ mod tests {
         assert_eq!(drain(&mut late), ["E1", "L1"]);
         assert!(hub.state().early.is_empty());
     }
+
+    /// A subscriber whose receiver was dropped is forgotten by the next
+    /// `subscribe`, which runs under the election's state lock: its last
+    /// waker (a task that no longer reads it) is not woken there.
+    #[test]
+    fn forgetting_a_gone_subscriber_wakes_nobody() {
+        struct Counts(AtomicU64);
+        impl futures::task::ArcWake for Counts {
+            fn wake_by_ref(me: &Arc<Self>) {
+                me.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        let counts = Arc::new(Counts(AtomicU64::new(0)));
+        let waker = futures::task::waker(counts.clone());
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        drop(rx);
+        let _other = hub.subscribe(1, None);
+        assert_eq!(
+            hub.state().subscribers.len(),
+            1,
+            "the gone one is forgotten"
+        );
+        assert_eq!(
+            counts.0.load(Ordering::SeqCst),
+            0,
+            "a gone receiver was woken"
+        );
+    }
 }
