@@ -240,8 +240,17 @@ impl EventSender {
     /// Closes the queue: later sends fail, and the receiver yields what is
     /// queued, then `None`. Idempotent; dropping the sender does the same.
     pub(crate) fn close(&self) {
-        self.shared.state().closed = true;
-        self.shared.waker.wake();
+        let receiver_gone = {
+            let mut state = self.shared.state();
+            state.closed = true;
+            state.receiver_gone
+        };
+        // Nobody to wake once the receiver is gone (a gone subscriber is
+        // dropped by `Hub::subscribe` under the election's state lock: its
+        // stale waker must not run there).
+        if !receiver_gone {
+            self.shared.waker.wake();
+        }
     }
 
     /// `true` once the receiver was dropped: the subscriber went away and
