@@ -531,3 +531,93 @@ fn a_term_end_wake_up_that_reads_the_client_does_not_deadlock() {
         server.shutdown().await;
     });
 }
+
+/// The same on current-thread runtimes (one per client, each on its own
+/// thread), where a leading stream's drop releases in a spawned task that
+/// runs only after the next stream has started campaigning again.
+#[test]
+fn streams_dropped_and_made_again_on_current_thread_runtimes_never_give_two_leaders() {
+    let home = multi_thread(1);
+    let server = home.block_on(server());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (clients_tx, clients) = mpsc::channel();
+    let churn = |id: &'static str, seed: u64| {
+        let (url, stop, clients_tx) = (server.url(), stop.clone(), clients_tx.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use futures::StreamExt;
+                let client = over_tcp(&url, 1)
+                    .client_id(id)
+                    .build()
+                    .await
+                    .expect("client builds");
+                let _ = clients_tx.send(client.clone());
+                let mut rng = fastrand::Rng::with_seed(seed);
+                let mut made = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    let mut stream = client.leadership();
+                    let mut seen = Seen::default();
+                    let read = async {
+                        while let Some(ev) = stream.next().await {
+                            seen.check(&ev, id);
+                        }
+                    };
+                    let _ = tokio::time::timeout(ms(rng.u64(..150)), read).await;
+                    drop(stream);
+                    made += 1;
+                    if rng.bool() {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                let _ = client.shutdown().await;
+                made
+            })
+        })
+    };
+    let (churn_a, churn_b) = (churn("alpha", 31), churn("beta", 32));
+    let a = clients.recv_timeout(10 * SEC).expect("alpha built");
+    let b = clients.recv_timeout(10 * SEC).expect("beta built");
+    let end = std::time::Instant::now() + 8 * SEC;
+    let (mut led_a, mut led_b) = (0u32, 0u32);
+    while std::time::Instant::now() < end {
+        for c in [&a, &b] {
+            let before = c.current_term().map(|t| t.id());
+            let lock = server.lock(SERVICE, DOMAIN);
+            let after = c.current_term().map(|t| t.id());
+            if before.is_none() || after != before {
+                continue;
+            }
+            let owner = lock.map(|l| l.owner);
+            assert!(
+                owner
+                    .as_deref()
+                    .is_some_and(|o| o.starts_with(c.client_id())),
+                "{} leads (term {before:?}) but the server's owner is {owner:?}",
+                c.client_id()
+            );
+            if c.client_id() == "alpha" {
+                led_a += 1;
+            } else {
+                led_b += 1;
+            }
+        }
+        std::thread::sleep(ms(1));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let made_a = churn_a.join().expect("alpha's checks held");
+    let made_b = churn_b.join().expect("beta's checks held");
+    eprintln!(
+        "alpha led in {led_a} samples, beta in {led_b}; streams made: {made_a}, {made_b}; \
+         releases {}",
+        server.calls(quorum_quest_client::RpcKind::ReleaseLock)
+    );
+    assert!(
+        led_a > 0 && led_b > 0,
+        "both must have led for this to attack anything"
+    );
+    home.block_on(server.shutdown());
+}
