@@ -233,12 +233,31 @@ impl LeaseCell {
     /// Publishes `view` if it differs from what is there (a new term or a
     /// moved deadline), and ends the term that left the view. Returns
     /// whether the published deadline moved.
+    #[cfg(test)]
     pub(crate) fn publish(&self, view: LeaseView) -> bool {
+        let (moved, wake) = self.publish_then_wake(view);
+        // Both wake other tasks.
+        drop(wake);
+        moved
+    }
+
+    /// [`publish`](Self::publish), leaving its wake-ups (the end of the
+    /// term that left the view, the lease's waiters) to the caller, to run
+    /// once it holds no lock of its own: a waker may run the woken task at
+    /// once, on this thread, and that task may read the client.
+    pub(crate) fn publish_then_wake(&self, view: LeaseView) -> (bool, LeaseWake<'_>) {
         let (left, wake, moved) = {
             let mut state = lock(&self.state);
             let (old_key, new_key) = (state.view.key(), view.key());
             if old_key == new_key {
-                return false;
+                return (
+                    false,
+                    LeaseWake {
+                        cell: self,
+                        left: None,
+                        wake: false,
+                    },
+                );
             }
             let moved = old_key.map(|(_, d)| d) != new_key.map(|(_, d)| d);
             // A later deadline of the same term wakes nobody.
@@ -253,14 +272,14 @@ impl LeaseCell {
             let left = old.current.filter(|c| Some(c.id) != new_id);
             (left, wake, moved)
         };
-        // Outside the lock: both wake other tasks.
-        if let Some(left) = left {
-            left.end();
-        }
-        if wake {
-            self.moved.notify_waiters();
-        }
-        moved
+        (
+            moved,
+            LeaseWake {
+                cell: self,
+                left,
+                wake,
+            },
+        )
     }
 
     /// The current term's deadline, if leader (it may have passed).
@@ -284,6 +303,28 @@ impl LeaseCell {
             c.end();
         }
         self.moved.notify_waiters();
+    }
+}
+
+/// The wake-ups a publish owes (see [`LeaseCell::publish_then_wake`]):
+/// they run when it is dropped.
+#[must_use = "the waiters wake when it is dropped"]
+pub(crate) struct LeaseWake<'a> {
+    cell: &'a LeaseCell,
+    /// The term that left the view: its token is cancelled.
+    left: Option<CurrentTerm>,
+    /// Whether the lease's waiters wake (a deadline may have come closer).
+    wake: bool,
+}
+
+impl Drop for LeaseWake<'_> {
+    fn drop(&mut self) {
+        if let Some(left) = self.left.take() {
+            left.end();
+        }
+        if self.wake {
+            self.cell.moved.notify_waiters();
+        }
     }
 }
 

@@ -196,6 +196,20 @@ impl EventSender {
     /// Returns `false` (and drops `ev`) once the receiver is gone or this
     /// side was closed, so the publisher can forget this subscriber.
     pub(crate) fn send(&self, ev: LeadershipEvent) -> bool {
+        if !self.queue(ev) {
+            return false;
+        }
+        // Woken after the lock is released, so the receiver does not wake
+        // up only to wait for it.
+        self.shared.waker.wake();
+        true
+    }
+
+    /// [`send`](Self::send) without the wake-up: the caller wakes the
+    /// receiver ([`take_waker`](Self::take_waker)) once it holds no lock
+    /// (a wake-up runs the application's executor code). Runs no code of
+    /// the application.
+    fn queue(&self, ev: LeadershipEvent) -> bool {
         let replaced = {
             let mut state = self.shared.state();
             if state.receiver_gone || state.closed {
@@ -211,29 +225,38 @@ impl EventSender {
         if replaced.is_some() {
             self.shared.coalesced.fetch_add(1, Ordering::Relaxed);
         }
-        // Woken after the lock is released, so the receiver does not wake
-        // up only to wait for it. The replaced event drops here, outside it.
-        self.shared.waker.wake();
+        // The replaced event (a status event: no term) drops here, outside
+        // the lock.
         true
+    }
+
+    /// The receiver's waker, taken to be woken later, outside any lock. The
+    /// events queued before this call are seen by the receiver's next poll,
+    /// whether it comes from this wake-up or from one registered since.
+    fn take_waker(&self) -> Option<std::task::Waker> {
+        self.shared.waker.take()
     }
 
     /// Closes the queue: later sends fail, and the receiver yields what is
     /// queued, then `None`. Idempotent; dropping the sender does the same.
     pub(crate) fn close(&self) {
-        self.shared.state().closed = true;
-        self.shared.waker.wake();
+        let receiver_gone = {
+            let mut state = self.shared.state();
+            state.closed = true;
+            state.receiver_gone
+        };
+        // Nobody to wake once the receiver is gone (a gone subscriber is
+        // dropped by `Hub::subscribe` under the election's state lock: its
+        // stale waker must not run there).
+        if !receiver_gone {
+            self.shared.waker.wake();
+        }
     }
 
     /// `true` once the receiver was dropped: the subscriber went away and
     /// this sender can be forgotten without waiting for the next event.
     pub(crate) fn receiver_gone(&self) -> bool {
         self.shared.state().receiver_gone
-    }
-
-    /// Wakes the receiver without an event: it is polled again (a stream
-    /// then revives a campaign whose driver is gone).
-    pub(crate) fn wake(&self) {
-        self.shared.waker.wake();
     }
 
     /// How many status events were replaced by a newer one so far.
@@ -367,9 +390,17 @@ impl Hub {
         if let Some(ev) = first {
             tx.send(ev);
         }
-        let mut state = self.state();
-        state.subscribers.retain(|s| !s.tx.receiver_gone());
-        state.subscribers.push(Subscriber { from, tx });
+        let gone: Vec<Subscriber> = {
+            let mut state = self.state();
+            let gone = state
+                .subscribers
+                .extract_if(.., |s| s.tx.receiver_gone())
+                .collect();
+            state.subscribers.push(Subscriber { from, tx });
+            gone
+        };
+        // Dropped (which wakes their last waker) outside the lock.
+        drop(gone);
         rx
     }
 
@@ -378,14 +409,19 @@ impl Hub {
     /// in order, before the batch is handed out (logs, metrics).
     ///
     /// `each` and a subscriber's wake-up run the application's code (its
-    /// tracing layers, metrics recorder, executor). If one panics, the
-    /// batch still reaches every subscriber and the batches parked behind
-    /// it still go out (a batch left undelivered would park every later
-    /// one for ever); the first panic is then resumed, outside the lock
-    /// (unless this thread is already unwinding: a second panic would
-    /// abort). A subscriber whose wake-up panicked keeps its place (the
-    /// events were queued before the wake-up; dropping it here would run
-    /// its waker again, under the lock).
+    /// tracing layers, metrics recorder, executor), so neither runs under
+    /// the hub's lock: `each` before its batch is handed out (the later
+    /// batches wait for it), the wake-ups (and the drops of the subscribers
+    /// that end, which wake them) after the hand-out. A tracing layer, or an
+    /// executor that polls the woken task at once, whose code then creates
+    /// a stream or drops one must not find the lock held by its own thread.
+    ///
+    /// If one panics, the batch still reaches every subscriber and the
+    /// batches parked behind it still go out (a batch left undelivered would
+    /// park every later one for ever), and every other subscriber is still
+    /// woken; the first panic is then resumed (unless this thread is already
+    /// unwinding: a second panic would abort). A subscriber whose wake-up
+    /// panicked keeps its place (the events were queued before the wake-up).
     pub(crate) fn deliver(
         &self,
         seq: u64,
@@ -393,6 +429,9 @@ impl Hub {
         mut each: impl FnMut(&[LeadershipEvent]),
     ) {
         let mut panic = None;
+        // Woken, and dropped, once the lock is released.
+        let mut wakes = Wakes::default();
+        let mut ended: Vec<Subscriber> = Vec::new();
         {
             let mut state = self.state();
             if seq != state.next {
@@ -403,32 +442,38 @@ impl Hub {
             let mut batch = events;
             loop {
                 let seq = state.next;
+                // The hook runs outside the lock too. Nothing overtakes this
+                // batch meanwhile: `next` stays `seq` until it is handed out
+                // below, so a later batch (from another thread, or from the
+                // hook itself) parks in `early`, and a subscriber made now
+                // starts after it (its snapshot reflects it).
+                drop(state);
+                // The previous batch's wake-ups first: a slow hook delays
+                // only the batches after it.
+                std::mem::take(&mut wakes).wake_all(&mut panic);
+                end_all(std::mem::take(&mut ended), &mut panic);
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| each(&batch))) {
                     panic.get_or_insert(p);
                 }
-                state.subscribers.retain(|s| {
+                state = self.state();
+                let gone = state.subscribers.extract_if(.., |s| {
                     if seq < s.from {
-                        return true;
+                        return false;
                     }
                     for ev in &batch {
-                        match catch_unwind(AssertUnwindSafe(|| s.tx.send(ev.clone()))) {
-                            Ok(true) => {}
+                        if !s.tx.queue(ev.clone()) {
                             // The receiver is gone: forget the subscriber.
-                            Ok(false) => return false,
-                            // The event was queued before the wake-up that
-                            // panicked: the subscriber keeps it, and the
-                            // rest of the batch follows.
-                            Err(p) => {
-                                panic.get_or_insert(p);
-                            }
+                            return true;
                         }
                     }
-                    true
+                    wakes.push(s.tx.take_waker());
+                    false
                 });
+                ended.extend(gone);
                 state.next = seq.wrapping_add(1);
                 if state.close_after == Some(seq) {
                     state.close_after = None;
-                    state.subscribers.clear();
+                    ended.append(&mut state.subscribers);
                 }
                 let next = state.next;
                 match state.early.iter().position(|(s, _)| *s == next) {
@@ -437,6 +482,8 @@ impl Hub {
                 }
             }
         }
+        wakes.wake_all(&mut panic);
+        end_all(ended, &mut panic);
         if let Some(p) = panic {
             if !std::thread::panicking() {
                 resume_unwind(p);
@@ -444,10 +491,20 @@ impl Hub {
         }
     }
 
-    /// Wakes every subscriber without an event (see [`EventSender::wake`]).
+    /// Wakes every subscriber without an event: each is polled again (a
+    /// stream then revives a campaign whose driver is gone). The wake-ups
+    /// run outside the lock.
     pub(crate) fn wake_all(&self) {
+        let mut wakes = Wakes::default();
         for s in &self.state().subscribers {
-            s.tx.wake();
+            wakes.push(s.tx.take_waker());
+        }
+        let mut panic = None;
+        wakes.wake_all(&mut panic);
+        if let Some(p) = panic {
+            if !std::thread::panicking() {
+                resume_unwind(p);
+            }
         }
     }
 
@@ -456,11 +513,58 @@ impl Hub {
     /// applied before the close) is handed out: one still on its way (a
     /// tick's `Lost`, applied on another thread) is not lost.
     pub(crate) fn close(&self, after: u64) {
-        let mut state = self.state();
-        if state.next > after {
-            state.subscribers.clear();
-        } else {
-            state.close_after = Some(after);
+        let ended = {
+            let mut state = self.state();
+            if state.next > after {
+                std::mem::take(&mut state.subscribers)
+            } else {
+                state.close_after = Some(after);
+                Vec::new()
+            }
+        };
+        // Their wake-ups run outside the lock.
+        drop(ended);
+    }
+}
+
+/// The wake-ups of one hand-out, run once the hub's lock is released. Two
+/// are held inline (a stream and the callbacks adapter: no allocation per
+/// batch), more in a buffer.
+#[derive(Default)]
+struct Wakes {
+    inline: [Option<std::task::Waker>; 2],
+    more: Vec<std::task::Waker>,
+}
+
+impl Wakes {
+    fn push(&mut self, waker: Option<std::task::Waker>) {
+        let Some(waker) = waker else {
+            return;
+        };
+        match self.inline.iter_mut().find(|w| w.is_none()) {
+            Some(free) => *free = Some(waker),
+            None => self.more.push(waker),
+        }
+    }
+
+    /// Wakes every receiver; a wake-up that panics does not stop the
+    /// others (the first panic is kept in `panic`).
+    fn wake_all(self, panic: &mut Option<Box<dyn std::any::Any + Send>>) {
+        let Wakes { inline, more } = self;
+        for waker in inline.into_iter().flatten().chain(more) {
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| waker.wake())) {
+                panic.get_or_insert(p);
+            }
+        }
+    }
+}
+
+/// Drops the subscribers that ended (each wakes its receiver, which then
+/// sees the end); a wake-up that panics does not stop the others.
+fn end_all(ended: Vec<Subscriber>, panic: &mut Option<Box<dyn std::any::Any + Send>>) {
+    for s in ended {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| drop(s))) {
+            panic.get_or_insert(p);
         }
     }
 }
@@ -857,5 +961,244 @@ mod tests {
         hub.close(1);
         assert_eq!(drain(&mut rx), ["F", "E1"]);
         assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
+    }
+
+    /// The queue against the plain `VecDeque` it replaced (same coalescing
+    /// rule), over random sends, partial drains and closes: the same events
+    /// come out in the same order, with the same count of coalesced ones.
+    #[test]
+    fn the_inline_queue_behaves_like_a_plain_deque_over_random_traffic() {
+        fn model_send(model: &mut VecDeque<LeadershipEvent>, ev: LeadershipEvent) -> bool {
+            let replaced = match kind(&ev) {
+                Kind::Transition => None,
+                k => model
+                    .iter()
+                    .rev()
+                    .take_while(|queued| kind(queued) != Kind::Transition)
+                    .position(|queued| kind(queued) == k)
+                    .map(|from_back| model.len() - 1 - from_back)
+                    .and_then(|i| model.remove(i)),
+            };
+            model.push_back(ev);
+            replaced.is_some()
+        }
+        let mut cx = Context::from_waker(noop_waker_ref());
+        for seed in 0..300 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (tx, mut rx) = channel();
+            let mut model = VecDeque::new();
+            let mut coalesced = 0;
+            for n in 0..200 {
+                match rng.u8(..10) {
+                    0 => {
+                        tx.send(elected(n));
+                        model_send(&mut model, elected(n));
+                    }
+                    1 => {
+                        tx.send(lost(n));
+                        model_send(&mut model, lost(n));
+                    }
+                    2 => {
+                        tx.send(LeadershipEvent::Follower);
+                        model_send(&mut model, LeadershipEvent::Follower);
+                    }
+                    3 | 4 => {
+                        tx.send(renewed(n));
+                        coalesced += u64::from(model_send(&mut model, renewed(n)));
+                    }
+                    5 | 6 => {
+                        tx.send(failed(n));
+                        coalesced += u64::from(model_send(&mut model, failed(n)));
+                    }
+                    _ => {
+                        for _ in 0..rng.usize(..4) {
+                            let got = match rx.poll_recv(&mut cx) {
+                                Poll::Ready(Some(ev)) => Some(tag(&ev)),
+                                Poll::Ready(None) => panic!("ended before the close"),
+                                Poll::Pending => None,
+                            };
+                            assert_eq!(got, model.pop_front().as_ref().map(tag), "seed {seed}");
+                        }
+                    }
+                }
+                assert_eq!(rx.queued(), model.len(), "seed {seed}");
+                assert_eq!(rx.coalesced(), coalesced, "seed {seed}");
+            }
+            tx.close();
+            let rest: Vec<String> = model.iter().map(tag).collect();
+            assert_eq!(drain(&mut rx), rest, "seed {seed}");
+            assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(None)));
+        }
+    }
+
+    /// A wake-up that re-enters the same queue (an executor that polls the
+    /// woken task inline, and the task sends on to itself or reads) finds it
+    /// unlocked.
+    #[test]
+    fn a_wake_up_that_reads_and_sends_again_does_not_deadlock() {
+        struct Reenters {
+            tx: Mutex<Option<EventSender>>,
+            rx: Mutex<Option<EventReceiver>>,
+            got: Mutex<Vec<String>>,
+        }
+        impl futures::task::ArcWake for Reenters {
+            fn wake_by_ref(me: &Arc<Self>) {
+                let waker = futures::task::waker_ref(me);
+                let mut cx = Context::from_waker(&waker);
+                // Busy: this is the wake-up of a send made below, and the
+                // reading loop that made it picks the event up.
+                let Ok(mut rx) = me.rx.try_lock() else { return };
+                let Some(rx) = rx.as_mut() else { return };
+                while let Poll::Ready(Some(ev)) = rx.poll_recv(&mut cx) {
+                    let t = tag(&ev);
+                    crate::sync::lock(&me.got).push(t.clone());
+                    if t == "E1" {
+                        if let Some(tx) = crate::sync::lock(&me.tx).as_ref() {
+                            tx.send(lost(1));
+                        }
+                    }
+                }
+            }
+        }
+        let (tx, mut rx) = channel();
+        let me = Arc::new(Reenters {
+            tx: Mutex::new(None),
+            rx: Mutex::new(None),
+            got: Mutex::new(Vec::new()),
+        });
+        let waker = futures::task::waker(me.clone());
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        *crate::sync::lock(&me.rx) = Some(rx);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let sender = Arc::new(tx);
+        *crate::sync::lock(&me.tx) = Some(EventSender {
+            shared: sender.shared.clone(),
+        });
+        let thread = std::thread::spawn({
+            let sender = sender.clone();
+            move || {
+                sender.send(elected(1));
+                let _ = done_tx.send(());
+            }
+        });
+        let finished = done.recv_timeout(Duration::from_secs(10)).is_ok();
+        assert!(finished, "a wake-up re-entering its own queue deadlocked");
+        assert!(thread.join().is_ok());
+        // `Lost` was sent from inside the wake-up that read `Elected`, and
+        // read by it.
+        let mut got = crate::sync::lock(&me.got).clone();
+        if let Some(rx) = crate::sync::lock(&me.rx).as_mut() {
+            got.extend(drain(rx));
+        }
+        assert_eq!(got, ["E1", "L1"]);
+        drop(crate::sync::lock(&me.tx).take());
+    }
+
+    /// A subscriber's wake-up that creates another subscriber of the same
+    /// hub (an executor that polls the woken task inline, and the task
+    /// calls `client.leadership()`, or drops its stream) must not deadlock
+    /// the task handing the batch out.
+    #[test]
+    fn a_wake_up_that_subscribes_to_the_hub_does_not_deadlock() {
+        struct Subscribes {
+            hub: Arc<Hub>,
+            subscribed: Mutex<Vec<EventReceiver>>,
+        }
+        impl futures::task::ArcWake for Subscribes {
+            fn wake_by_ref(me: &Arc<Self>) {
+                let rx = me.hub.subscribe(2, Some(elected(1)));
+                crate::sync::lock(&me.subscribed).push(rx);
+            }
+        }
+        let hub = Arc::new(Hub::default());
+        let mut rx = hub.subscribe(1, None);
+        let me = Arc::new(Subscribes {
+            hub: hub.clone(),
+            subscribed: Mutex::new(Vec::new()),
+        });
+        let waker = futures::task::waker(me.clone());
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let delivering = hub.clone();
+        let thread = std::thread::spawn(move || {
+            delivering.deliver(1, vec![elected(1)], |_| {});
+            let _ = done_tx.send(());
+        });
+        let finished = done.recv_timeout(Duration::from_secs(10)).is_ok();
+        if !finished {
+            // The thread is stuck for good: leave it (and what it holds).
+            std::mem::forget(thread);
+            std::mem::forget(me);
+            panic!("a wake-up that subscribed to the hub deadlocked the delivery");
+        }
+        assert!(thread.join().is_ok());
+        assert_eq!(drain(&mut rx), ["E1"]);
+        hub.deliver(2, vec![lost(1)], |_| {});
+        let mut late = crate::sync::lock(&me.subscribed)
+            .pop()
+            .expect("the wake-up subscribed");
+        assert_eq!(drain(&mut late), ["E1", "L1"]);
+    }
+
+    /// The `each` hook runs the application's tracing layers and metrics
+    /// recorder: one that creates a stream (subscribes to the hub) or whose
+    /// code ends up handing out a later batch must not deadlock.
+    #[test]
+    fn a_hook_that_subscribes_or_hands_out_a_later_batch_does_not_deadlock() {
+        let hub = Arc::new(Hub::default());
+        let mut rx = hub.subscribe(1, None);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let delivering = hub.clone();
+        let thread = std::thread::spawn(move || {
+            let mut late = None;
+            delivering.deliver(1, vec![elected(1)], |_| {
+                if late.is_none() {
+                    late = Some(delivering.subscribe(2, Some(elected(1))));
+                    // Batch 2, applied meanwhile, handed out from inside.
+                    delivering.deliver(2, vec![lost(1)], |_| {});
+                }
+            });
+            let _ = done_tx.send(());
+            late
+        });
+        if done.recv_timeout(Duration::from_secs(10)).is_err() {
+            std::mem::forget(thread);
+            panic!("a hook that re-entered the hub deadlocked the delivery");
+        }
+        let late = thread.join().ok().flatten();
+        assert_eq!(drain(&mut rx), ["E1", "L1"]);
+        let mut late = late.expect("the hook subscribed");
+        assert_eq!(drain(&mut late), ["E1", "L1"]);
+        assert!(hub.state().early.is_empty());
+    }
+
+    /// A subscriber whose receiver was dropped is forgotten by the next
+    /// `subscribe`, which runs under the election's state lock: its last
+    /// waker (a task that no longer reads it) is not woken there.
+    #[test]
+    fn forgetting_a_gone_subscriber_wakes_nobody() {
+        struct Counts(AtomicU64);
+        impl futures::task::ArcWake for Counts {
+            fn wake_by_ref(me: &Arc<Self>) {
+                me.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        let counts = Arc::new(Counts(AtomicU64::new(0)));
+        let waker = futures::task::waker(counts.clone());
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        drop(rx);
+        let _other = hub.subscribe(1, None);
+        assert_eq!(
+            hub.state().subscribers.len(),
+            1,
+            "the gone one is forgotten"
+        );
+        assert_eq!(
+            counts.0.load(Ordering::SeqCst),
+            0,
+            "a gone receiver was woken"
+        );
     }
 }

@@ -475,11 +475,17 @@ thread_local! {
 /// connection's thread, which glibc's malloc serves only on its slow path).
 fn set_timeout<T>(request: &mut Request<T>, timeout: Duration) {
     const KEY: &str = "grpc-timeout";
-    let cached = TIMEOUT_HEADER.with(|cell| {
-        let cell = cell.try_borrow().ok()?;
-        let (d, value) = cell.as_ref()?;
-        (*d == timeout).then(|| value.clone())
-    });
+    // `try_with`: a call made while the thread's locals are destroyed (a
+    // thread-local's `Drop` that releases through the client) finds the
+    // cache gone; it formats its header as tonic does.
+    let cached = TIMEOUT_HEADER
+        .try_with(|cell| {
+            let cell = cell.try_borrow().ok()?;
+            let (d, value) = cell.as_ref()?;
+            (*d == timeout).then(|| value.clone())
+        })
+        .ok()
+        .flatten();
     if let Some(value) = cached {
         request.metadata_mut().insert(KEY, value);
         return;
@@ -487,7 +493,7 @@ fn set_timeout<T>(request: &mut Request<T>, timeout: Duration) {
     request.set_timeout(timeout);
     if let Some(value) = request.metadata().get(KEY) {
         let value = value.clone();
-        TIMEOUT_HEADER.with(|cell| {
+        let _ = TIMEOUT_HEADER.try_with(|cell| {
             if let Ok(mut cell) = cell.try_borrow_mut() {
                 *cell = Some((timeout, value));
             }
@@ -610,6 +616,44 @@ mod tests {
             let value = value.and_then(|v| v.to_str().ok().map(str::to_string));
             assert_eq!(value.as_deref(), Some(tonic_header(timeout).as_str()));
         }
+    }
+
+    /// A call made while the thread's locals are being destroyed (a
+    /// thread-local's `Drop` that releases a lock through the client, after
+    /// the header cache was destroyed) still gets its `grpc-timeout`, and
+    /// no "cannot access a Thread Local Storage value during or after
+    /// destruction" panic (which, in a destructor, aborts the process).
+    #[test]
+    fn a_timeout_set_while_the_threads_locals_are_destroyed_is_sent_without_a_panic() {
+        struct Late(std::sync::mpsc::Sender<Option<String>>);
+        impl Drop for Late {
+            fn drop(&mut self) {
+                let header = std::panic::catch_unwind(|| {
+                    let mut request = Request::new(());
+                    set_timeout(&mut request, Duration::from_secs(5));
+                    let value = request.metadata().get("grpc-timeout").cloned();
+                    value.and_then(|v| v.to_str().ok().map(str::to_string))
+                });
+                let _ = self.0.send(header.unwrap_or(Some("panicked".into())));
+            }
+        }
+        thread_local! {
+            static LATE: std::cell::RefCell<Option<Late>> = const { std::cell::RefCell::new(None) };
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            // Registered before the header cache, so destroyed after it
+            // (thread-local destructors run in reverse order).
+            LATE.with(|late| *late.borrow_mut() = Some(Late(tx)));
+            let mut request = Request::new(());
+            set_timeout(&mut request, Duration::from_secs(5));
+        });
+        assert!(thread.join().is_ok());
+        let sent = rx.recv().ok().flatten();
+        assert_eq!(
+            sent.as_deref(),
+            Some(tonic_header(Duration::from_secs(5)).as_str())
+        );
     }
 
     #[test]

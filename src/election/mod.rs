@@ -122,6 +122,10 @@ struct Shared {
 pub(crate) struct Applied<'a> {
     session: &'a Session,
     batch: Option<(u64, Vec<LeadershipEvent>)>,
+    /// The wake-ups of the lease's publish, run as this drops (outside the
+    /// state lock: a waker may run the woken task at once, and that task
+    /// may read the client).
+    wake: Option<crate::event::LeaseWake<'a>>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -138,6 +142,9 @@ impl Applied<'_> {
 
 impl Drop for Applied<'_> {
     fn drop(&mut self) {
+        // The term that ended is cancelled (and the lease's waiters woken)
+        // before its `Lost` is handed out, and outside the state lock.
+        drop(self.wake.take());
         if let Some((seq, events)) = self.batch.take() {
             let observer = &self.session.observer;
             self.session
@@ -285,7 +292,8 @@ impl Session {
     /// deadline moved outside the driver is reported to it (it keeps the
     /// step-down timer and wakes a campaign waiting to renew).
     fn applied(&self, shared: &mut Shared, events: Vec<LeadershipEvent>) -> Applied<'_> {
-        if self.lease.publish(shared.election.view()) {
+        let (moved, wake) = self.lease.publish_then_wake(shared.election.view());
+        if moved {
             self.poke();
         }
         let batch = (!events.is_empty()).then(|| {
@@ -295,6 +303,7 @@ impl Session {
         Applied {
             session: self,
             batch,
+            wake: Some(wake),
             _not_send: PhantomData,
         }
     }
