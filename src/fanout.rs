@@ -953,6 +953,35 @@ mod tests {
         assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
     }
 
+    /// Two closes (two `shutdown()` calls, each reading the last number
+    /// under the state lock, then closing the hub after letting go of it)
+    /// may reach the hub in the other order. The one numbered earlier must
+    /// not cut the other short: a batch numbered before a close reaches
+    /// every subscriber before it ends.
+    #[tokio::test]
+    async fn a_close_numbered_earlier_does_not_cut_a_later_close_short() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        // Batch 1 is on its way; batch 2 arrived.
+        hub.deliver(2, vec![lost(1)], |_| {});
+        hub.close(2);
+        hub.close(1);
+        hub.deliver(1, vec![elected(1)], |_| {});
+        assert_eq!(drain(&mut rx), ["E1", "L1"]);
+        assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
+        // The same while batch 2 is being handed out (its hook runs): the
+        // earlier close does not end the subscribers meanwhile.
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        hub.deliver(1, vec![elected(1)], |_| {});
+        hub.deliver(2, vec![lost(1)], |_| {
+            hub.close(2);
+            hub.close(1);
+        });
+        assert_eq!(drain(&mut rx), ["E1", "L1"]);
+        assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
+    }
+
     #[tokio::test]
     async fn closing_the_hub_ends_every_subscriber_after_what_it_holds() {
         let hub = Hub::default();
