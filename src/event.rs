@@ -319,11 +319,19 @@ pub(crate) struct LeaseWake<'a> {
 
 impl Drop for LeaseWake<'_> {
     fn drop(&mut self) {
-        if let Some(left) = self.left.take() {
-            left.end();
-        }
+        // Cancelling the token runs its waiters' wakers (the application's
+        // executor): one that panics must not keep the lease's waiters (the
+        // term's `cancelled()`) asleep until the old deadline.
+        let ended = self.left.take().map(|left| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| left.end()))
+        });
         if self.wake {
             self.cell.moved.notify_waiters();
+        }
+        if let Some(Err(panic)) = ended {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
         }
     }
 }
