@@ -143,13 +143,21 @@ impl Applied<'_> {
 impl Drop for Applied<'_> {
     fn drop(&mut self) {
         // The term that ended is cancelled (and the lease's waiters woken)
-        // before its `Lost` is handed out, and outside the state lock.
-        drop(self.wake.take());
+        // before its `Lost` is handed out, and outside the state lock. A
+        // wake-up that panics (the application's executor) must not keep
+        // the batch from the hub: every later batch would wait for it.
+        let wake = self.wake.take();
+        let woken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(wake)));
         if let Some((seq, events)) = self.batch.take() {
             let observer = &self.session.observer;
             self.session
                 .hub
                 .deliver(seq, events, |events| observer.published(events));
+        }
+        if let Err(panic) = woken {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
         }
     }
 }
