@@ -535,14 +535,17 @@ impl Session {
             .observe_with(Observation::ReleaseStarted, |s| {
                 (s.incarnation(), s.acquires_sent())
             });
-        // Before the request leaves.
-        lost.deliver();
+        // Made first: should the hand-out panic (a wake-up or the hook run
+        // the application's code), the release is still over (unsettled: the
+        // identity is retired), or no grant would ever count again.
         let mut done = ReleaseDone {
             session: self,
             incarnation,
             acquires_before,
             settled: false,
         };
+        // Before the request leaves.
+        lost.deliver();
         // One RPC timeout for the whole release, its wait for a call slot
         // included: `shutdown()` and a drop promise about one second (to
         // stop the campaign) plus the RPC timeout, and a release queued
