@@ -284,16 +284,29 @@ impl Session {
         obs: Observation,
         read: impl FnOnce(&mut ElectionState) -> R,
     ) -> (Applied<'_>, R) {
-        let mut shared = self.shared();
-        let now = Instant::now();
-        self.observer.observed(&obs, now);
-        let events = shared.election.apply(obs, now);
-        // Published and numbered before `read` runs: should it panic, the
-        // lease still follows the state, and the events are delivered as
-        // the `Applied` drops.
-        let applied = self.applied(&mut shared, events);
-        let out = read(&mut shared.election);
-        (applied, out)
+        let (applied, out) = {
+            let mut shared = self.shared();
+            let now = Instant::now();
+            self.observer.observed(&obs, now);
+            let events = shared.election.apply(obs, now);
+            // Published and numbered before `read` runs: should it panic, the
+            // lease still follows the state, and the events are delivered as
+            // the `Applied` drops.
+            let applied = self.applied(&mut shared, events);
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                read(&mut shared.election)
+            }));
+            (applied, out)
+        };
+        // The state lock is released: a panic's `Applied` drops (its
+        // wake-ups and hand-out run) outside it, as it does otherwise.
+        match out {
+            Ok(out) => (applied, out),
+            Err(panic) => {
+                drop(applied);
+                std::panic::resume_unwind(panic)
+            }
+        }
     }
 
     /// Publishes the lease the state now holds and numbers `events`. A
