@@ -515,15 +515,27 @@ impl Hub {
     pub(crate) fn close(&self, after: u64) {
         let ended = {
             let mut state = self.state();
+            // A close already waiting for a later batch (two closes may
+            // arrive in the other order than they read their numbers) keeps
+            // waiting for it: this one cannot cut it short.
+            let after = state.close_after.map_or(after, |pending| pending.max(after));
             if state.next > after {
+                state.close_after = None;
                 std::mem::take(&mut state.subscribers)
             } else {
                 state.close_after = Some(after);
                 Vec::new()
             }
         };
-        // Their wake-ups run outside the lock.
-        drop(ended);
+        // Their wake-ups run outside the lock; one that panics does not
+        // keep the others from ending (nor aborts by panicking again).
+        let mut panic = None;
+        end_all(ended, &mut panic);
+        if let Some(p) = panic {
+            if !std::thread::panicking() {
+                resume_unwind(p);
+            }
+        }
     }
 }
 
