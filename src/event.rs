@@ -322,9 +322,10 @@ impl Drop for LeaseWake<'_> {
         // Cancelling the token runs its waiters' wakers (the application's
         // executor): one that panics must not keep the lease's waiters (the
         // term's `cancelled()`) asleep until the old deadline.
-        let ended = self.left.take().map(|left| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| left.end()))
-        });
+        let ended = self
+            .left
+            .take()
+            .map(|left| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| left.end())));
         if self.wake {
             self.cell.moved.notify_waiters();
         }

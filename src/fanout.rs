@@ -518,7 +518,9 @@ impl Hub {
             // A close already waiting for a later batch (two closes may
             // arrive in the other order than they read their numbers) keeps
             // waiting for it: this one cannot cut it short.
-            let after = state.close_after.map_or(after, |pending| pending.max(after));
+            let after = state
+                .close_after
+                .map_or(after, |pending| pending.max(after));
             if state.next > after {
                 state.close_after = None;
                 std::mem::take(&mut state.subscribers)

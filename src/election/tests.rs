@@ -351,10 +351,8 @@ async fn a_panicking_term_end_wake_up_loses_no_event_and_wakes_the_other_waiters
     poll_pending(&mut ended, &futures::task::waker(probe.clone()));
     // `release_lock()`: the term ends (its wake-ups run) and its `Lost` is
     // handed out before the request leaves.
-    let released = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
-        session.release(),
-    ))
-    .await;
+    let released =
+        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(session.release())).await;
     assert!(released.is_err(), "the wake-up's panic is not hidden");
     assert!(
         probe.woken.load(Ordering::SeqCst),
