@@ -996,6 +996,56 @@ mod tests {
         assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
     }
 
+    /// A hook (the application's tracing layer or recorder) that blocks
+    /// while other threads hand out the later batches, a subscriber joins,
+    /// every subscriber is woken (`wake_all`) and the hub is closed: once it
+    /// returns, every subscriber has exactly its events, in order, then its
+    /// end, and nothing is left parked.
+    #[test]
+    fn a_blocked_hook_with_later_batches_a_new_subscriber_and_a_close_loses_nothing() {
+        let hub = Arc::new(Hub::default());
+        let mut early_rx = hub.subscribe(1, None);
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (go_tx, go) = std::sync::mpsc::channel::<()>();
+        let blocked = std::thread::spawn({
+            let hub = hub.clone();
+            move || {
+                let mut first = true;
+                hub.deliver(1, vec![elected(1)], |_| {
+                    if std::mem::take(&mut first) {
+                        let _ = entered_tx.send(());
+                        let _ = go.recv_timeout(Duration::from_secs(30));
+                    }
+                });
+            }
+        });
+        entered
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the hook runs");
+        // Batches 2 and 3, applied meanwhile on other threads, park.
+        for (seq, batch) in [(2, vec![lost(1)]), (3, vec![elected(2), renewed(4)])] {
+            let hub = hub.clone();
+            std::thread::spawn(move || hub.deliver(seq, batch, |_| {}))
+                .join()
+                .expect("a later batch does not wait for the hook");
+        }
+        // A subscriber made now reflects batches 1 to 3 in its snapshot.
+        let mut late = hub.subscribe(4, Some(elected(2)));
+        hub.wake_all();
+        hub.close(3);
+        assert_eq!(drain(&mut early_rx), Vec::<String>::new(), "overtook batch 1");
+        let _ = go_tx.send(());
+        blocked.join().expect("the delivery finishes");
+        assert_eq!(drain(&mut early_rx), ["E1", "L1", "E2", "R4"]);
+        assert_eq!(drain(&mut late), ["E2"]);
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(matches!(early_rx.poll_recv(&mut cx), Poll::Ready(None)));
+        assert!(matches!(late.poll_recv(&mut cx), Poll::Ready(None)));
+        let state = hub.state();
+        assert!(state.early.is_empty() && state.close_after.is_none());
+        assert_eq!(state.next, 4);
+    }
+
     #[tokio::test]
     async fn closing_the_hub_ends_every_subscriber_after_what_it_holds() {
         let hub = Hub::default();
