@@ -1033,7 +1033,11 @@ mod tests {
         let mut late = hub.subscribe(4, Some(elected(2)));
         hub.wake_all();
         hub.close(3);
-        assert_eq!(drain(&mut early_rx), Vec::<String>::new(), "overtook batch 1");
+        assert_eq!(
+            drain(&mut early_rx),
+            Vec::<String>::new(),
+            "overtook batch 1"
+        );
         let _ = go_tx.send(());
         blocked.join().expect("the delivery finishes");
         assert_eq!(drain(&mut early_rx), ["E1", "L1", "E2", "R4"]);

@@ -946,7 +946,10 @@ impl Shutdown {
             .session
             .observe_with(Observation::ReleaseStarted, |s| s.incarnation());
         let leading = !lost.events().is_empty();
-        lost.deliver();
+        // A hand-out that panics (a wake-up or the hook run the application's
+        // code) must not leave the release in flight for ever: no grant
+        // would ever count again.
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lost.deliver()));
         // No request is sent, so this "release" is over at once, and no copy
         // of it can reach the server later; it released nothing, so it says
         // nothing about what the server holds.
@@ -960,6 +963,11 @@ impl Shutdown {
             .deliver();
         if leading {
             tracing::warn!("dropped outside a Tokio runtime while leader: cannot release; the lock expires after its TTL");
+        }
+        if let Err(panic) = delivered {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
         }
     }
 }
