@@ -1050,6 +1050,75 @@ mod tests {
         assert_eq!(state.next, 4);
     }
 
+    /// `wake_all` (a driver gone: every stream is polled again) racing the
+    /// hand-outs on other threads, with a consumer on a runtime waiting for
+    /// each event: a waker taken by one and not the other never leaves an
+    /// event queued with the consumer asleep, and nothing is lost or
+    /// reordered.
+    #[test]
+    fn wake_all_racing_hand_outs_leaves_no_event_unseen() {
+        const TERMS: u64 = 5_000;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let hub = Arc::new(Hub::default());
+        let mut rx = hub.subscribe(1, None);
+        let consumer = rt.spawn(async move {
+            let mut got = 0u64;
+            while got < 2 * TERMS {
+                // The timer first: a consumer left asleep with an event
+                // queued is not rescued by the timer's own poll.
+                let ev = tokio::select! {
+                    biased;
+                    () = tokio::time::sleep(Duration::from_secs(10)) => None,
+                    ev = rx.recv() => ev,
+                };
+                let Some(ev) = ev else {
+                    return Err(format!("stuck after {got} events, {} queued", rx.queued()));
+                };
+                let id = got / 2 + 1;
+                let want = if got % 2 == 0 { elected(id) } else { lost(id) };
+                if tag(&ev) != tag(&want) {
+                    return Err(format!("{} where {} was due", tag(&ev), tag(&want)));
+                }
+                got += 1;
+            }
+            Ok(got)
+        });
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waking = std::thread::spawn({
+            let (hub, stop) = (hub.clone(), stop.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    hub.wake_all();
+                }
+            }
+        });
+        // Two threads hand out alternate batches (each its own numbers),
+        // so batches also park for each other.
+        let handing: Vec<_> = (0..2u64)
+            .map(|half| {
+                let hub = hub.clone();
+                std::thread::spawn(move || {
+                    for id in 1..=TERMS {
+                        let seq = 2 * id - 1 + half;
+                        let ev = if half == 0 { elected(id) } else { lost(id) };
+                        hub.deliver(seq, vec![ev], |_| {});
+                    }
+                })
+            })
+            .collect();
+        for h in handing {
+            h.join().expect("hand-outs finish");
+        }
+        let outcome = rt.block_on(consumer).expect("consumer runs");
+        stop.store(true, Ordering::Relaxed);
+        waking.join().expect("waking stops");
+        assert_eq!(outcome, Ok(2 * TERMS));
+    }
+
     #[tokio::test]
     async fn closing_the_hub_ends_every_subscriber_after_what_it_holds() {
         let hub = Hub::default();
