@@ -548,17 +548,19 @@ impl Session {
             .observe_with(Observation::ReleaseStarted, |s| {
                 (s.incarnation(), s.acquires_sent())
             });
-        // Made first: should the hand-out panic (a wake-up or the hook run
-        // the application's code), the release is still over (unsettled: the
-        // identity is retired), or no grant would ever count again.
+        // Made first: however this ends, the release is over (or no grant
+        // would ever count again).
         let mut done = ReleaseDone {
             session: self,
             incarnation,
             acquires_before,
             settled: false,
         };
-        // Before the request leaves.
-        lost.deliver();
+        // Before the request leaves. A hand-out that panics (a wake-up or
+        // the hook run the application's code) still hands the `Lost` out,
+        // and must not keep the lock held until its TTL: the panic is
+        // resumed once the release is answered.
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lost.deliver()));
         // One RPC timeout for the whole release, its wait for a call slot
         // included: `shutdown()` and a drop promise about one second (to
         // stop the campaign) plus the RPC timeout, and a release queued
@@ -575,6 +577,9 @@ impl Session {
                 attempts = answer.attempts,
                 "release outcome unknown: the next requests go out under a fresh identity"
             );
+        }
+        if let Err(panic) = delivered {
+            std::panic::resume_unwind(panic);
         }
         answer.result.map_err(Error::Rpc)
     }
