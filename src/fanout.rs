@@ -1079,7 +1079,11 @@ mod tests {
                     return Err(format!("stuck after {got} events, {} queued", rx.queued()));
                 };
                 let id = got / 2 + 1;
-                let want = if got % 2 == 0 { elected(id) } else { lost(id) };
+                let want = if got.is_multiple_of(2) {
+                    elected(id)
+                } else {
+                    lost(id)
+                };
                 if tag(&ev) != tag(&want) {
                     return Err(format!("{} where {} was due", tag(&ev), tag(&want)));
                 }
