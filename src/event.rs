@@ -299,10 +299,12 @@ impl LeaseCell {
             let mut state = lock(&self.state);
             std::mem::take(&mut state.view)
         };
-        if let Some(c) = old.current {
-            c.end();
-        }
-        self.moved.notify_waiters();
+        // The wake-ups of a publish, with the same care for a panicking one.
+        drop(LeaseWake {
+            cell: self,
+            left: old.current,
+            wake: true,
+        });
     }
 }
 
