@@ -299,10 +299,12 @@ impl LeaseCell {
             let mut state = lock(&self.state);
             std::mem::take(&mut state.view)
         };
-        if let Some(c) = old.current {
-            c.end();
-        }
-        self.moved.notify_waiters();
+        // The wake-ups of a publish, with the same care for a panicking one.
+        drop(LeaseWake {
+            cell: self,
+            left: old.current,
+            wake: true,
+        });
     }
 }
 
@@ -319,11 +321,20 @@ pub(crate) struct LeaseWake<'a> {
 
 impl Drop for LeaseWake<'_> {
     fn drop(&mut self) {
-        if let Some(left) = self.left.take() {
-            left.end();
-        }
+        // Cancelling the token runs its waiters' wakers (the application's
+        // executor): one that panics must not keep the lease's waiters (the
+        // term's `cancelled()`) asleep until the old deadline.
+        let ended = self
+            .left
+            .take()
+            .map(|left| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| left.end())));
         if self.wake {
             self.cell.moved.notify_waiters();
+        }
+        if let Some(Err(panic)) = ended {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
         }
     }
 }
@@ -578,6 +589,35 @@ mod tests {
     }
 
     const SEC: Duration = Duration::from_secs(1);
+
+    /// The client is gone (its `LeaseOwner` drops): its term ends at once.
+    /// A task waiting on the term's token whose waker panics (an executor's
+    /// bug) must not keep the term's `cancelled()` asleep until its deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_token_waiter_does_not_keep_cancelled_asleep_when_the_client_goes() {
+        struct PanicsOnWake;
+        impl futures::task::ArcWake for PanicsOnWake {
+            fn wake_by_ref(_: &Arc<Self>) {
+                panic!("an executor's bug");
+            }
+        }
+        let t0 = Instant::now();
+        let owner = LeaseOwner::default();
+        let (term, done) = waiting_term(&owner.cell(), t0 + SEC * 10);
+        let token = term.token();
+        let mut token_ended = Box::pin(token.cancelled());
+        let waker = futures::task::waker(Arc::new(PanicsOnWake));
+        assert!(token_ended
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker))
+            .is_pending());
+        // The waiter now sleeps towards the deadline.
+        tokio::time::sleep(SEC).await;
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(owner)));
+        assert!(dropped.is_err(), "the wake-up's panic is not hidden");
+        let ended_at = done.await.expect("the waiter completes");
+        assert_eq!(ended_at, t0 + SEC, "cancelled() waited for the deadline");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn an_earlier_deadline_ends_a_waiting_term_by_the_new_deadline() {

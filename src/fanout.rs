@@ -515,15 +515,29 @@ impl Hub {
     pub(crate) fn close(&self, after: u64) {
         let ended = {
             let mut state = self.state();
+            // A close already waiting for a later batch (two closes may
+            // arrive in the other order than they read their numbers) keeps
+            // waiting for it: this one cannot cut it short.
+            let after = state
+                .close_after
+                .map_or(after, |pending| pending.max(after));
             if state.next > after {
+                state.close_after = None;
                 std::mem::take(&mut state.subscribers)
             } else {
                 state.close_after = Some(after);
                 Vec::new()
             }
         };
-        // Their wake-ups run outside the lock.
-        drop(ended);
+        // Their wake-ups run outside the lock; one that panics does not
+        // keep the others from ending (nor aborts by panicking again).
+        let mut panic = None;
+        end_all(ended, &mut panic);
+        if let Some(p) = panic {
+            if !std::thread::panicking() {
+                resume_unwind(p);
+            }
+        }
     }
 }
 
@@ -951,6 +965,162 @@ mod tests {
         hub.deliver(1, vec![elected(1)], |_| {});
         assert_eq!(drain(&mut rx), ["E1", "L1"]);
         assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
+    }
+
+    /// Two closes (two `shutdown()` calls, each reading the last number
+    /// under the state lock, then closing the hub after letting go of it)
+    /// may reach the hub in the other order. The one numbered earlier must
+    /// not cut the other short: a batch numbered before a close reaches
+    /// every subscriber before it ends.
+    #[tokio::test]
+    async fn a_close_numbered_earlier_does_not_cut_a_later_close_short() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        // Batch 1 is on its way; batch 2 arrived.
+        hub.deliver(2, vec![lost(1)], |_| {});
+        hub.close(2);
+        hub.close(1);
+        hub.deliver(1, vec![elected(1)], |_| {});
+        assert_eq!(drain(&mut rx), ["E1", "L1"]);
+        assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
+        // The same while batch 2 is being handed out (its hook runs): the
+        // earlier close does not end the subscribers meanwhile.
+        let hub = Hub::default();
+        let mut rx = hub.subscribe(1, None);
+        hub.deliver(1, vec![elected(1)], |_| {});
+        hub.deliver(2, vec![lost(1)], |_| {
+            hub.close(2);
+            hub.close(1);
+        });
+        assert_eq!(drain(&mut rx), ["E1", "L1"]);
+        assert_eq!(rx.recv().await.map(|ev| tag(&ev)), None);
+    }
+
+    /// A hook (the application's tracing layer or recorder) that blocks
+    /// while other threads hand out the later batches, a subscriber joins,
+    /// every subscriber is woken (`wake_all`) and the hub is closed: once it
+    /// returns, every subscriber has exactly its events, in order, then its
+    /// end, and nothing is left parked.
+    #[test]
+    fn a_blocked_hook_with_later_batches_a_new_subscriber_and_a_close_loses_nothing() {
+        let hub = Arc::new(Hub::default());
+        let mut early_rx = hub.subscribe(1, None);
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (go_tx, go) = std::sync::mpsc::channel::<()>();
+        let blocked = std::thread::spawn({
+            let hub = hub.clone();
+            move || {
+                let mut first = true;
+                hub.deliver(1, vec![elected(1)], |_| {
+                    if std::mem::take(&mut first) {
+                        let _ = entered_tx.send(());
+                        let _ = go.recv_timeout(Duration::from_secs(30));
+                    }
+                });
+            }
+        });
+        entered
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the hook runs");
+        // Batches 2 and 3, applied meanwhile on other threads, park.
+        for (seq, batch) in [(2, vec![lost(1)]), (3, vec![elected(2), renewed(4)])] {
+            let hub = hub.clone();
+            std::thread::spawn(move || hub.deliver(seq, batch, |_| {}))
+                .join()
+                .expect("a later batch does not wait for the hook");
+        }
+        // A subscriber made now reflects batches 1 to 3 in its snapshot.
+        let mut late = hub.subscribe(4, Some(elected(2)));
+        hub.wake_all();
+        hub.close(3);
+        assert_eq!(
+            drain(&mut early_rx),
+            Vec::<String>::new(),
+            "overtook batch 1"
+        );
+        let _ = go_tx.send(());
+        blocked.join().expect("the delivery finishes");
+        assert_eq!(drain(&mut early_rx), ["E1", "L1", "E2", "R4"]);
+        assert_eq!(drain(&mut late), ["E2"]);
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(matches!(early_rx.poll_recv(&mut cx), Poll::Ready(None)));
+        assert!(matches!(late.poll_recv(&mut cx), Poll::Ready(None)));
+        let state = hub.state();
+        assert!(state.early.is_empty() && state.close_after.is_none());
+        assert_eq!(state.next, 4);
+    }
+
+    /// `wake_all` (a driver gone: every stream is polled again) racing the
+    /// hand-outs on other threads, with a consumer on a runtime waiting for
+    /// each event: a waker taken by one and not the other never leaves an
+    /// event queued with the consumer asleep, and nothing is lost or
+    /// reordered.
+    #[test]
+    fn wake_all_racing_hand_outs_leaves_no_event_unseen() {
+        const TERMS: u64 = 5_000;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let hub = Arc::new(Hub::default());
+        let mut rx = hub.subscribe(1, None);
+        let consumer = rt.spawn(async move {
+            let mut got = 0u64;
+            while got < 2 * TERMS {
+                // The timer first: a consumer left asleep with an event
+                // queued is not rescued by the timer's own poll.
+                let ev = tokio::select! {
+                    biased;
+                    () = tokio::time::sleep(Duration::from_secs(10)) => None,
+                    ev = rx.recv() => ev,
+                };
+                let Some(ev) = ev else {
+                    return Err(format!("stuck after {got} events, {} queued", rx.queued()));
+                };
+                let id = got / 2 + 1;
+                let want = if got.is_multiple_of(2) {
+                    elected(id)
+                } else {
+                    lost(id)
+                };
+                if tag(&ev) != tag(&want) {
+                    return Err(format!("{} where {} was due", tag(&ev), tag(&want)));
+                }
+                got += 1;
+            }
+            Ok(got)
+        });
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waking = std::thread::spawn({
+            let (hub, stop) = (hub.clone(), stop.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    hub.wake_all();
+                }
+            }
+        });
+        // Two threads hand out alternate batches (each its own numbers),
+        // so batches also park for each other.
+        let handing: Vec<_> = (0..2u64)
+            .map(|half| {
+                let hub = hub.clone();
+                std::thread::spawn(move || {
+                    for id in 1..=TERMS {
+                        let seq = 2 * id - 1 + half;
+                        let ev = if half == 0 { elected(id) } else { lost(id) };
+                        hub.deliver(seq, vec![ev], |_| {});
+                    }
+                })
+            })
+            .collect();
+        for h in handing {
+            h.join().expect("hand-outs finish");
+        }
+        let outcome = rt.block_on(consumer).expect("consumer runs");
+        stop.store(true, Ordering::Relaxed);
+        waking.join().expect("waking stops");
+        assert_eq!(outcome, Ok(2 * TERMS));
     }
 
     #[tokio::test]

@@ -621,3 +621,54 @@ fn streams_dropped_and_made_again_on_current_thread_runtimes_never_give_two_lead
     );
     home.block_on(server.shutdown());
 }
+
+/// An executor's waker that panics (a bug of the application's executor).
+struct PanicsOnWake;
+
+impl futures::task::ArcWake for PanicsOnWake {
+    fn wake_by_ref(_: &Arc<Self>) {
+        panic!("an executor's bug");
+    }
+}
+
+/// The last stream dropped outside a Tokio runtime while leading steps
+/// down locally (no release call). If the term's end panics there (a task
+/// waiting on `LeaderTerm::cancelled()` whose waker panics), the panic
+/// reaches the drop, but the client must still be able to lead again: a
+/// release left "in flight" for ever would keep every later grant from
+/// counting.
+#[test]
+fn a_stream_dropped_outside_a_runtime_whose_term_end_panics_can_lead_again() {
+    let rt = multi_thread(2);
+    let server = rt.block_on(server());
+    let client = rt
+        .block_on(over_tcp(&server.url(), 3).build())
+        .expect("client builds");
+    let mut stream = client.leadership();
+    let term = rt.block_on(async {
+        match next(&mut stream, 10 * SEC, "Elected").await {
+            LeadershipEvent::Elected { term, .. } => term,
+            other => panic!("expected Elected, got {other:?}"),
+        }
+    });
+    let mut ended = term.cancelled();
+    {
+        let _in_runtime = rt.enter();
+        let waker = futures::task::waker(Arc::new(PanicsOnWake));
+        let polled = Pin::new(&mut ended).poll(&mut Context::from_waker(&waker));
+        assert!(polled.is_pending());
+    }
+    // Outside the runtime.
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(stream)));
+    assert!(dropped.is_err(), "the wake-up's panic is not hidden");
+    assert!(!client.is_leader());
+    assert!(term.is_ended());
+    // The lock it still holds on the server is ours: a new acquire renews
+    // it, and counts.
+    let again = rt.block_on(client.try_acquire_lock());
+    assert_eq!(again.ok(), Some(true), "a grant no longer counts");
+    rt.block_on(async {
+        let _ = client.shutdown().await;
+        server.shutdown().await;
+    });
+}

@@ -143,13 +143,21 @@ impl Applied<'_> {
 impl Drop for Applied<'_> {
     fn drop(&mut self) {
         // The term that ended is cancelled (and the lease's waiters woken)
-        // before its `Lost` is handed out, and outside the state lock.
-        drop(self.wake.take());
+        // before its `Lost` is handed out, and outside the state lock. A
+        // wake-up that panics (the application's executor) must not keep
+        // the batch from the hub: every later batch would wait for it.
+        let wake = self.wake.take();
+        let woken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(wake)));
         if let Some((seq, events)) = self.batch.take() {
             let observer = &self.session.observer;
             self.session
                 .hub
                 .deliver(seq, events, |events| observer.published(events));
+        }
+        if let Err(panic) = woken {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
         }
     }
 }
@@ -276,16 +284,29 @@ impl Session {
         obs: Observation,
         read: impl FnOnce(&mut ElectionState) -> R,
     ) -> (Applied<'_>, R) {
-        let mut shared = self.shared();
-        let now = Instant::now();
-        self.observer.observed(&obs, now);
-        let events = shared.election.apply(obs, now);
-        // Published and numbered before `read` runs: should it panic, the
-        // lease still follows the state, and the events are delivered as
-        // the `Applied` drops.
-        let applied = self.applied(&mut shared, events);
-        let out = read(&mut shared.election);
-        (applied, out)
+        let (applied, out) = {
+            let mut shared = self.shared();
+            let now = Instant::now();
+            self.observer.observed(&obs, now);
+            let events = shared.election.apply(obs, now);
+            // Published and numbered before `read` runs: should it panic, the
+            // lease still follows the state, and the events are delivered as
+            // the `Applied` drops.
+            let applied = self.applied(&mut shared, events);
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                read(&mut shared.election)
+            }));
+            (applied, out)
+        };
+        // The state lock is released: a panic's `Applied` drops (its
+        // wake-ups and hand-out run) outside it, as it does otherwise.
+        match out {
+            Ok(out) => (applied, out),
+            Err(panic) => {
+                drop(applied);
+                std::panic::resume_unwind(panic)
+            }
+        }
     }
 
     /// Publishes the lease the state now holds and numbers `events`. A
@@ -527,14 +548,19 @@ impl Session {
             .observe_with(Observation::ReleaseStarted, |s| {
                 (s.incarnation(), s.acquires_sent())
             });
-        // Before the request leaves.
-        lost.deliver();
+        // Made first: however this ends, the release is over (or no grant
+        // would ever count again).
         let mut done = ReleaseDone {
             session: self,
             incarnation,
             acquires_before,
             settled: false,
         };
+        // Before the request leaves. A hand-out that panics (a wake-up or
+        // the hook run the application's code) still hands the `Lost` out,
+        // and must not keep the lock held until its TTL: the panic is
+        // resumed once the release is answered.
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lost.deliver()));
         // One RPC timeout for the whole release, its wait for a call slot
         // included: `shutdown()` and a drop promise about one second (to
         // stop the campaign) plus the RPC timeout, and a release queued
@@ -551,6 +577,9 @@ impl Session {
                 attempts = answer.attempts,
                 "release outcome unknown: the next requests go out under a fresh identity"
             );
+        }
+        if let Err(panic) = delivered {
+            std::panic::resume_unwind(panic);
         }
         answer.result.map_err(Error::Rpc)
     }
@@ -922,7 +951,10 @@ impl Shutdown {
             .session
             .observe_with(Observation::ReleaseStarted, |s| s.incarnation());
         let leading = !lost.events().is_empty();
-        lost.deliver();
+        // A hand-out that panics (a wake-up or the hook run the application's
+        // code) must not leave the release in flight for ever: no grant
+        // would ever count again.
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lost.deliver()));
         // No request is sent, so this "release" is over at once, and no copy
         // of it can reach the server later; it released nothing, so it says
         // nothing about what the server holds.
@@ -936,6 +968,11 @@ impl Shutdown {
             .deliver();
         if leading {
             tracing::warn!("dropped outside a Tokio runtime while leader: cannot release; the lock expires after its TTL");
+        }
+        if let Err(panic) = delivered {
+            if !std::thread::panicking() {
+                std::panic::resume_unwind(panic);
+            }
         }
     }
 }

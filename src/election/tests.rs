@@ -256,3 +256,173 @@ async fn a_panic_reading_the_state_after_an_observation_loses_nothing() {
         })
     ));
 }
+
+/// A session of `server` that leads (its grant confirmed by a keep-alive),
+/// with a subscriber that has read its `Elected`, and the term.
+async fn leading(
+    server: &TestServer,
+) -> (
+    Arc<Session>,
+    crate::fanout::EventReceiver,
+    crate::event::LeaderTerm,
+) {
+    let session = session(server).await;
+    let wait = crate::admission::Wait::Unbounded;
+    let answer = session.try_acquire(wait).await;
+    assert!(matches!(answer.result, Ok(true)), "{:?}", answer.result);
+    let confirm = session.keep_alive(session.timing.rpc_timeout, wait).await;
+    assert!(confirm.result.is_ok(), "{:?}", confirm.result);
+    let mut events = session.subscribe();
+    let Some(LeadershipEvent::Elected { term, .. }) = next(&mut events).await else {
+        panic!("expected Elected");
+    };
+    (session, events, term)
+}
+
+/// An executor's waker that panics (a bug of the application's executor).
+struct PanicsOnWake;
+
+impl futures::task::ArcWake for PanicsOnWake {
+    fn wake_by_ref(_: &Arc<Self>) {
+        panic!("an executor's bug");
+    }
+}
+
+/// A waker that records that it ran, and whether the session's state lock
+/// was held (by anyone, this thread included) when it did: an executor that
+/// runs the woken task at once, and the task reads the client, would then
+/// deadlock.
+struct Probe {
+    session: std::sync::Weak<Session>,
+    woken: std::sync::atomic::AtomicBool,
+    under_state_lock: std::sync::atomic::AtomicBool,
+}
+
+impl Probe {
+    fn new(session: &Arc<Session>) -> Arc<Self> {
+        Arc::new(Probe {
+            session: Arc::downgrade(session),
+            woken: Default::default(),
+            under_state_lock: Default::default(),
+        })
+    }
+}
+
+impl futures::task::ArcWake for Probe {
+    fn wake_by_ref(me: &Arc<Self>) {
+        me.woken.store(true, Ordering::SeqCst);
+        if let Some(session) = me.session.upgrade() {
+            // Poisoned (a panic while it was held) is not held.
+            if matches!(
+                session.shared.try_lock(),
+                Err(std::sync::TryLockError::WouldBlock)
+            ) {
+                me.under_state_lock.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Polls `fut` once with `waker`; it must wait.
+fn poll_pending<F: std::future::Future + Unpin>(fut: &mut F, waker: &std::task::Waker) {
+    let polled = std::pin::Pin::new(fut).poll(&mut std::task::Context::from_waker(waker));
+    assert!(polled.is_pending(), "already complete");
+}
+
+/// The end of a term wakes the tasks waiting on its tokens and on
+/// `cancelled()` (the `LeaseWake` the `Applied` runs as it drops). One
+/// waker that panics there must neither cost the subscribers the batch
+/// (the `Lost`) and every later one (a batch never handed out parks every
+/// later one for ever), nor the other waiters of the term their wake-up
+/// (a `cancelled()` that then fires only at the old deadline, long after
+/// the `Lost`).
+#[tokio::test(start_paused = true)]
+async fn a_panicking_term_end_wake_up_loses_no_event_and_wakes_the_other_waiters() {
+    let server = TestServer::start().await.unwrap();
+    let (session, mut events, term) = leading(&server).await;
+    let token = term.token();
+    let mut token_ended = Box::pin(token.cancelled());
+    poll_pending(
+        &mut token_ended,
+        &futures::task::waker(Arc::new(PanicsOnWake)),
+    );
+    let probe = Probe::new(&session);
+    let mut ended = term.cancelled();
+    poll_pending(&mut ended, &futures::task::waker(probe.clone()));
+    // `release_lock()`: the term ends (its wake-ups run) and its `Lost` is
+    // handed out before the request leaves.
+    let released =
+        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(session.release())).await;
+    assert!(released.is_err(), "the wake-up's panic is not hidden");
+    assert!(
+        probe.woken.load(Ordering::SeqCst),
+        "the term's cancelled() was not woken when it ended"
+    );
+    assert!(matches!(
+        next(&mut events).await,
+        Some(LeadershipEvent::Lost {
+            reason: LossReason::Released,
+            ..
+        })
+    ));
+    // The release still went out (the lock is free at once), and is over:
+    // the state is not left "releasing" for ever (no grant would ever
+    // count again). The client leads again, and the subscriber sees that
+    // term too.
+    assert!(
+        server.lock("svc", "dom").is_none(),
+        "the lock was not released"
+    );
+    let wait = crate::admission::Wait::Unbounded;
+    assert!(matches!(session.try_acquire(wait).await.result, Ok(true)));
+    let confirm = session.keep_alive(session.timing.rpc_timeout, wait).await;
+    assert!(confirm.result.is_ok(), "{:?}", confirm.result);
+    assert!(session.is_leader(), "a grant no longer counts");
+    loop {
+        match next(&mut events).await {
+            Some(LeadershipEvent::Elected { term: again, .. }) => {
+                assert!(again.id() > term.id());
+                break;
+            }
+            Some(LeadershipEvent::Follower | LeadershipEvent::RpcFailed { .. }) => {}
+            other => panic!("expected the next term, got {other:?}"),
+        }
+    }
+}
+
+/// `observe_with`'s reading closure panics while the state lock is held.
+/// The `Applied` then drops during the unwinding: its wake-ups (the ended
+/// term's `cancelled()`, the subscribers' wakers) and the hand-out's hook
+/// must still run outside the state lock, as they do without the panic: a
+/// woken task run at once that reads the client would deadlock.
+#[tokio::test(start_paused = true)]
+async fn a_panic_reading_the_state_wakes_nobody_under_the_state_lock() {
+    let server = TestServer::start().await.unwrap();
+    let (session, mut events, term) = leading(&server).await;
+    let term_probe = Probe::new(&session);
+    let mut ended = term.cancelled();
+    poll_pending(&mut ended, &futures::task::waker(term_probe.clone()));
+    let stream_probe = Probe::new(&session);
+    let stream_waker = futures::task::waker(stream_probe.clone());
+    assert!(events
+        .poll_recv(&mut std::task::Context::from_waker(&stream_waker))
+        .is_pending());
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (applied, ()) = session.observe_with(crate::state::Observation::ReleaseStarted, |_| {
+            panic!("a bug while reading the state")
+        });
+        applied.deliver();
+    }));
+    assert!(panicked.is_err());
+    for (what, probe) in [("cancelled()", &term_probe), ("the stream", &stream_probe)] {
+        assert!(probe.woken.load(Ordering::SeqCst), "{what} was not woken");
+        assert!(
+            !probe.under_state_lock.load(Ordering::SeqCst),
+            "{what} was woken under the state lock"
+        );
+    }
+    assert!(matches!(
+        next(&mut events).await,
+        Some(LeadershipEvent::Lost { .. })
+    ));
+}
