@@ -131,16 +131,24 @@ fn events_applied_on_many_threads_reach_every_subscriber_in_one_order() {
     let mut first = session.subscribe();
     let mut second = session.subscribe();
     let lease = Duration::from_secs(3);
-    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // How many terms each part of the run needs: a grant counts only if no
+    // other thread's release fenced it meanwhile, so how many rounds that
+    // takes depends on the scheduling (fewer terms on a busy machine): the
+    // threads run until the terms are there, within a generous cap.
+    const TERMS: usize = 200;
+    const MAX_ROUNDS: usize = 250_000;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let threads: Vec<_> = (0..4)
         .map(|_| {
             let session = session.clone();
             let handle = rt.handle().clone();
-            let done = done.clone();
+            let stop = stop.clone();
             std::thread::spawn(move || {
                 let _runtime = handle.enter();
-                for _ in 0..5_000 {
-                    done.fetch_add(1, Ordering::Relaxed);
+                for _ in 0..MAX_ROUNDS {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
                     let incarnation = session.shared().election.incarnation();
                     let sent_at = tokio::time::Instant::now();
                     for obs in [
@@ -170,17 +178,8 @@ fn events_applied_on_many_threads_reach_every_subscriber_in_one_order() {
             })
         })
         .collect();
-    // Joins while the threads run (with most of their rounds to go).
-    while done.load(Ordering::Relaxed) < 2_000 {
-        std::thread::yield_now();
-    }
-    let mut late = session.subscribe();
-    for t in threads {
-        t.join().unwrap();
-    }
-    let drain = |rx: &mut crate::fanout::EventReceiver| {
+    let transitions = |rx: &mut crate::fanout::EventReceiver, out: &mut Vec<(char, u64)>| {
         let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
-        let mut out = Vec::new();
         while let std::task::Poll::Ready(Some(ev)) = rx.poll_recv(&mut cx) {
             match ev {
                 LeadershipEvent::Elected { term, .. } => out.push(('E', term.id())),
@@ -188,10 +187,48 @@ fn events_applied_on_many_threads_reach_every_subscriber_in_one_order() {
                 _ => {}
             }
         }
-        out
     };
-    let (first, second, late) = (drain(&mut first), drain(&mut second), drain(&mut late));
-    assert!(first.len() > 20, "too few terms to tell: {}", first.len());
+    let elected = |seen: &[(char, u64)]| seen.iter().filter(|(k, _)| *k == 'E').count();
+    // Read while the threads run, until `need` terms began; `false` if the
+    // threads ran out of rounds first.
+    let read_until = |rx: &mut crate::fanout::EventReceiver,
+                      seen: &mut Vec<(char, u64)>,
+                      need: usize,
+                      threads: &[std::thread::JoinHandle<()>]| {
+        loop {
+            transitions(rx, seen);
+            if elected(seen) >= need {
+                return true;
+            }
+            if threads.iter().all(std::thread::JoinHandle::is_finished) {
+                transitions(rx, seen);
+                return elected(seen) >= need;
+            }
+            std::thread::yield_now();
+        }
+    };
+    let mut first_seen = Vec::new();
+    assert!(
+        read_until(&mut first, &mut first_seen, TERMS, &threads),
+        "only {} terms in {MAX_ROUNDS} rounds per thread",
+        elected(&first_seen)
+    );
+    // Joins while the threads run, and they go on for as many terms again.
+    let mut late = session.subscribe();
+    assert!(
+        read_until(&mut first, &mut first_seen, 2 * TERMS, &threads),
+        "only {} terms in {MAX_ROUNDS} rounds per thread",
+        elected(&first_seen)
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    transitions(&mut first, &mut first_seen);
+    let (mut second_seen, mut late_seen) = (Vec::new(), Vec::new());
+    transitions(&mut second, &mut second_seen);
+    transitions(&mut late, &mut late_seen);
+    let (first, second, late) = (first_seen, second_seen, late_seen);
     // Alternation: Elected(n), Lost(n), Elected(m > n), ...
     let mut leading: Option<u64> = None;
     let mut last = 0;
