@@ -331,11 +331,7 @@ impl Drop for LeaseWake<'_> {
         if self.wake {
             self.cell.moved.notify_waiters();
         }
-        if let Some(Err(panic)) = ended {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
-        }
+        crate::sync::resume_panic(ended.and_then(Result::err));
     }
 }
 

@@ -25,7 +25,7 @@
 //! round trip and usually a retry period).
 
 use std::collections::VecDeque;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -484,11 +484,7 @@ impl Hub {
         }
         wakes.wake_all(&mut panic);
         end_all(ended, &mut panic);
-        if let Some(p) = panic {
-            if !std::thread::panicking() {
-                resume_unwind(p);
-            }
-        }
+        crate::sync::resume_panic(panic);
     }
 
     /// Wakes every subscriber without an event: each is polled again (a
@@ -501,11 +497,7 @@ impl Hub {
         }
         let mut panic = None;
         wakes.wake_all(&mut panic);
-        if let Some(p) = panic {
-            if !std::thread::panicking() {
-                resume_unwind(p);
-            }
-        }
+        crate::sync::resume_panic(panic);
     }
 
     /// Ends every subscriber (each yields what it holds, then ends) once
@@ -533,11 +525,7 @@ impl Hub {
         // keep the others from ending (nor aborts by panicking again).
         let mut panic = None;
         end_all(ended, &mut panic);
-        if let Some(p) = panic {
-            if !std::thread::panicking() {
-                resume_unwind(p);
-            }
-        }
+        crate::sync::resume_panic(panic);
     }
 }
 

@@ -9,6 +9,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Resumes a panic caught earlier (after the work that had to go on
+/// despite it), unless this thread is already unwinding: a second panic
+/// would abort the process.
+pub(crate) fn resume_panic(panic: Option<Box<dyn std::any::Any + Send>>) {
+    if let Some(panic) = panic {
+        if !std::thread::panicking() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
 /// The Tokio runtime this thread runs in, or [`Error::NoRuntime`]: the
 /// check every call that needs one makes first, instead of panicking inside
 /// tokio.

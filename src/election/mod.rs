@@ -154,11 +154,7 @@ impl Drop for Applied<'_> {
                 .hub
                 .deliver(seq, events, |events| observer.published(events));
         }
-        if let Err(panic) = woken {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
-        }
+        crate::sync::resume_panic(woken.err());
     }
 }
 
@@ -578,9 +574,7 @@ impl Session {
                 "release outcome unknown: the next requests go out under a fresh identity"
             );
         }
-        if let Err(panic) = delivered {
-            std::panic::resume_unwind(panic);
-        }
+        crate::sync::resume_panic(delivered.err());
         answer.result.map_err(Error::Rpc)
     }
 
@@ -969,11 +963,7 @@ impl Shutdown {
         if leading {
             tracing::warn!("dropped outside a Tokio runtime while leader: cannot release; the lock expires after its TTL");
         }
-        if let Err(panic) = delivered {
-            if !std::thread::panicking() {
-                std::panic::resume_unwind(panic);
-            }
-        }
+        crate::sync::resume_panic(delivered.err());
     }
 }
 
