@@ -94,7 +94,8 @@ impl Scope {
     /// tag keeps the name from equalling another contender's id (`node#1`).
     pub(crate) fn wire_id(&self, incarnation: u32) -> String {
         if incarnation == 0 {
-            self.client_id.to_string()
+            // Not `to_string`: that formats through `Display`.
+            String::from(&*self.client_id)
         } else {
             format!("{}#{incarnation}.{:08x}", self.client_id, self.tag)
         }

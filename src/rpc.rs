@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -27,10 +26,9 @@ use crate::config::Scope;
 use crate::event::RpcKind;
 use crate::identity::Claim;
 use crate::observe::RpcAttempt;
-use crate::proto::leader_election_service_client::LeaderElectionServiceClient;
 use crate::proto::{KeepAliveRequest, ReleaseLockRequest, TryAcquireLockRequest};
 use crate::state::Observation;
-use crate::transport::{CallMetadata, Transport};
+use crate::transport::{CallMetadata, Stub, Transport};
 
 /// An RPC's result with the instant its request was sent, the incarnation
 /// of our identity it was sent under, and how many attempts it took.
@@ -249,8 +247,8 @@ impl Rpc {
     ) -> Answer<bool> {
         let s = &self.scope;
         let req = || TryAcquireLockRequest {
-            service: s.service.to_string(),
-            domain: s.domain.to_string(),
+            service: String::from(&*s.service),
+            domain: String::from(&*s.domain),
             client_id: s.wire_id(incarnation),
             ttl: s.ttl_secs,
         };
@@ -259,7 +257,10 @@ impl Rpc {
             incarnation,
             (timeout, wait),
             req,
-            |mut c, r| async move { c.try_acquire_lock(r).await },
+            |mut c, r| async move {
+                let answer = c.try_acquire_lock(r).await;
+                (c, answer)
+            },
         )
         .await
         .map(|r| r.is_leader)
@@ -273,8 +274,8 @@ impl Rpc {
     ) -> Answer<LeaseAnswer> {
         let s = &self.scope;
         let req = || KeepAliveRequest {
-            service: s.service.to_string(),
-            domain: s.domain.to_string(),
+            service: String::from(&*s.service),
+            domain: String::from(&*s.domain),
             client_id: s.wire_id(incarnation),
             ttl: s.ttl_secs,
         };
@@ -283,7 +284,10 @@ impl Rpc {
             incarnation,
             (timeout, wait),
             req,
-            |mut c, r| async move { c.keep_alive(r).await },
+            |mut c, r| async move {
+                let answer = c.keep_alive(r).await;
+                (c, answer)
+            },
         )
         .await
         .map(|r| lease_answer(r.lease_length))
@@ -297,8 +301,8 @@ impl Rpc {
     ) -> Answer<()> {
         let s = &self.scope;
         let req = || ReleaseLockRequest {
-            service: s.service.to_string(),
-            domain: s.domain.to_string(),
+            service: String::from(&*s.service),
+            domain: String::from(&*s.domain),
             client_id: s.wire_id(incarnation),
         };
         self.call(
@@ -306,7 +310,10 @@ impl Rpc {
             incarnation,
             (timeout, wait),
             req,
-            |mut c, r| async move { c.release_lock(r).await },
+            |mut c, r| async move {
+                let answer = c.release_lock(r).await;
+                (c, answer)
+            },
         )
         .await
         .map(|_| ())
@@ -337,8 +344,8 @@ impl Rpc {
     ) -> Answer<Resp>
     where
         M: Fn() -> Req,
-        F: Fn(LeaderElectionServiceClient<Channel>, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<Resp>, Status>>,
+        F: Fn(Stub, Request<Req>) -> Fut,
+        Fut: Future<Output = (Stub, Result<Response<Resp>, Status>)>,
     {
         let queued_at = Instant::now();
         let mut queue_until = wait.queue_deadline(queued_at);
@@ -392,17 +399,20 @@ impl Rpc {
                 };
             };
             queue_until = Some(end);
-            let (channel, connection) = self.transport.channel();
-            let client = LeaderElectionServiceClient::new(channel);
+            let (stub, connection) = self.transport.stub();
             let mut request = Request::new(req());
             set_timeout(&mut request, left);
             let attempt = RpcAttempt::start(&self.span, rpc, attempts);
             let result = match self.metadata.apply(request) {
                 Err(status) => Err(status),
                 Ok(request) => {
-                    let call = tokio::time::timeout(left, f(client, request));
+                    let call = tokio::time::timeout(left, f(stub, request));
                     match call.instrument(attempt.span().clone()).await {
-                        Ok(result) => result.map(Response::into_inner),
+                        Ok((stub, result)) => {
+                            // A stub whose call timed out is dropped with it.
+                            self.transport.give_back(stub, connection);
+                            result.map(Response::into_inner)
+                        }
                         Err(_) => Err(Status::deadline_exceeded(format!(
                             "{rpc:?}: no answer within {timeout:?}"
                         ))),

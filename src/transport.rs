@@ -595,6 +595,10 @@ pub(crate) fn is_timeout(
 /// Numbers the channels users hand us, to name them in the identity registry.
 static CHANNELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// The generated client on a [`Channel`].
+pub(crate) type Stub =
+    crate::proto::leader_election_service_client::LeaderElectionServiceClient<Channel>;
+
 /// One shared connection to the server.
 #[derive(Debug)]
 pub(crate) struct Transport {
@@ -619,6 +623,11 @@ pub(crate) struct Transport {
 #[derive(Debug)]
 struct Current {
     channel: Channel,
+    /// Stubs on `channel` that finished a call, for the next calls to
+    /// reuse ([`Transport::stub`]): a fresh copy of the channel costs two
+    /// allocations (its queue handle and that handle's reservation) on
+    /// every call. At most the cap on calls in flight are kept.
+    spare: Vec<Stub>,
     dialed_at: Instant,
     /// Counts the connections dialed, so that an answer is credited to the
     /// connection that carried it.
@@ -681,6 +690,7 @@ impl Transport {
             redial_after,
             current: Mutex::new(Current {
                 channel,
+                spare: Vec::new(),
                 dialed_at: Instant::now(),
                 generation: 0,
                 last_answer: None,
@@ -748,12 +758,38 @@ impl Transport {
         self.endpoint.as_ref().map(|e| e.uri().to_string())
     }
 
-    /// The channel to issue the next call on, and which connection it is
-    /// (for [`answered`](Self::answered) and
-    /// [`call_timed_out`](Self::call_timed_out)).
-    pub(crate) fn channel(&self) -> (Channel, u64) {
-        let cur = self.lock();
-        (cur.channel.clone(), cur.generation)
+    /// Which connection the next call goes out on.
+    #[cfg(test)]
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    #[cfg(test)]
+    fn spare(&self) -> usize {
+        self.lock().spare.len()
+    }
+
+    /// A stub to issue the next call on (one a finished call gave back, or
+    /// a fresh one on the current connection), and which connection it is
+    /// (for [`answered`](Self::answered),
+    /// [`call_timed_out`](Self::call_timed_out) and
+    /// [`give_back`](Self::give_back)).
+    pub(crate) fn stub(&self) -> (Stub, u64) {
+        let mut cur = self.lock();
+        let stub = match cur.spare.pop() {
+            Some(stub) => stub,
+            None => Stub::new(cur.channel.clone()),
+        };
+        (stub, cur.generation)
+    }
+
+    /// Keeps `stub`, whose call finished, for a later call: unless its
+    /// connection was replaced since, or enough are kept already.
+    pub(crate) fn give_back(&self, stub: Stub, generation: u64) {
+        let mut cur = self.lock();
+        if cur.generation == generation && cur.spare.len() < self.admission.cap() {
+            cur.spare.push(stub);
+        }
     }
 
     /// A call on connection `generation` got its answer: the connection is
@@ -803,6 +839,7 @@ impl Transport {
         if now.saturating_duration_since(cur.dialed_at) >= self.redial_after {
             tracing::debug!("call timed out: dialing a fresh connection for the next call");
             cur.channel = endpoint.connect_lazy();
+            cur.spare.clear();
             cur.dialed_at = now;
             cur.generation = cur.generation.wrapping_add(1);
             cur.last_answer = None;
@@ -924,34 +961,34 @@ mod tests {
         };
         let t = Transport::open(endpoint, dialing, true).await.unwrap();
         tokio::time::advance(5 * SEC).await;
-        let (_, first) = t.channel();
+        let first = t.generation();
         let sent = Instant::now();
         tokio::time::advance(4 * SEC).await;
         // Another call was answered just now: the connection lives.
         t.answered(first);
         t.call_timed_out(first, sent, 4 * SEC);
         assert_eq!(
-            t.channel().1,
+            t.generation(),
             first,
             "a slow server is not a dead connection"
         );
         // That answer is now more than a quarter of the timeout old.
         tokio::time::advance(2 * SEC).await;
         t.call_timed_out(first, sent, 4 * SEC);
-        let (_, second) = t.channel();
+        let second = t.generation();
         assert_ne!(second, first, "silent for too long: redialed");
         // A time-out on the connection already replaced changes nothing, and
         // neither does one within `redial_after` of the redial.
         t.call_timed_out(first, Instant::now(), 4 * SEC);
         t.call_timed_out(second, Instant::now(), 4 * SEC);
-        assert_eq!(t.channel().1, second);
+        assert_eq!(t.generation(), second);
         // An answer from before the call was sent is no evidence.
         tokio::time::advance(5 * SEC).await;
         t.answered(second);
         tokio::time::advance(ms(1)).await;
         let sent = Instant::now();
         t.call_timed_out(second, sent, 4 * SEC);
-        let (_, third) = t.channel();
+        let third = t.generation();
         assert_ne!(third, second);
         // A call given under a quarter of the timeout (cut short by the
         // queue) is no evidence of a dead connection.
@@ -959,9 +996,49 @@ mod tests {
         let sent = Instant::now();
         tokio::time::advance(ms(900)).await;
         t.call_timed_out(third, sent, ms(900));
-        assert_eq!(t.channel().1, third, "too short a call to judge");
+        assert_eq!(t.generation(), third, "too short a call to judge");
         t.call_timed_out(third, sent, SEC);
-        assert_ne!(t.channel().1, third);
+        assert_ne!(t.generation(), third);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_finished_calls_stub_is_reused_on_its_connection_only_and_at_most_cap_are_kept() {
+        let endpoint = parse_address("http://127.0.0.1:1").unwrap();
+        let dialing = Dialing {
+            connect_timeout: SEC,
+            redial_after: 4 * SEC,
+            keep_alive: None,
+        };
+        let t = Transport::open(endpoint, dialing, true)
+            .await
+            .unwrap()
+            .with_max_concurrent_calls(2);
+        let (a, first) = t.stub();
+        let (b, _) = t.stub();
+        let (c, _) = t.stub();
+        t.give_back(a, first);
+        t.give_back(b, first);
+        t.give_back(c, first);
+        assert_eq!(t.spare(), 2, "no more kept than calls can be in flight");
+        let (a, _) = t.stub();
+        assert_eq!(
+            t.spare(),
+            1,
+            "a kept stub is taken before a new one is made"
+        );
+        // The connection is replaced: what was kept on the old one goes, and
+        // a stub of the old one coming back is not kept.
+        tokio::time::advance(5 * SEC).await;
+        t.call_timed_out(first, Instant::now(), 4 * SEC);
+        tokio::time::advance(4 * SEC).await;
+        assert_ne!(t.generation(), first);
+        assert_eq!(t.spare(), 0);
+        t.give_back(a, first);
+        assert_eq!(t.spare(), 0);
+        let (d, second) = t.stub();
+        assert_eq!(second, t.generation());
+        t.give_back(d, second);
+        assert_eq!(t.spare(), 1);
     }
 
     fn ms(n: u64) -> Duration {
