@@ -26,7 +26,8 @@
 //!   renewal (fewer calls share a wake-up and a write), so CPU is compared
 //!   like with like.
 //! - `client`: one `for_scope` client per lock on one connection, each
-//!   followed by its `leadership()` stream, all read by one task.
+//!   followed by its `leadership()` stream, all read as one `LeadershipSet`
+//!   by one task.
 //!
 //! Each creates all N elections at once and then keeps them through a
 //! steady-state window. Printed, beside each other with the client/stub
@@ -42,8 +43,9 @@
 //! - renewal lateness p50 / p99: how long after its nominal due instant (the
 //!   previous renewal's send instant plus the renew interval) a renewal was
 //!   sent; a renewal sent early (the client jitters its renewals earlier) counts
-//!   as 0. For the client the send instant is read from the lease (deadline
-//!   minus ttl minus safety margin) when its `Renewed` event arrives.
+//!   as 0. For the client the send instant is derived from the lease its
+//!   `Renewed` event carries (deadline minus ttl minus safety margin), read
+//!   when the event arrives (so a late read can only make it look late).
 
 #[path = "common/proc_stats.rs"]
 mod proc_stats;
@@ -61,7 +63,7 @@ use futures::StreamExt;
 use quorum_quest_client::proto::leader_election_service_client::LeaderElectionServiceClient;
 use quorum_quest_client::proto::{KeepAliveRequest, TryAcquireLockRequest};
 use quorum_quest_client::testing::TestServer;
-use quorum_quest_client::{LeadershipEvent, QuorumQuestClient, RpcKind, Timing};
+use quorum_quest_client::{LeadershipEvent, LeadershipSet, QuorumQuestClient, RpcKind, Timing};
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Parser)]
@@ -496,12 +498,11 @@ async fn run_client(
     let shards: Vec<_> = (0..n)
         .map(|i| root.for_scope(service, format!("shard-{i}")))
         .collect::<Result<_, _>>()?;
-    let mut all = futures::stream::select_all(
-        shards
-            .iter()
-            .enumerate()
-            .map(|(i, s)| s.leadership().map(move |ev| (i as u32, ev)).boxed()),
-    );
+    let mut all: LeadershipSet<u32> = shards
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as u32, s.leadership()))
+        .collect();
     let (mut elected, mut failed, mut lost, mut renewals) = (0usize, 0u64, 0u64, 0u64);
     let mut last_sent: Vec<Option<Instant>> = vec![None; n];
     let mut lateness = Vec::new();
@@ -517,9 +518,17 @@ async fn run_client(
             break;
         };
         let i = i as usize;
-        let sent = shards[i]
-            .get_remaining_lease()
-            .and_then(|left| (Instant::now() + left).checked_sub(lead));
+        // The lease the event carries is counted from when it was made, so
+        // a send instant derived from it now is, if anything, late.
+        let sent = match &ev {
+            LeadershipEvent::Elected {
+                lease_remaining, ..
+            }
+            | LeadershipEvent::Renewed {
+                lease_remaining, ..
+            } => (Instant::now() + *lease_remaining).checked_sub(lead),
+            _ => None,
+        };
         match ev {
             LeadershipEvent::Elected { .. } => {
                 elected += 1;

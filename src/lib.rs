@@ -215,7 +215,7 @@ pub use tonic;
 pub use callbacks::{drive_callbacks, Callbacks, NoOpCallbacks};
 pub use client::{ClientBuilder, QuorumQuestClient, DEFAULT_ADDRESS, DEFAULT_TTL};
 pub use config::Timing;
-pub use election::Leadership;
+pub use election::{Leadership, LeadershipSet};
 pub use error::{Error, Result};
 pub use event::{LeaderTerm, LeadershipEvent, LossReason, RpcKind, TermEnded};
 pub use ext::{LeaderChanges, LeadershipStreamExt, Transitions, UntilLost};

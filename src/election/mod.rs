@@ -28,6 +28,7 @@
 mod backstop;
 mod campaign;
 mod driver;
+mod set;
 mod stream;
 
 use std::marker::PhantomData;
@@ -52,6 +53,7 @@ use crate::sync::lock;
 use backstop::Backstop;
 pub(crate) use driver::Handle as DriverHandle;
 
+pub use set::LeadershipSet;
 pub use stream::Leadership;
 
 /// How long stopping a campaign waits for the driver to let go of it.
@@ -421,7 +423,7 @@ impl Session {
     }
 
     /// Whether the driver that keeps the step-down timer (none is started
-    /// here) runs on the current runtime.
+    /// here) runs on `runtime` (the caller's).
     ///
     /// `true` only if that driver also keeps the timer now (records the
     /// slot): a driver is chosen for the next report, but the timer moves
@@ -429,10 +431,10 @@ impl Session {
     /// until then (perhaps on a runtime left idle). A wrong `true` would
     /// leave the consumer without the loss; a wrong `false` costs one
     /// spurious backstop tick.
-    fn timer_driver_runs_here(&self) -> bool {
+    fn timer_driver_runs_on(&self, runtime: tokio::runtime::Id) -> bool {
         // Once per event a consumer reads: no handle is copied.
         let chosen = self
-            .with_timer_driver(|d| d.runs_here().then(|| d.id()))
+            .with_timer_driver(|d| (d.runtime() == runtime).then(|| d.id()))
             .flatten();
         chosen.is_some_and(|id| self.slot_driver() == id)
     }

@@ -1,0 +1,251 @@
+//! `LeadershipSet`: many leadership streams read as one, each keeping its
+//! own guarantees, against a real TestServer.
+#![cfg(feature = "testing")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use quorum_quest_client::testing::TestServer;
+use quorum_quest_client::{LeadershipEvent, LeadershipSet, LossReason, QuorumQuestClient};
+
+/// A client for lock `domain` on `server` over in-memory pipes.
+async fn client_for(server: &TestServer, domain: &str, id: &str) -> QuorumQuestClient {
+    QuorumQuestClient::builder(SERVICE, domain)
+        .channel(server.in_memory_channel())
+        .client_id(id)
+        .ttl(Duration::from_secs(3))
+        .jitter_seed(1)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// The set's next item within `within`, or a panic naming what was awaited.
+async fn next_of<K>(
+    set: &mut LeadershipSet<K>,
+    within: Duration,
+    what: &str,
+) -> (K, LeadershipEvent)
+where
+    K: std::hash::Hash + Eq + Clone,
+{
+    match tokio::time::timeout(within, set.next()).await {
+        Ok(Some(item)) => item,
+        Ok(None) => panic!("the set ended while waiting for {what}"),
+        Err(_) => panic!("nothing within {within:?} while waiting for {what}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_lock_in_a_set_is_elected_and_renewed_under_its_own_key() {
+    let server = server().await;
+    let root = client_for(&server, "root", "node-a").await;
+    let mut set = LeadershipSet::new();
+    let mut clients = HashMap::new();
+    for shard in 0..20u32 {
+        let client = root.for_scope(SERVICE, format!("shard-{shard}")).unwrap();
+        assert!(set.insert(shard, client.leadership()).is_none());
+        clients.insert(shard, client);
+    }
+    assert_eq!(set.len(), 20);
+    // Every shard: Elected once, then Renewed, each under its own key and
+    // term; every event of a key is about that key's lock.
+    let mut elected: HashMap<u32, u64> = HashMap::new();
+    let mut renewed: HashMap<u32, usize> = HashMap::new();
+    while renewed.len() < 20 || renewed.values().any(|n| *n < 2) {
+        let (shard, ev) = next_of(&mut set, 5 * SEC, "every shard renewed twice").await;
+        match ev {
+            LeadershipEvent::Elected { term, .. } => {
+                assert!(
+                    elected.insert(shard, term.id()).is_none(),
+                    "shard {shard} elected twice without a loss"
+                );
+                assert!(clients[&shard].is_leader());
+                let lock = server
+                    .lock(SERVICE, &format!("shard-{shard}"))
+                    .expect("an elected shard's lock is held");
+                assert_eq!(lock.owner, "node-a");
+            }
+            LeadershipEvent::Renewed { term_id, .. } => {
+                assert_eq!(
+                    Some(&term_id),
+                    elected.get(&shard),
+                    "shard {shard} renewed before its Elected, or another term"
+                );
+                *renewed.entry(shard).or_default() += 1;
+            }
+            other => panic!("shard {shard}: unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn contenders_in_one_set_never_both_lead_and_a_removed_leader_hands_over() {
+    let server = server().await;
+    let a = client_for(&server, DOMAIN, "node-a").await;
+    let b = client_for(&server, DOMAIN, "node-b").await;
+    let mut set: LeadershipSet<&str> = [("a", a.leadership()), ("b", b.leadership())]
+        .into_iter()
+        .collect();
+    let (first, ev) = next_of(&mut set, 5 * SEC, "one Elected").await;
+    // The other is told it follows; nobody else is elected meanwhile.
+    let mut leader = None;
+    let mut follower_seen = false;
+    let (mut key, mut event) = (first, ev);
+    for _ in 0..10 {
+        match &event {
+            LeadershipEvent::Elected { .. } => {
+                assert!(leader.is_none(), "{key} elected while {leader:?} leads");
+                leader = Some(key);
+            }
+            LeadershipEvent::Follower => follower_seen = true,
+            LeadershipEvent::Renewed { .. } => assert_eq!(Some(key), leader),
+            other => panic!("{key}: unexpected {other:?}"),
+        }
+        assert!(!(a.is_leader() && b.is_leader()), "two leaders");
+        if leader.is_some() && follower_seen {
+            break;
+        }
+        (key, event) = next_of(&mut set, 5 * SEC, "the follower's news").await;
+    }
+    let leader = leader.expect("one leads");
+    assert!(follower_seen, "the other contender reports Follower");
+    // The leader's stream leaves the set: still campaigning until dropped;
+    // dropped, it releases, and the other is elected through the set.
+    let removed = set.remove(&leader).expect("the leader's stream");
+    assert!(!set.contains_key(&leader));
+    assert_eq!(set.len(), 1);
+    drop(removed);
+    let (key, ev) = until_set(&mut set, 10 * SEC, "the other elected", |_, e| {
+        e.is_elected()
+    })
+    .await;
+    assert_ne!(key, leader);
+    assert!(matches!(ev, LeadershipEvent::Elected { .. }));
+    let (now_leads, old) = if leader == "a" { (&b, &a) } else { (&a, &b) };
+    assert!(now_leads.is_leader());
+    assert!(!old.is_leader());
+}
+
+/// Skips the set's items until one matches; panics after `within`.
+async fn until_set<K, P>(
+    set: &mut LeadershipSet<K>,
+    within: Duration,
+    what: &str,
+    mut pred: P,
+) -> (K, LeadershipEvent)
+where
+    K: std::hash::Hash + Eq + Clone,
+    P: FnMut(&K, &LeadershipEvent) -> bool,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (key, ev) = next_of(set, left, what).await;
+        if pred(&key, &ev) {
+            return (key, ev);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_ends_leaves_the_set_after_its_loss_and_an_empty_set_ends() {
+    let server = server().await;
+    let a = client_for(&server, "lock-a", "node-a").await;
+    let b = client_for(&server, "lock-b", "node-a").await;
+    let mut set = LeadershipSet::new();
+    set.insert(1u8, a.leadership());
+    set.insert(2u8, b.leadership());
+    let mut elected = Vec::new();
+    while elected.len() < 2 {
+        let (key, ev) = next_of(&mut set, 5 * SEC, "both elected").await;
+        if ev.is_elected() {
+            elected.push(key);
+        }
+    }
+    a.shutdown().await.unwrap();
+    let (key, ev) = until_set(&mut set, 5 * SEC, "a's loss", |k, _| *k == 1).await;
+    assert_eq!(key, 1);
+    assert!(is_lost_with(&ev, LossReason::Released), "{ev:?}");
+    // Its stream ended: it leaves the set; b goes on.
+    until_set(&mut set, 5 * SEC, "b renewed", |k, e| {
+        *k == 2 && matches!(e, LeadershipEvent::Renewed { .. })
+    })
+    .await;
+    assert!(!set.contains_key(&1));
+    assert_eq!(set.keys().copied().collect::<Vec<_>>(), vec![2]);
+    b.shutdown().await.unwrap();
+    let (_, ev) = until_set(&mut set, 5 * SEC, "b's loss", |k, _| *k == 2).await;
+    assert!(is_lost_with(&ev, LossReason::Released), "{ev:?}");
+    assert!(
+        tokio::time::timeout(5 * SEC, set.next())
+            .await
+            .unwrap()
+            .is_none(),
+        "a set whose every stream ended ends"
+    );
+    assert!(set.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_replaced_under_its_key_is_returned_still_campaigning() {
+    let server = server().await;
+    let a = client_for(&server, "lock-a", "node-a").await;
+    let b = client_for(&server, "lock-b", "node-a").await;
+    let mut set = LeadershipSet::new();
+    set.insert("k", a.leadership());
+    let (_, ev) = next_of(&mut set, 5 * SEC, "a elected").await;
+    assert!(ev.is_elected());
+    let mut old = set.insert("k", b.leadership()).expect("the stream of a");
+    // The set now reads b's stream under the key; a's old stream, taken
+    // out, goes on renewing a's lock.
+    let (key, ev) = until_set(&mut set, 5 * SEC, "b elected", |_, e| e.is_elected()).await;
+    assert_eq!(key, "k");
+    assert!(b.is_leader(), "{ev:?}");
+    let ev = until(&mut old, 5 * SEC, "a renewed", |e| {
+        matches!(e, LeadershipEvent::Renewed { .. })
+    })
+    .await;
+    assert!(a.is_leader(), "{ev:?}");
+    // Dropped, it stops and releases a's lock.
+    drop(old);
+    eventually(5 * SEC, "a's lock released", || {
+        server.lock(SERVICE, "lock-a").is_none()
+    })
+    .await;
+    assert!(!a.is_leader());
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_set_stops_every_campaign_and_releases_every_lock() {
+    let server = server().await;
+    let root = client_for(&server, "root", "node-a").await;
+    let clients: Vec<_> = (0..5)
+        .map(|i| root.for_scope(SERVICE, format!("lock-{i}")).unwrap())
+        .collect();
+    let mut set: LeadershipSet<usize> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, c.leadership()))
+        .collect();
+    let mut elected = 0;
+    while elected < 5 {
+        if next_of(&mut set, 5 * SEC, "all elected")
+            .await
+            .1
+            .is_elected()
+        {
+            elected += 1;
+        }
+    }
+    drop(set);
+    eventually(5 * SEC, "every lock released", || {
+        (0..5).all(|i| server.lock(SERVICE, &format!("lock-{i}")).is_none())
+    })
+    .await;
+    assert!(clients.iter().all(|c| !c.is_leader()));
+}
