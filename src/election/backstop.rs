@@ -55,11 +55,11 @@ impl Backstop {
                 self.timer = None;
                 return Poll::Pending;
             };
-            if session.timer_driver_runs_here() {
+            let here = runtime.id();
+            if session.timer_driver_runs_on(here) {
                 self.timer = None;
                 return Poll::Pending;
             }
-            let here = runtime.id();
             if self.no_timers == Some(here) {
                 return Poll::Pending;
             }

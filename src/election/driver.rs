@@ -145,11 +145,6 @@ impl Handle {
         self.runtime
     }
 
-    /// `true` when called on the runtime this driver's task runs on.
-    pub(crate) fn runs_here(&self) -> bool {
-        tokio::runtime::Handle::try_current().is_ok_and(|here| here.id() == self.runtime)
-    }
-
     /// `true` when called from this driver's own task.
     pub(crate) fn is_current(&self) -> bool {
         CURRENT.with(|c| c.get() == self.id)

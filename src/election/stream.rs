@@ -124,16 +124,16 @@ impl Stream for Leadership {
                 }
                 self.phase = StreamPhase::Running;
             }
-            StreamPhase::Running => {
-                // Its campaign's runtime may have shut down since.
-                self.session.revive_campaign();
-            }
+            StreamPhase::Running => {}
         }
         let this = &mut *self;
         loop {
             if let Poll::Ready(ev) = this.rx.poll_recv(cx) {
                 return Poll::Ready(ev);
             }
+            // Before it waits: its campaign's runtime may have shut down
+            // since (looked at once per wait, not once per event read).
+            this.session.revive_campaign();
             if this.backstop.poll(&this.session, cx).is_pending() {
                 return Poll::Pending;
             }
