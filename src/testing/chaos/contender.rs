@@ -341,11 +341,17 @@ fn on_event(
             let record = record.clone();
             let quit = quit.clone();
             // Observed on the harness's runtime, which no fault blocks: the
-            // instant leader work bound to the term would stop.
+            // instant leader work bound to the term is told to stop. That is
+            // the wake-up that ends `cancelled()`, stamped as it happens
+            // (the client's own thread, before a release request leaves),
+            // not when this task next runs: on a loaded machine that can be
+            // after the server acted on the release.
             harness.spawn(async move {
+                let ended = Stamped::new(term.cancelled(), term.clone());
+                let woken = ended.ended_at.clone();
                 tokio::select! {
-                    _ = term.cancelled() => {
-                        let at = Instant::now();
+                    _ = ended => {
+                        let at = lock(&woken).unwrap_or_else(Instant::now);
                         if let Some(t) = lock(&record).terms.get_mut(index) {
                             t.cancelled = Some(at);
                         }
@@ -427,5 +433,63 @@ impl Callbacks for PairingObserver {
         }
         s.leader = false;
         s.lost += 1;
+    }
+}
+
+/// A term's `cancelled()` that records the first instant it was woken with
+/// the term over: an upper bound of when the term ended (it had ended by
+/// then) that does not wait for the observing task to be run.
+struct Stamped<F> {
+    inner: std::pin::Pin<Box<F>>,
+    term: LeaderTerm,
+    ended_at: Arc<Mutex<Option<Instant>>>,
+}
+
+impl<F> Stamped<F> {
+    fn new(inner: F, term: LeaderTerm) -> Self {
+        Stamped {
+            inner: Box::pin(inner),
+            term,
+            ended_at: Arc::default(),
+        }
+    }
+}
+
+/// Stamps the instant if the term is over (not for a wake-up without news),
+/// then wakes the task that polled.
+struct StampWaker {
+    term: LeaderTerm,
+    ended_at: Arc<Mutex<Option<Instant>>>,
+    task: std::task::Waker,
+}
+
+impl std::task::Wake for StampWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.term.is_ended() {
+            lock(&self.ended_at).get_or_insert_with(Instant::now);
+        }
+        self.task.wake_by_ref();
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Stamped<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let waker = std::task::Waker::from(Arc::new(StampWaker {
+            term: self.term.clone(),
+            ended_at: self.ended_at.clone(),
+            task: cx.waker().clone(),
+        }));
+        self.inner
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker))
     }
 }
