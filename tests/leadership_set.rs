@@ -249,3 +249,75 @@ async fn dropping_the_set_stops_every_campaign_and_releases_every_lock() {
     .await;
     assert!(clients.iter().all(|c| !c.is_leader()));
 }
+
+/// `n` leading streams of one client's scopes in a set, the server then
+/// answering every call after `latency`.
+async fn leading_set(
+    server: &TestServer,
+    n: usize,
+    latency: Duration,
+) -> (Vec<QuorumQuestClient>, LeadershipSet<usize>) {
+    let root = client_for(server, "root", "node-a").await;
+    let clients: Vec<_> = (0..n)
+        .map(|i| root.for_scope(SERVICE, format!("lock-{i}")).unwrap())
+        .collect();
+    let mut set: LeadershipSet<usize> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, c.leadership()))
+        .collect();
+    let mut elected = 0;
+    while elected < n {
+        if next_of(&mut set, 10 * SEC, "all elected")
+            .await
+            .1
+            .is_elected()
+        {
+            elected += 1;
+        }
+    }
+    server.set_latency(latency);
+    (clients, set)
+}
+
+// Real time on a multi-thread runtime (a leading stream's drop blocks there
+// until its release is answered). One release at a time would take at least
+// 24 x 250 ms = 6 s; together they take about one round trip.
+const MANY: usize = 24;
+const SLOW: Duration = Duration::from_millis(250);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_set_releases_its_locks_together_before_the_drop_returns() {
+    let server = server().await;
+    let (clients, set) = leading_set(&server, MANY, SLOW).await;
+    let started = std::time::Instant::now();
+    drop(set);
+    let took = started.elapsed();
+    assert!(
+        (0..MANY).all(|i| server.lock(SERVICE, &format!("lock-{i}")).is_none()),
+        "every lock is released when the drop returns"
+    );
+    assert!(clients.iter().all(|c| !c.is_leader()));
+    assert!(
+        took < 3 * SEC,
+        "the releases went out one after the other: the drop took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resigning_a_set_releases_every_lock_together() {
+    let server = server().await;
+    let (clients, set) = leading_set(&server, MANY, SLOW).await;
+    let started = std::time::Instant::now();
+    set.resign().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        (0..MANY).all(|i| server.lock(SERVICE, &format!("lock-{i}")).is_none()),
+        "every lock is released when resign returns"
+    );
+    assert!(clients.iter().all(|c| !c.is_leader()));
+    assert!(
+        took < 3 * SEC,
+        "the releases went out one after the other: resign took {took:?}"
+    );
+}

@@ -32,6 +32,7 @@ mod set;
 mod stream;
 
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
@@ -867,35 +868,61 @@ impl Shutdown {
     /// which completes only if the runtime keeps running. Outside a runtime
     /// the term ends locally and the lock expires after its TTL.
     pub(crate) fn run_on_drop(self) {
+        Self::run_all_on_drop(vec![self]);
+    }
+
+    /// [`run_on_drop`](Self::run_on_drop) for many clients' shutdowns at
+    /// once (a [`LeadershipSet`] dropped): their releases go out together,
+    /// through the connection's admission queue, and the drop waits (if it
+    /// waits) for all of them within one bound, not one bound each.
+    pub(crate) fn run_all_on_drop(shutdowns: Vec<Shutdown>) {
+        if shutdowns.is_empty() {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.without_runtime();
+            // Each one steps down; a hand-out that panics does not keep the
+            // others from it.
+            let mut panic = None;
+            for shutdown in shutdowns {
+                let stepped =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| shutdown.without_runtime()));
+                if let Err(p) = stepped {
+                    panic.get_or_insert(p);
+                }
+            }
+            crate::sync::resume_panic(panic);
             return;
         };
-        if self.session.holds_lock()
-            && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        {
-            let bound = STOP_GRACE.saturating_add(self.session.timing.rpc_timeout);
+        let leading = shutdowns.iter().any(|s| s.session.holds_lock());
+        if leading && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            let rpc_timeout = shutdowns
+                .iter()
+                .map(|s| s.session.timing.rpc_timeout)
+                .max()
+                .unwrap_or_default();
+            let bound = STOP_GRACE.saturating_add(rpc_timeout);
             if cfg!(panic = "unwind") {
-                self.block_in_place(&runtime, bound);
+                block_in_place(shutdowns, &runtime, bound);
             } else if runtime.metrics().num_workers() < 2 {
                 // Without `block_in_place`, blocking the one worker would
                 // stall the very tasks the release needs.
-                runtime.spawn(self.run_logged());
+                runtime.spawn(run_all_logged(shutdowns));
             } else {
                 // `block_in_place` panics inside a `LocalSet`, and a panic
                 // here would abort the process: wait for another thread.
                 let (done, finished) = std::sync::mpsc::channel::<()>();
                 let helper = runtime.clone();
                 // Kept here too, so that a thread that cannot start does
-                // not take the shutdown (and the campaign it must stop) away.
-                let slot = Arc::new(Mutex::new(Some(self)));
+                // not take the shutdowns (and the campaigns they must stop)
+                // away.
+                let slot = Arc::new(Mutex::new(Some(shutdowns)));
                 let theirs = slot.clone();
                 let spawned = std::thread::Builder::new()
                     .name("quorum-quest-exit".into())
                     .spawn(move || {
                         let taken = lock(&theirs).take();
-                        if let Some(shutdown) = taken {
-                            block_on_bounded(&helper, shutdown, bound);
+                        if let Some(shutdowns) = taken {
+                            block_on_bounded(&helper, shutdowns, bound);
                         }
                         let _ = done.send(());
                     });
@@ -905,37 +932,15 @@ impl Shutdown {
                     }
                     Err(_) => {
                         let taken = lock(&slot).take();
-                        if let Some(shutdown) = taken {
-                            runtime.spawn(shutdown.run_logged());
+                        if let Some(shutdowns) = taken {
+                            runtime.spawn(run_all_logged(shutdowns));
                         }
                     }
                 }
             }
             return;
         }
-        runtime.spawn(self.run_logged());
-    }
-
-    /// Waits for [`run`](Self::run) with `block_in_place`; where that is not
-    /// allowed (inside a `LocalSet`), stops the campaign and releases in the
-    /// background instead.
-    fn block_in_place(self, runtime: &tokio::runtime::Handle, bound: Duration) {
-        let session = self.session.clone();
-        let close = self.close;
-        // The campaign's stop was sent when the shutdown was made.
-        let block = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            tokio::task::block_in_place(|| block_on_bounded(runtime, self, bound))
-        }));
-        if block.is_ok() {
-            return;
-        }
-        tracing::debug!("cannot block to release on drop; releasing in the background");
-        let retry = Shutdown {
-            session,
-            campaign: None,
-            close,
-        };
-        runtime.spawn(retry.run_logged());
+        runtime.spawn(run_all_logged(shutdowns));
     }
 
     /// Dropped outside a Tokio runtime: stop the campaign and step down
@@ -969,14 +974,46 @@ impl Shutdown {
     }
 }
 
-/// Runs `shutdown` on `runtime` from a thread allowed to block, for at most
+/// [`Shutdown::run_logged`] for each of `shutdowns`, at once.
+async fn run_all_logged(shutdowns: Vec<Shutdown>) {
+    futures::future::join_all(shutdowns.into_iter().map(Shutdown::run_logged)).await;
+}
+
+/// Waits for `shutdowns` to [`run`](Shutdown::run) with `block_in_place`;
+/// where that is not allowed (inside a `LocalSet`), stops the campaigns and
+/// releases in the background instead.
+fn block_in_place(shutdowns: Vec<Shutdown>, runtime: &tokio::runtime::Handle, bound: Duration) {
+    let again: Vec<(Arc<Session>, bool)> = shutdowns
+        .iter()
+        .map(|s| (s.session.clone(), s.close))
+        .collect();
+    // The campaigns' stops were sent when the shutdowns were made.
+    let block = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        tokio::task::block_in_place(|| block_on_bounded(runtime, shutdowns, bound))
+    }));
+    if block.is_ok() {
+        return;
+    }
+    tracing::debug!("cannot block to release on drop; releasing in the background");
+    let retry = again
+        .into_iter()
+        .map(|(session, close)| Shutdown {
+            session,
+            campaign: None,
+            close,
+        })
+        .collect();
+    runtime.spawn(run_all_logged(retry));
+}
+
+/// Runs `shutdowns` on `runtime` from a thread allowed to block, for at most
 /// `bound`. The bound is kept by a plain thread, not by the runtime's timer:
 /// when the drop happens while the runtime shuts down, its timer and tasks
 /// are no longer driven, and only a wake-up from outside ends the wait. That
 /// thread ends as soon as the work does (many drops in a row must not leave
 /// one sleeping thread each). If it cannot be started, the shutdown runs in
 /// the background instead (never dropped unrun: its campaign must stop).
-fn block_on_bounded(runtime: &tokio::runtime::Handle, shutdown: Shutdown, bound: Duration) {
+fn block_on_bounded(runtime: &tokio::runtime::Handle, shutdowns: Vec<Shutdown>, bound: Duration) {
     let (expired, deadline) = futures::channel::oneshot::channel::<()>();
     let (finished, wait) = std::sync::mpsc::channel::<()>();
     let timer = std::thread::Builder::new()
@@ -991,7 +1028,7 @@ fn block_on_bounded(runtime: &tokio::runtime::Handle, shutdown: Shutdown, bound:
         tracing::warn!(
             "cannot start a thread to bound the release on drop; releasing in the background"
         );
-        runtime.spawn(shutdown.run_logged());
+        runtime.spawn(run_all_logged(shutdowns));
         return;
     }
     runtime.block_on(async {
@@ -1005,7 +1042,7 @@ fn block_on_bounded(runtime: &tokio::runtime::Handle, shutdown: Shutdown, bound:
                 tracing::warn!("dropped while the runtime shuts down: cannot release; the lock expires after its TTL");
                 return;
             }
-            shutdown.run_logged().await;
+            run_all_logged(shutdowns).await;
         };
         futures::pin_mut!(work);
         if let futures::future::Either::Right(_) = futures::future::select(work, deadline).await {

@@ -11,6 +11,7 @@ use futures::task::AtomicWaker;
 use futures::Stream;
 
 use super::Leadership;
+use crate::error::Result;
 use crate::event::LeadershipEvent;
 
 /// How many members a poll looks at without finding an event before it
@@ -236,6 +237,51 @@ impl<K: Hash + Eq + Clone> LeadershipSet<K> {
     /// Whether the set holds no stream.
     pub fn is_empty(&self) -> bool {
         self.members.index.is_empty()
+    }
+
+    /// Resigns every stream in the set at once and waits until the server
+    /// released each lock held (as [`Leadership::resign`] does for one):
+    /// the releases go out together, through the connection's admission
+    /// queue, so this takes about one round trip per `max_concurrent_calls`
+    /// locks, not one per lock. Every term ends before its release is sent.
+    ///
+    /// Fails with the first release that failed (the others still ran; a
+    /// lock whose release failed expires after its TTL).
+    ///
+    /// ```no_run
+    /// # use quorum_quest_client::LeadershipSet;
+    /// # async fn demo(set: LeadershipSet<u32>) -> quorum_quest_client::Result<()> {
+    /// // On shutdown:
+    /// set.resign().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn resign(mut self) -> Result<()> {
+        let shutdowns = self.members.take_shutdowns();
+        let results =
+            futures::future::join_all(shutdowns.into_iter().map(super::Shutdown::run)).await;
+        results.into_iter().collect()
+    }
+}
+
+impl<K> Drop for LeadershipSet<K> {
+    /// Ends every stream's campaign and releases the locks they held,
+    /// together: while any is held, on a multi-thread runtime, the drop
+    /// waits (for one RPC timeout at most, not one per lock) until the
+    /// releases are answered, as dropping one leading stream does.
+    fn drop(&mut self) {
+        super::Shutdown::run_all_on_drop(self.members.take_shutdowns());
+    }
+}
+
+impl<K> Members<K, Leadership> {
+    /// Ends every member stream's want of its campaign, and returns the
+    /// shutdowns to run (see [`Leadership::take_shutdown`]).
+    fn take_shutdowns(&mut self) -> Vec<super::Shutdown> {
+        self.slots
+            .iter_mut()
+            .flatten()
+            .filter_map(|member| member.stream.take_shutdown())
+            .collect()
     }
 }
 

@@ -141,12 +141,24 @@ impl Stream for Leadership {
     }
 }
 
+impl Leadership {
+    /// Ends this stream's want of the campaign as its drop would, and
+    /// returns the shutdown to run if it was the last one wanting it (for
+    /// [`LeadershipSet`](super::LeadershipSet), which runs many at once).
+    /// The stream ends.
+    pub(super) fn take_shutdown(&mut self) -> Option<super::Shutdown> {
+        let was_running = self.phase == StreamPhase::Running;
+        self.phase = StreamPhase::Done;
+        if !was_running {
+            return None;
+        }
+        self.session.remove_stream()
+    }
+}
+
 impl Drop for Leadership {
     fn drop(&mut self) {
-        if self.phase != StreamPhase::Running {
-            return;
-        }
-        if let Some(shutdown) = self.session.remove_stream() {
+        if let Some(shutdown) = self.take_shutdown() {
             shutdown.run_on_drop();
         }
     }
