@@ -1,0 +1,179 @@
+//! Attacks on `LeadershipSet` (`src/election/set.rs`) across runtimes: a
+//! set read on one runtime and then another, a campaign whose runtime goes
+//! idle or shuts down under a set. Each test reproduces a path that broke
+//! a guarantee (README "Guarantees") before it was fixed.
+#![cfg(feature = "testing")]
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use quorum_quest_client::{LeadershipEvent, LeadershipSet, LossReason, RpcKind};
+
+/// A long-lived runtime with one worker (the test's "home").
+fn home_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A current-thread runtime (a sync wrapper's, or one that comes and goes).
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The set's events (keys dropped), as a stream the common helpers read.
+fn events(
+    set: &mut LeadershipSet<u32>,
+) -> impl futures::Stream<Item = LeadershipEvent> + Unpin + '_ {
+    set.map(|(_, ev)| ev)
+}
+
+/// A set first read on a current-thread runtime (its campaign starts on
+/// that runtime's driver), which is then left idle (not dropped: a sync
+/// wrapper's runtime between two `block_on`s), then read on a healthy
+/// runtime. A stream read there directly arms its own backstop and reports
+/// the loss at the deadline; the set polls only the members that woke, and
+/// nothing wakes them on the new runtime: the term ran out with the set
+/// silent (no `Lost`, a consumer keeping leader work running past the
+/// deadline while another contender may lead).
+#[test]
+fn a_set_read_on_a_healthy_runtime_gets_the_loss_while_its_first_runtime_is_idle() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let mut set = LeadershipSet::new();
+    set.insert(1u32, client.leadership());
+    let idle = current_thread();
+    idle.block_on(async {
+        until_elected(&mut events(&mut set), 10 * SEC, "Elected").await;
+        // Read on until the set waits: no member is left queued from the
+        // last event (a queued one would be polled on the next runtime).
+        while tokio::time::timeout(ms(100), set.next()).await.is_ok() {}
+    });
+    // `idle` is kept, but nothing runs it any more: no renewal goes out.
+    home.block_on(async {
+        let lost = until(
+            &mut events(&mut set),
+            10 * SEC,
+            "Lost",
+            LeadershipEvent::is_lost,
+        )
+        .await;
+        assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+        assert!(!client.is_leader());
+    });
+    drop(set);
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// A set first read on a current-thread runtime that then shuts down (its
+/// driver dies with it), then read on another: the campaign goes on there
+/// (the term renewed, or lost and won again), never silent.
+#[test]
+fn a_set_whose_campaigns_runtime_shut_down_campaigns_on_on_the_next() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let mut set = LeadershipSet::new();
+    set.insert(1u32, client.leadership());
+    let first = current_thread();
+    first.block_on(async {
+        until_elected(&mut events(&mut set), 10 * SEC, "Elected").await;
+        while tokio::time::timeout(ms(100), set.next()).await.is_ok() {}
+    });
+    drop(first);
+    home.block_on(async {
+        // Past the deadline of the term won on `first` (TTL 3 s).
+        let mut leading = true;
+        let end = tokio::time::Instant::now() + 6 * SEC;
+        while let Ok(item) = tokio::time::timeout_at(end, set.next()).await {
+            match item.expect("the set ended").1 {
+                LeadershipEvent::Elected { .. } => leading = true,
+                LeadershipEvent::Lost { .. } => leading = false,
+                _ => {}
+            }
+            assert_eq!(leading, client.is_leader() || !leading);
+        }
+        assert!(leading && client.is_leader(), "not leading again");
+        assert!(client.health().campaign_running);
+    });
+    drop(set);
+    home.block_on(server.shutdown());
+}
+
+/// A follower's set waiting on a healthy runtime, its campaign (the
+/// keep-alive's) on a current-thread runtime that shuts down while an
+/// attempt is in flight (no step-down timer kept, none handed over). The
+/// set still wants the campaign: it must campaign on, and win the lock
+/// once it is free.
+#[test]
+fn a_waiting_followers_set_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    server.set_owner(SERVICE, DOMAIN, "someone-else", 2 * SEC);
+    server.set_refusal_delay(20 * SEC);
+    let first = current_thread();
+    first.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "the first attempt in flight", || {
+            server.calls(RpcKind::TryAcquireLock) > 0
+        })
+        .await;
+    });
+    let mut set = LeadershipSet::new();
+    set.insert(1u32, client.leadership());
+    let waiting = home.spawn(async move {
+        let ev = until_elected(&mut events(&mut set), 30 * SEC, "Elected").await;
+        (set, ev)
+    });
+    // Let the spawned task poll the set (and wait) first.
+    std::thread::sleep(ms(300));
+    drop(first);
+    server.set_refusal_delay(std::time::Duration::ZERO);
+    home.block_on(async {
+        let (set, _) = waiting.await.unwrap();
+        assert!(client.is_leader());
+        drop(set);
+    });
+    home.block_on(server.shutdown());
+}
+
+/// The same with a plain stream instead of a set (is it the set's?).
+#[test]
+fn a_waiting_followers_stream_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    server.set_owner(SERVICE, DOMAIN, "someone-else", 2 * SEC);
+    server.set_refusal_delay(20 * SEC);
+    let first = current_thread();
+    first.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "the first attempt in flight", || {
+            server.calls(RpcKind::TryAcquireLock) > 0
+        })
+        .await;
+    });
+    let mut stream = client.leadership();
+    let waiting = home.spawn(async move {
+        let ev = until_elected(&mut stream, 30 * SEC, "Elected").await;
+        (stream, ev)
+    });
+    std::thread::sleep(ms(300));
+    drop(first);
+    server.set_refusal_delay(std::time::Duration::ZERO);
+    home.block_on(async {
+        let (stream, _) = waiting.await.unwrap();
+        assert!(client.is_leader());
+        drop(stream);
+    });
+    home.block_on(server.shutdown());
+}
