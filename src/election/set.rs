@@ -81,6 +81,13 @@ struct Members<K, S> {
     /// for the next one in its slot.
     inserted: u64,
     shared: Arc<Shared>,
+    /// The runtime the set was last polled on (`None`: none). Polled on
+    /// another, it looks at every member once: a stream arms its backstop
+    /// of the step-down timer on the runtime that polls it (see
+    /// `Backstop`), and a member not woken since would keep the one of a
+    /// runtime that may no longer run (or none), its loss at the deadline
+    /// never reported.
+    runtime: Option<tokio::runtime::Id>,
 }
 
 struct Member<K, S> {
@@ -156,6 +163,7 @@ impl<K, S> Default for Members<K, S> {
             index: HashMap::new(),
             inserted: 0,
             shared: Arc::default(),
+            runtime: None,
         }
     }
 }
@@ -294,6 +302,16 @@ impl<K: Hash + Eq + Clone, S: Stream + Unpin> Members<K, S> {
         // Registered before the queue is read: a member woken after the
         // read wakes this registration.
         self.shared.waker.register(cx.waker());
+        let here = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|runtime| runtime.id());
+        if here != self.runtime {
+            self.runtime = here;
+            for member in self.slots.iter().flatten() {
+                // Queued (if not already), no wake-up: looked at below.
+                drop(member.waker.queue());
+            }
+        }
         for _ in 0..POLLS_PER_TURN {
             let Some((slot, id)) = self.next_ready() else {
                 if self.index.is_empty() {
