@@ -252,6 +252,7 @@ impl<K: Hash + Eq + Clone, S: Stream + Unpin> Members<K, S> {
         let replaced = self.remove(&key);
         let slot = self.free.pop().unwrap_or(self.slots.len());
         self.inserted += 1;
+        self.compact_ready();
         let waker = Arc::new(MemberWaker {
             slot,
             id: self.inserted,
@@ -281,6 +282,23 @@ impl<K: Hash + Eq + Clone, S: Stream + Unpin> Members<K, S> {
         let member = self.slots.get_mut(slot)?.take()?;
         self.free.push(slot);
         Some(member.stream)
+    }
+
+    /// Drops the queued wake-ups of members gone, once they outnumber the
+    /// slots: keys inserted and removed (or replaced) between two polls
+    /// leave one each, and a set not polled meanwhile would keep them all.
+    /// The members present are queued at most once each, so this runs
+    /// after at least as many inserts as there are slots (amortized: no
+    /// cost per insert that grows with the set).
+    fn compact_ready(&self) {
+        let mut ready = crate::sync::lock(&self.shared.ready);
+        if ready.len() <= 2 * self.slots.len() + 64 {
+            return;
+        }
+        let slots = &self.slots;
+        ready.retain(|&(slot, id)| {
+            matches!(slots.get(slot), Some(Some(member)) if member.waker.id == id)
+        });
     }
 
     fn next_ready(&self) -> Option<(usize, u64)> {
