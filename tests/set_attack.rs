@@ -177,3 +177,127 @@ fn a_waiting_followers_stream_campaigns_on_when_the_campaigns_runtime_dies_mid_a
     });
     home.block_on(server.shutdown());
 }
+
+/// A stream elected on a runtime that then shut down, put into a set on
+/// another: the campaign goes on there (it never goes silent).
+#[test]
+fn a_stream_moved_into_a_set_from_a_runtime_that_shut_down_campaigns_on() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let mut stream = client.leadership();
+    let first = current_thread();
+    first.block_on(async {
+        until_elected(&mut stream, 10 * SEC, "Elected").await;
+    });
+    drop(first);
+    let mut set = LeadershipSet::new();
+    set.insert(7u32, stream);
+    home.block_on(async {
+        let mut leading = true;
+        let end = tokio::time::Instant::now() + 6 * SEC;
+        while let Ok(item) = tokio::time::timeout_at(end, set.next()).await {
+            let (key, ev) = item.expect("the set ended");
+            assert_eq!(key, 7);
+            match ev {
+                LeadershipEvent::Elected { .. } => {
+                    assert!(!leading, "Elected twice");
+                    leading = true;
+                }
+                LeadershipEvent::Lost { .. } => {
+                    assert!(leading, "Lost twice");
+                    leading = false;
+                }
+                _ => {}
+            }
+        }
+        assert!(leading && client.is_leader(), "not leading again");
+        assert!(client.health().campaign_running);
+    });
+    drop(set);
+    home.block_on(server.shutdown());
+}
+
+// ----- the stub pool (`Transport::stub` / `give_back`) -----
+
+/// Every call of `n` made at once.
+async fn acquire_at_once(client: &quorum_quest_client::QuorumQuestClient, n: usize) -> Vec<bool> {
+    let calls = (0..n).map(|_| client.try_acquire_lock());
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.is_ok())
+        .collect()
+}
+
+/// Stubs kept from calls on a connection that then goes silently dead (held
+/// by the proxy, new connections pass): once a call timed out and the
+/// client redialed, no later call goes out on the dead connection (each is
+/// answered well within its timeout), alone or many at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_stubs_of_a_silently_dead_connection_are_not_reused_after_the_redial() {
+    use quorum_quest_client::testing::FaultProxy;
+    let server = server().await;
+    let proxy = FaultProxy::start(server.addr()).await.unwrap();
+    // A user's endpoint: no HTTP/2 keep-alive of ours, so nothing but the
+    // redial replaces the dead connection.
+    let endpoint = tonic::transport::Endpoint::from_shared(proxy.url()).unwrap();
+    let client = quorum_quest_client::QuorumQuestClient::builder(SERVICE, DOMAIN)
+        .endpoint(endpoint)
+        .ttl(30 * SEC)
+        .rpc_timeout(SEC)
+        .max_concurrent_calls(4)
+        .build()
+        .await
+        .unwrap();
+    // Stubs of the first connection kept (up to the cap).
+    assert!(acquire_at_once(&client, 8).await.iter().all(|ok| *ok));
+    let accepted = proxy.connections_accepted();
+    // Past the shortest spacing of redials (one call timeout).
+    tokio::time::sleep(ms(1100)).await;
+    proxy.hold_live();
+    // One call times out on the dead connection, and redials.
+    let first = client.try_acquire_lock().await;
+    assert!(first.is_err(), "answered through a held connection: {first:?}");
+    for round in 0..5 {
+        let started = tokio::time::Instant::now();
+        let oks = acquire_at_once(&client, 8).await;
+        assert!(
+            oks.iter().all(|ok| *ok),
+            "round {round}: a call failed after the redial: {oks:?}"
+        );
+        assert!(started.elapsed() < SEC, "round {round}: a call timed out");
+    }
+    assert!(proxy.connections_accepted() > accepted);
+    proxy.deliver_held();
+    proxy.shutdown().await;
+    server.shutdown().await;
+}
+
+/// The same across GOAWAY: the server's connection goes away with stubs
+/// kept; every later call is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_stubs_go_on_working_after_goaway() {
+    use quorum_quest_client::testing::GoawayRelay;
+    let server = server().await;
+    let relay = GoawayRelay::start(server.addr()).await.unwrap();
+    let client = over_tcp(&relay.url(), 30)
+        .rpc_timeout(2 * SEC)
+        .max_concurrent_calls(4)
+        .build()
+        .await
+        .unwrap();
+    assert!(acquire_at_once(&client, 8).await.iter().all(|ok| *ok));
+    for round in 0..3 {
+        relay.goaway();
+        eventually(5 * SEC, "the GOAWAY sent", || {
+            relay.goaways_sent() > round
+        })
+        .await;
+        tokio::time::sleep(ms(1200)).await;
+        let oks = acquire_at_once(&client, 8).await;
+        assert!(oks.iter().all(|ok| *ok), "round {round}: {oks:?}");
+    }
+    relay.shutdown().await;
+    server.shutdown().await;
+}
