@@ -258,7 +258,10 @@ async fn kept_stubs_of_a_silently_dead_connection_are_not_reused_after_the_redia
     proxy.hold_live();
     // One call times out on the dead connection, and redials.
     let first = client.try_acquire_lock().await;
-    assert!(first.is_err(), "answered through a held connection: {first:?}");
+    assert!(
+        first.is_err(),
+        "answered through a held connection: {first:?}"
+    );
     for round in 0..5 {
         let started = tokio::time::Instant::now();
         let oks = acquire_at_once(&client, 8).await;
@@ -290,10 +293,7 @@ async fn kept_stubs_go_on_working_after_goaway() {
     assert!(acquire_at_once(&client, 8).await.iter().all(|ok| *ok));
     for round in 0..3 {
         relay.goaway();
-        eventually(5 * SEC, "the GOAWAY sent", || {
-            relay.goaways_sent() > round
-        })
-        .await;
+        eventually(5 * SEC, "the GOAWAY sent", || relay.goaways_sent() > round).await;
         tokio::time::sleep(ms(1200)).await;
         let oks = acquire_at_once(&client, 8).await;
         assert!(oks.iter().all(|ok| *ok), "round {round}: {oks:?}");

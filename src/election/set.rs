@@ -296,9 +296,9 @@ impl<K: Hash + Eq + Clone, S: Stream + Unpin> Members<K, S> {
             return;
         }
         let slots = &self.slots;
-        ready.retain(|&(slot, id)| {
-            matches!(slots.get(slot), Some(Some(member)) if member.waker.id == id)
-        });
+        ready.retain(
+            |&(slot, id)| matches!(slots.get(slot), Some(Some(member)) if member.waker.id == id),
+        );
     }
 
     fn next_ready(&self) -> Option<(usize, u64)> {
@@ -487,7 +487,7 @@ mod tests {
         let count = Arc::new(Count::default());
         // The first poll looks at each once (it may start a campaign).
         while poll(&mut set, &count).is_ready() {}
-        while let Poll::Pending = poll(&mut set, &count) {
+        while poll(&mut set, &count).is_pending() {
             if count.0.swap(0, Ordering::Relaxed) == 0 {
                 break;
             }
@@ -656,7 +656,12 @@ mod tests {
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
         assert_eq!(set.poll_next(&mut cx), Poll::Pending);
-        let polls = set.slots.iter().flatten().map(|m| m.stream.0).sum::<usize>();
+        let polls = set
+            .slots
+            .iter()
+            .flatten()
+            .map(|m| m.stream.0)
+            .sum::<usize>();
         assert_eq!(polls, POLLS_PER_TURN, "one turn, then back to the executor");
         assert!(count.0.load(Ordering::Relaxed) >= 1, "and it goes on later");
     }
@@ -690,7 +695,7 @@ mod tests {
             f.wake_spuriously();
         }
         while poll(&mut set, &count).is_ready() {}
-        while let Poll::Pending = poll(&mut set, &count) {
+        while poll(&mut set, &count).is_pending() {
             if count.0.swap(0, Ordering::Relaxed) == 0 {
                 break;
             }
