@@ -25,7 +25,7 @@ const POLLS_PER_TURN: usize = 128;
 /// all on one connection and one campaign task, and reads all their
 /// streams here. Reading costs the same per event whether the set holds
 /// ten streams or a hundred thousand: a stream is polled only after it
-/// woke, and only it (where [`futures::stream::select_all`] allocates for
+/// woke, and only it (where [`futures::stream::select_all()`] allocates for
 /// every event and a `StreamMap` polls every stream on every poll).
 ///
 /// Each stream keeps every guarantee of its own: its events arrive in
