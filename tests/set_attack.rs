@@ -301,3 +301,114 @@ async fn kept_stubs_go_on_working_after_goaway() {
     relay.shutdown().await;
     server.shutdown().await;
 }
+
+/// The same with more followers than may have attempts in flight at once
+/// (twice the call cap): some wait for their turn in the dead driver's
+/// queue, with neither a call nor a timer. Every one campaigns on.
+#[test]
+fn followers_queued_for_their_turn_campaign_on_when_the_campaigns_runtime_dies() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let root = home
+        .block_on(over_tcp(&server.url(), 3).max_concurrent_calls(1).build())
+        .unwrap();
+    let clients: Vec<_> = (0..5)
+        .map(|i| root.for_scope(SERVICE, format!("q-{i}")).unwrap())
+        .collect();
+    for i in 0..5 {
+        server.set_owner(SERVICE, &format!("q-{i}"), "someone-else", 2 * SEC);
+    }
+    server.set_refusal_delay(20 * SEC);
+    let first = current_thread();
+    first.block_on(async {
+        for c in &clients {
+            c.start_keep_alive().await.unwrap();
+        }
+        eventually(10 * SEC, "two attempts in flight", || {
+            server.calls(RpcKind::TryAcquireLock) >= 2
+        })
+        .await;
+        // The others wait for their turn.
+        tokio::time::sleep(ms(200)).await;
+    });
+    assert!(server.calls(RpcKind::TryAcquireLock) < 5, "none queued");
+    let mut set: LeadershipSet<u32> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i as u32, c.leadership()))
+        .collect();
+    let waiting = home.spawn(async move {
+        let mut elected = std::collections::HashSet::new();
+        let mut seen = Vec::new();
+        let end = tokio::time::Instant::now() + 30 * SEC;
+        while elected.len() < 5 {
+            let item = tokio::time::timeout_at(end, set.next()).await;
+            let Ok(Some((key, ev))) = item else {
+                panic!("stuck with {elected:?} elected; events: {seen:?}");
+            };
+            seen.push((
+                key,
+                format!("{ev:?}")
+                    .chars()
+                    .take(if seen.is_empty() { 400 } else { 30 })
+                    .collect::<String>(),
+            ));
+            if ev.is_elected() {
+                elected.insert(key);
+            }
+        }
+        set
+    });
+    std::thread::sleep(ms(300));
+    drop(first);
+    server.set_refusal_delay(std::time::Duration::ZERO);
+    home.block_on(async {
+        let set = waiting.await.unwrap();
+        assert!(clients.iter().all(|c| c.is_leader()));
+        drop(set);
+    });
+    home.block_on(server.shutdown());
+}
+
+/// A call times out on a runtime that then shuts down (a sync wrapper's
+/// `block_on`), and the client redials there: the fresh connection's
+/// worker task is spawned on that runtime and dies with it. Every later
+/// call, on any runtime, failed at once ("Service was not ready") and
+/// never redialed again: the client was cut off from the server for good.
+#[test]
+fn a_redial_made_on_a_runtime_that_then_shut_down_does_not_cut_the_client_off() {
+    use quorum_quest_client::testing::FaultProxy;
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let proxy = home.block_on(FaultProxy::start(server.addr())).unwrap();
+    let client = home
+        .block_on(over_tcp(&proxy.url(), 30).rpc_timeout(SEC).build())
+        .unwrap();
+    assert!(home.block_on(client.try_acquire_lock()).unwrap());
+    let first = current_thread();
+    first.block_on(async {
+        // Past the shortest spacing of redials (one call timeout).
+        tokio::time::sleep(ms(1100)).await;
+        proxy.hold_live();
+        let timed_out = client.try_acquire_lock().await;
+        assert!(timed_out.is_err(), "{timed_out:?}");
+    });
+    drop(first);
+    home.block_on(async {
+        let end = tokio::time::Instant::now() + 10 * SEC;
+        let mut last = None;
+        while tokio::time::Instant::now() < end {
+            match client.try_acquire_lock().await {
+                Ok(true) => return,
+                other => last = Some(other),
+            }
+            tokio::time::sleep(ms(100)).await;
+        }
+        panic!("cut off from the server: {last:?}");
+    });
+    home.block_on(async {
+        proxy.deliver_held();
+        proxy.shutdown().await;
+        server.shutdown().await;
+    });
+}
