@@ -412,3 +412,25 @@ fn a_redial_made_on_a_runtime_that_then_shut_down_does_not_cut_the_client_off() 
         server.shutdown().await;
     });
 }
+
+/// The same for the first connection: a client built on a runtime that then
+/// shut down (a connection dialed lazily there) reaches the server from
+/// another.
+#[test]
+fn a_client_built_on_a_runtime_that_then_shut_down_still_reaches_the_server() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let built = current_thread();
+    let client = built
+        .block_on(over_tcp(&server.url(), 30).rpc_timeout(SEC).build())
+        .unwrap();
+    drop(built);
+    home.block_on(async {
+        let acquired = tokio::time::timeout(10 * SEC, client.try_acquire_lock()).await;
+        assert!(
+            matches!(acquired, Ok(Ok(true))),
+            "cut off from the server: {acquired:?}"
+        );
+    });
+    home.block_on(server.shutdown());
+}
