@@ -434,3 +434,58 @@ fn a_client_built_on_a_runtime_that_then_shut_down_still_reaches_the_server() {
     });
     home.block_on(server.shutdown());
 }
+
+/// A set read on two current-thread runtimes in turn (half a second each,
+/// its campaign's runtime idle while the other reads): per key, `Elected`
+/// and `Lost` alternate, starting with `Elected`, and the set ends the run
+/// agreeing with the client.
+#[test]
+fn a_set_read_on_two_runtimes_in_turn_keeps_each_keys_events_alternating() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let root = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let clients: Vec<_> = (0..3)
+        .map(|i| root.for_scope(SERVICE, format!("turn-{i}")).unwrap())
+        .collect();
+    let mut set: LeadershipSet<u32> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i as u32, c.leadership()))
+        .collect();
+    let (a, b) = (current_thread(), current_thread());
+    let mut leading = [false; 3];
+    for turn in 0..16 {
+        let rt = if turn % 2 == 0 { &a } else { &b };
+        rt.block_on(async {
+            let end = tokio::time::Instant::now() + ms(500);
+            while let Ok(item) = tokio::time::timeout_at(end, set.next()).await {
+                let (key, ev) = item.expect("the set ended");
+                let was = &mut leading[key as usize];
+                match ev {
+                    LeadershipEvent::Elected { .. } => {
+                        assert!(!*was, "key {key}: Elected twice");
+                        *was = true;
+                    }
+                    LeadershipEvent::Lost { .. } => {
+                        assert!(*was, "key {key}: Lost without Elected");
+                        *was = false;
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    for (i, c) in clients.iter().enumerate() {
+        // A term the set reports as running is one the client holds.
+        if leading[i] {
+            assert!(
+                c.is_leader(),
+                "key {i}: the set says leading, the client not"
+            );
+        }
+    }
+    assert!(leading.iter().any(|l| *l), "nothing elected at all");
+    drop(set);
+    drop((a, b));
+    home.block_on(server.shutdown());
+}
