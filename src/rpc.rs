@@ -440,7 +440,14 @@ impl Rpc {
                     self.transport.call_timed_out(connection, sent_at, left);
                     Err(as_deadline(rpc, timeout, status))
                 }
-                Err(status) => Err(explain(status, self.transport.address().as_deref())),
+                Err(status) => {
+                    if crate::transport::is_closed_channel(&status) {
+                        // Dead for good: the retry (or the next call) goes
+                        // out on a fresh connection.
+                        self.transport.channel_closed(connection);
+                    }
+                    Err(explain(status, self.transport.address().as_deref()))
+                }
                 ok => ok,
             };
             attempt.finish(sent_at, result.as_ref().err());

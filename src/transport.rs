@@ -592,6 +592,27 @@ pub(crate) fn is_timeout(
         && now.saturating_duration_since(started) >= budget
 }
 
+/// Whether `status` says the call's channel is closed for good: its worker
+/// task is gone (the runtime it was dialed on shut down), so every call on
+/// it fails at once with this, and none times out. tonic's generated client
+/// reports a failed `ready()` so; a channel dialed lazily (as every one we
+/// dial: redials are lazy) fails `ready()` only then, connection failures
+/// surfacing from the call itself.
+pub(crate) fn is_closed_channel(status: &Status) -> bool {
+    status.code() == Code::Unknown && status.message().starts_with("Service was not ready")
+}
+
+/// Replaces `cur`'s connection with a fresh lazy one on `endpoint` (its
+/// worker task spawned on the current runtime), dropping the stubs kept on
+/// the old one.
+fn redial(cur: &mut Current, endpoint: &Endpoint, now: Instant) {
+    cur.channel = endpoint.connect_lazy();
+    cur.spare.clear();
+    cur.dialed_at = now;
+    cur.generation = cur.generation.wrapping_add(1);
+    cur.last_answer = None;
+}
+
 /// Numbers the channels users hand us, to name them in the identity registry.
 static CHANNELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -838,12 +859,25 @@ impl Transport {
         }
         if now.saturating_duration_since(cur.dialed_at) >= self.redial_after {
             tracing::debug!("call timed out: dialing a fresh connection for the next call");
-            cur.channel = endpoint.connect_lazy();
-            cur.spare.clear();
-            cur.dialed_at = now;
-            cur.generation = cur.generation.wrapping_add(1);
-            cur.last_answer = None;
+            redial(&mut cur, endpoint, now);
         }
+    }
+
+    /// A call on connection `generation` found its channel closed for good
+    /// ([`is_closed_channel`]: its worker task died with the runtime it was
+    /// dialed on): dial a fresh one now, on the current runtime, whatever
+    /// the spacing of redials (every call on the closed one fails at once,
+    /// none times out). Nothing for a channel the user handed us.
+    pub(crate) fn channel_closed(&self, generation: u64) {
+        let Some(endpoint) = &self.endpoint else {
+            return;
+        };
+        let mut cur = self.lock();
+        if cur.generation != generation {
+            return;
+        }
+        tracing::debug!("the connection's channel is closed (its runtime shut down): redialing");
+        redial(&mut cur, endpoint, Instant::now());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Current> {

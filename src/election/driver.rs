@@ -387,6 +387,16 @@ impl<F> Drop for Driver<F> {
                 Command::Stop { .. } => {}
             }
         }
+        // A campaign with a call in flight or an attempt waiting for its
+        // turn may have no timer entry here (a follower): nothing else would
+        // tell its consumers that it died with this driver, and a stream
+        // waiting for its next event would never revive it.
+        let calls = self.calls.iter().map(|call| &call.session);
+        for session in calls.chain(self.queued.iter().map(|(session, _)| session)) {
+            if let Some(session) = session.upgrade() {
+                session.timer_lost();
+            }
+        }
     }
 }
 
@@ -793,7 +803,10 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
             generation,
             registration,
         )));
-        self.calls.push(InCell { cell: Some(cell) });
+        self.calls.push(InCell {
+            cell: Some(cell),
+            session: Arc::downgrade(session),
+        });
         let acquire = matches!(call, Call::Acquire);
         running.mode = Mode::Call { abort };
         if acquire {
@@ -972,6 +985,8 @@ type CallCell<F> = Pin<Box<Option<F>>>;
 /// stop acknowledged then finds nothing of the campaign left to run).
 struct InCell<F> {
     cell: Option<CallCell<F>>,
+    /// Whose call it is: told if the driver is dropped with it in flight.
+    session: Weak<Session>,
 }
 
 impl<F: Future> Future for InCell<F> {

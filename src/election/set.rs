@@ -82,6 +82,13 @@ struct Members<K, S> {
     /// for the next one in its slot.
     inserted: u64,
     shared: Arc<Shared>,
+    /// The runtime the set was last polled on (`None`: none). Polled on
+    /// another, it looks at every member once: a stream arms its backstop
+    /// of the step-down timer on the runtime that polls it (see
+    /// `Backstop`), and a member not woken since would keep the one of a
+    /// runtime that may no longer run (or none), its loss at the deadline
+    /// never reported.
+    runtime: Option<tokio::runtime::Id>,
 }
 
 struct Member<K, S> {
@@ -157,6 +164,7 @@ impl<K, S> Default for Members<K, S> {
             index: HashMap::new(),
             inserted: 0,
             shared: Arc::default(),
+            runtime: None,
         }
     }
 }
@@ -290,6 +298,7 @@ impl<K: Hash + Eq + Clone, S: Stream + Unpin> Members<K, S> {
         let replaced = self.remove(&key);
         let slot = self.free.pop().unwrap_or(self.slots.len());
         self.inserted += 1;
+        self.compact_ready();
         let waker = Arc::new(MemberWaker {
             slot,
             id: self.inserted,
@@ -321,6 +330,23 @@ impl<K: Hash + Eq + Clone, S: Stream + Unpin> Members<K, S> {
         Some(member.stream)
     }
 
+    /// Drops the queued wake-ups of members gone, once they outnumber the
+    /// slots: keys inserted and removed (or replaced) between two polls
+    /// leave one each, and a set not polled meanwhile would keep them all.
+    /// The members present are queued at most once each, so this runs
+    /// after at least as many inserts as there are slots (amortized: no
+    /// cost per insert that grows with the set).
+    fn compact_ready(&self) {
+        let mut ready = crate::sync::lock(&self.shared.ready);
+        if ready.len() <= 2 * self.slots.len() + 64 {
+            return;
+        }
+        let slots = &self.slots;
+        ready.retain(
+            |&(slot, id)| matches!(slots.get(slot), Some(Some(member)) if member.waker.id == id),
+        );
+    }
+
     fn next_ready(&self) -> Option<(usize, u64)> {
         crate::sync::lock(&self.shared.ready).pop_front()
     }
@@ -340,6 +366,16 @@ impl<K: Hash + Eq + Clone, S: Stream + Unpin> Members<K, S> {
         // Registered before the queue is read: a member woken after the
         // read wakes this registration.
         self.shared.waker.register(cx.waker());
+        let here = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|runtime| runtime.id());
+        if here != self.runtime {
+            self.runtime = here;
+            for member in self.slots.iter().flatten() {
+                // Queued (if not already), no wake-up: looked at below.
+                drop(member.waker.queue());
+            }
+        }
         for _ in 0..POLLS_PER_TURN {
             let Some((slot, id)) = self.next_ready() else {
                 if self.index.is_empty() {
@@ -601,5 +637,224 @@ mod tests {
             poll(&mut set, &count),
             Poll::Ready(Some((POLLS_PER_TURN as u32 * 2 - 1, 9)))
         );
+    }
+
+    /// A stream whose event arrives while it is being polled (after it
+    /// looked, before it returned `Pending`): its wake-up comes during the
+    /// poll.
+    struct ArrivesDuringPoll {
+        item: Option<u32>,
+        polls: usize,
+    }
+
+    impl Stream for ArrivesDuringPoll {
+        type Item = u32;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<u32>> {
+            self.polls += 1;
+            if self.polls == 1 {
+                // Looked: nothing. The event lands now, and wakes.
+                self.item = Some(11);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match self.item.take() {
+                Some(item) => Poll::Ready(Some(item)),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[test]
+    fn a_member_woken_while_it_is_polled_is_polled_again() {
+        let mut set = Members::default();
+        set.insert(
+            1,
+            ArrivesDuringPoll {
+                item: None,
+                polls: 0,
+            },
+        );
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(set.poll_next(&mut cx), Poll::Ready(Some((1, 11))));
+    }
+
+    /// A stream that wakes itself on every poll without news (a
+    /// cooperative budget spent, a spurious wake-up source).
+    struct AlwaysWakes(usize);
+
+    impl Stream for AlwaysWakes {
+        type Item = u32;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<u32>> {
+            self.0 += 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_member_that_wakes_itself_on_every_poll_cannot_hold_the_set_for_ever() {
+        let mut set = Members::default();
+        set.insert(1, AlwaysWakes(0));
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(set.poll_next(&mut cx), Poll::Pending);
+        let polls = set
+            .slots
+            .iter()
+            .flatten()
+            .map(|m| m.stream.0)
+            .sum::<usize>();
+        assert_eq!(polls, POLLS_PER_TURN, "one turn, then back to the executor");
+        assert!(count.0.load(Ordering::Relaxed) >= 1, "and it goes on later");
+    }
+
+    #[test]
+    fn keys_replaced_and_removed_between_polls_leave_no_growing_queue() {
+        let mut set = Members::default();
+        let count = Arc::new(Count::default());
+        let kept = Fed::default();
+        set.insert(0, kept.clone());
+        let mut gone = Vec::new();
+        for round in 0..10_000u32 {
+            let f = Fed::default();
+            if let Some(old) = set.insert(1 + round % 3, f.clone()) {
+                gone.push(old);
+            }
+            if round % 7 == 0 {
+                drop(set.remove(&(1 + (round + 1) % 3)));
+            }
+        }
+        let queued = crate::sync::lock(&set.shared.ready).len();
+        assert!(
+            queued <= 2 * set.slots.len() + 64,
+            "{queued} wake-ups queued for {} members",
+            set.index.len()
+        );
+        // The streams taken out wake their old wakers, many times: each
+        // queues at most once, and none is polled by the set.
+        for f in &gone {
+            f.wake_spuriously();
+            f.wake_spuriously();
+        }
+        while poll(&mut set, &count).is_ready() {}
+        while poll(&mut set, &count).is_pending() {
+            if count.0.swap(0, Ordering::Relaxed) == 0 {
+                break;
+            }
+        }
+        assert!(gone.iter().all(|f| f.polls() == 0));
+        assert_eq!(kept.polls(), 1);
+        kept.push(3);
+        assert_eq!(poll(&mut set, &count), Poll::Ready(Some((0, 3))));
+    }
+
+    /// The set's task waker drops the set when woken (a task aborted from
+    /// within a wake-up): a member's wake-up must neither deadlock nor
+    /// touch freed state.
+    #[test]
+    fn a_set_dropped_inside_a_members_wake_up() {
+        struct DropsSet(Mutex<Option<Members<u32, Fed>>>);
+        impl Wake for DropsSet {
+            fn wake(self: Arc<Self>) {
+                self.wake_by_ref();
+            }
+            fn wake_by_ref(self: &Arc<Self>) {
+                let set = self.0.lock().unwrap().take();
+                drop(set);
+            }
+        }
+        let feeds: Vec<Fed> = (0..3).map(|_| Fed::default()).collect();
+        let mut set = Members::default();
+        for (i, f) in feeds.iter().enumerate() {
+            set.insert(i as u32, f.clone());
+        }
+        let holder = Arc::new(DropsSet(Mutex::new(None)));
+        let waker = Waker::from(holder.clone());
+        assert_eq!(
+            set.poll_next(&mut Context::from_waker(&waker)),
+            Poll::Pending
+        );
+        *holder.0.lock().unwrap() = Some(set);
+        // Wakes the member's waker, which wakes the set's, which drops it.
+        feeds[1].push(1);
+        assert!(holder.0.lock().unwrap().is_none(), "the set was dropped");
+        // The other members' wakers outlive the set: harmless.
+        feeds[0].push(2);
+        feeds[2].wake_spuriously();
+    }
+
+    #[test]
+    fn an_ended_set_reads_the_streams_inserted_later() {
+        let mut set = Members::default();
+        let count = Arc::new(Count::default());
+        assert_eq!(poll(&mut set, &count), Poll::Ready(None));
+        let f = Fed::default();
+        f.push(4);
+        set.insert(9, f.clone());
+        assert_eq!(poll(&mut set, &count), Poll::Ready(Some((9, 4))));
+    }
+
+    /// Feeders on other threads push while the set is read on a
+    /// multi-thread runtime: every item of every member comes out, in its
+    /// member's order, with no wake-up lost (a lost one hangs the reader).
+    #[test]
+    fn items_pushed_from_other_threads_all_come_out_in_order() {
+        const MEMBERS: u32 = 16;
+        const ITEMS: u32 = 3_000;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let feeds: Vec<Fed> = (0..MEMBERS).map(|_| Fed::default()).collect();
+        let mut set = Members::default();
+        for (i, f) in feeds.iter().enumerate() {
+            set.insert(i as u32, f.clone());
+        }
+        let reader = rt.spawn(async move {
+            let mut next = vec![0u32; MEMBERS as usize];
+            let mut got = 0;
+            while got < MEMBERS * ITEMS {
+                let item = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    futures::future::poll_fn(|cx| set.poll_next(cx)),
+                )
+                .await;
+                let Ok(Some((key, item))) = item else {
+                    return Err(format!("stuck after {got} items: {item:?}"));
+                };
+                if item != next[key as usize] {
+                    return Err(format!(
+                        "member {key}: {item} where {} was due",
+                        next[key as usize]
+                    ));
+                }
+                next[key as usize] += 1;
+                got += 1;
+            }
+            Ok(())
+        });
+        let feeders: Vec<_> = feeds
+            .into_iter()
+            .map(|f| {
+                std::thread::spawn(move || {
+                    for i in 0..ITEMS {
+                        f.push(i);
+                        if i % 64 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for f in feeders {
+            f.join().expect("feeder");
+        }
+        rt.block_on(reader)
+            .expect("reader")
+            .expect("every item in order");
     }
 }

@@ -1,0 +1,491 @@
+//! Attacks on `LeadershipSet` (`src/election/set.rs`) across runtimes: a
+//! set read on one runtime and then another, a campaign whose runtime goes
+//! idle or shuts down under a set. Each test reproduces a path that broke
+//! a guarantee (README "Guarantees") before it was fixed.
+#![cfg(feature = "testing")]
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use quorum_quest_client::{LeadershipEvent, LeadershipSet, LossReason, RpcKind};
+
+/// A long-lived runtime with one worker (the test's "home").
+fn home_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A current-thread runtime (a sync wrapper's, or one that comes and goes).
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The set's events (keys dropped), as a stream the common helpers read.
+fn events(
+    set: &mut LeadershipSet<u32>,
+) -> impl futures::Stream<Item = LeadershipEvent> + Unpin + '_ {
+    set.map(|(_, ev)| ev)
+}
+
+/// A set first read on a current-thread runtime (its campaign starts on
+/// that runtime's driver), which is then left idle (not dropped: a sync
+/// wrapper's runtime between two `block_on`s), then read on a healthy
+/// runtime. A stream read there directly arms its own backstop and reports
+/// the loss at the deadline; the set polls only the members that woke, and
+/// nothing wakes them on the new runtime: the term ran out with the set
+/// silent (no `Lost`, a consumer keeping leader work running past the
+/// deadline while another contender may lead).
+#[test]
+fn a_set_read_on_a_healthy_runtime_gets_the_loss_while_its_first_runtime_is_idle() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let mut set = LeadershipSet::new();
+    set.insert(1u32, client.leadership());
+    let idle = current_thread();
+    idle.block_on(async {
+        until_elected(&mut events(&mut set), 10 * SEC, "Elected").await;
+        // Read on until the set waits: no member is left queued from the
+        // last event (a queued one would be polled on the next runtime).
+        while tokio::time::timeout(ms(100), set.next()).await.is_ok() {}
+    });
+    // `idle` is kept, but nothing runs it any more: no renewal goes out.
+    home.block_on(async {
+        let lost = until(
+            &mut events(&mut set),
+            10 * SEC,
+            "Lost",
+            LeadershipEvent::is_lost,
+        )
+        .await;
+        assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+        assert!(!client.is_leader());
+    });
+    drop(set);
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// A set first read on a current-thread runtime that then shuts down (its
+/// driver dies with it), then read on another: the campaign goes on there
+/// (the term renewed, or lost and won again), never silent.
+#[test]
+fn a_set_whose_campaigns_runtime_shut_down_campaigns_on_on_the_next() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let mut set = LeadershipSet::new();
+    set.insert(1u32, client.leadership());
+    let first = current_thread();
+    first.block_on(async {
+        until_elected(&mut events(&mut set), 10 * SEC, "Elected").await;
+        while tokio::time::timeout(ms(100), set.next()).await.is_ok() {}
+    });
+    drop(first);
+    home.block_on(async {
+        // Past the deadline of the term won on `first` (TTL 3 s).
+        let mut leading = true;
+        let end = tokio::time::Instant::now() + 6 * SEC;
+        while let Ok(item) = tokio::time::timeout_at(end, set.next()).await {
+            match item.expect("the set ended").1 {
+                LeadershipEvent::Elected { .. } => leading = true,
+                LeadershipEvent::Lost { .. } => leading = false,
+                _ => {}
+            }
+            assert_eq!(leading, client.is_leader() || !leading);
+        }
+        assert!(leading && client.is_leader(), "not leading again");
+        assert!(client.health().campaign_running);
+    });
+    drop(set);
+    home.block_on(server.shutdown());
+}
+
+/// A follower's set waiting on a healthy runtime, its campaign (the
+/// keep-alive's) on a current-thread runtime that shuts down while an
+/// attempt is in flight (no step-down timer kept, none handed over). The
+/// set still wants the campaign: it must campaign on, and win the lock
+/// once it is free.
+#[test]
+fn a_waiting_followers_set_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    server.set_owner(SERVICE, DOMAIN, "someone-else", 2 * SEC);
+    server.set_refusal_delay(20 * SEC);
+    let first = current_thread();
+    first.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "the first attempt in flight", || {
+            server.calls(RpcKind::TryAcquireLock) > 0
+        })
+        .await;
+    });
+    let mut set = LeadershipSet::new();
+    set.insert(1u32, client.leadership());
+    let waiting = home.spawn(async move {
+        let ev = until_elected(&mut events(&mut set), 30 * SEC, "Elected").await;
+        (set, ev)
+    });
+    // Let the spawned task poll the set (and wait) first.
+    std::thread::sleep(ms(300));
+    drop(first);
+    server.set_refusal_delay(std::time::Duration::ZERO);
+    home.block_on(async {
+        let (set, _) = waiting.await.unwrap();
+        assert!(client.is_leader());
+        drop(set);
+    });
+    home.block_on(server.shutdown());
+}
+
+/// The same with a plain stream instead of a set (is it the set's?).
+#[test]
+fn a_waiting_followers_stream_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    server.set_owner(SERVICE, DOMAIN, "someone-else", 2 * SEC);
+    server.set_refusal_delay(20 * SEC);
+    let first = current_thread();
+    first.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "the first attempt in flight", || {
+            server.calls(RpcKind::TryAcquireLock) > 0
+        })
+        .await;
+    });
+    let mut stream = client.leadership();
+    let waiting = home.spawn(async move {
+        let ev = until_elected(&mut stream, 30 * SEC, "Elected").await;
+        (stream, ev)
+    });
+    std::thread::sleep(ms(300));
+    drop(first);
+    server.set_refusal_delay(std::time::Duration::ZERO);
+    home.block_on(async {
+        let (stream, _) = waiting.await.unwrap();
+        assert!(client.is_leader());
+        drop(stream);
+    });
+    home.block_on(server.shutdown());
+}
+
+/// A stream elected on a runtime that then shut down, put into a set on
+/// another: the campaign goes on there (it never goes silent).
+#[test]
+fn a_stream_moved_into_a_set_from_a_runtime_that_shut_down_campaigns_on() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let mut stream = client.leadership();
+    let first = current_thread();
+    first.block_on(async {
+        until_elected(&mut stream, 10 * SEC, "Elected").await;
+    });
+    drop(first);
+    let mut set = LeadershipSet::new();
+    set.insert(7u32, stream);
+    home.block_on(async {
+        let mut leading = true;
+        let end = tokio::time::Instant::now() + 6 * SEC;
+        while let Ok(item) = tokio::time::timeout_at(end, set.next()).await {
+            let (key, ev) = item.expect("the set ended");
+            assert_eq!(key, 7);
+            match ev {
+                LeadershipEvent::Elected { .. } => {
+                    assert!(!leading, "Elected twice");
+                    leading = true;
+                }
+                LeadershipEvent::Lost { .. } => {
+                    assert!(leading, "Lost twice");
+                    leading = false;
+                }
+                _ => {}
+            }
+        }
+        assert!(leading && client.is_leader(), "not leading again");
+        assert!(client.health().campaign_running);
+    });
+    drop(set);
+    home.block_on(server.shutdown());
+}
+
+// ----- the stub pool (`Transport::stub` / `give_back`) -----
+
+/// Every call of `n` made at once.
+async fn acquire_at_once(client: &quorum_quest_client::QuorumQuestClient, n: usize) -> Vec<bool> {
+    let calls = (0..n).map(|_| client.try_acquire_lock());
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.is_ok())
+        .collect()
+}
+
+/// Stubs kept from calls on a connection that then goes silently dead (held
+/// by the proxy, new connections pass): once a call timed out and the
+/// client redialed, no later call goes out on the dead connection (each is
+/// answered well within its timeout), alone or many at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_stubs_of_a_silently_dead_connection_are_not_reused_after_the_redial() {
+    use quorum_quest_client::testing::FaultProxy;
+    let server = server().await;
+    let proxy = FaultProxy::start(server.addr()).await.unwrap();
+    // A user's endpoint: no HTTP/2 keep-alive of ours, so nothing but the
+    // redial replaces the dead connection.
+    let endpoint = tonic::transport::Endpoint::from_shared(proxy.url()).unwrap();
+    let client = quorum_quest_client::QuorumQuestClient::builder(SERVICE, DOMAIN)
+        .endpoint(endpoint)
+        .ttl(30 * SEC)
+        .rpc_timeout(SEC)
+        .max_concurrent_calls(4)
+        .build()
+        .await
+        .unwrap();
+    // Stubs of the first connection kept (up to the cap).
+    assert!(acquire_at_once(&client, 8).await.iter().all(|ok| *ok));
+    let accepted = proxy.connections_accepted();
+    // Past the shortest spacing of redials (one call timeout).
+    tokio::time::sleep(ms(1100)).await;
+    proxy.hold_live();
+    // One call times out on the dead connection, and redials.
+    let first = client.try_acquire_lock().await;
+    assert!(
+        first.is_err(),
+        "answered through a held connection: {first:?}"
+    );
+    for round in 0..5 {
+        let started = tokio::time::Instant::now();
+        let oks = acquire_at_once(&client, 8).await;
+        assert!(
+            oks.iter().all(|ok| *ok),
+            "round {round}: a call failed after the redial: {oks:?}"
+        );
+        assert!(started.elapsed() < SEC, "round {round}: a call timed out");
+    }
+    assert!(proxy.connections_accepted() > accepted);
+    proxy.deliver_held();
+    proxy.shutdown().await;
+    server.shutdown().await;
+}
+
+/// The same across GOAWAY: the server's connection goes away with stubs
+/// kept; every later call is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_stubs_go_on_working_after_goaway() {
+    use quorum_quest_client::testing::GoawayRelay;
+    let server = server().await;
+    let relay = GoawayRelay::start(server.addr()).await.unwrap();
+    let client = over_tcp(&relay.url(), 30)
+        .rpc_timeout(2 * SEC)
+        .max_concurrent_calls(4)
+        .build()
+        .await
+        .unwrap();
+    assert!(acquire_at_once(&client, 8).await.iter().all(|ok| *ok));
+    for round in 0..3 {
+        relay.goaway();
+        eventually(5 * SEC, "the GOAWAY sent", || relay.goaways_sent() > round).await;
+        tokio::time::sleep(ms(1200)).await;
+        let oks = acquire_at_once(&client, 8).await;
+        assert!(oks.iter().all(|ok| *ok), "round {round}: {oks:?}");
+    }
+    relay.shutdown().await;
+    server.shutdown().await;
+}
+
+/// The same with more followers than may have attempts in flight at once
+/// (twice the call cap): some wait for their turn in the dead driver's
+/// queue, with neither a call nor a timer. Every one campaigns on.
+#[test]
+fn followers_queued_for_their_turn_campaign_on_when_the_campaigns_runtime_dies() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let root = home
+        .block_on(over_tcp(&server.url(), 3).max_concurrent_calls(1).build())
+        .unwrap();
+    let clients: Vec<_> = (0..5)
+        .map(|i| root.for_scope(SERVICE, format!("q-{i}")).unwrap())
+        .collect();
+    for i in 0..5 {
+        server.set_owner(SERVICE, &format!("q-{i}"), "someone-else", 2 * SEC);
+    }
+    server.set_refusal_delay(20 * SEC);
+    let first = current_thread();
+    first.block_on(async {
+        for c in &clients {
+            c.start_keep_alive().await.unwrap();
+        }
+        eventually(10 * SEC, "two attempts in flight", || {
+            server.calls(RpcKind::TryAcquireLock) >= 2
+        })
+        .await;
+        // The others wait for their turn.
+        tokio::time::sleep(ms(200)).await;
+    });
+    assert!(server.calls(RpcKind::TryAcquireLock) < 5, "none queued");
+    let mut set: LeadershipSet<u32> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i as u32, c.leadership()))
+        .collect();
+    let waiting = home.spawn(async move {
+        let mut elected = std::collections::HashSet::new();
+        let mut seen = Vec::new();
+        let end = tokio::time::Instant::now() + 30 * SEC;
+        while elected.len() < 5 {
+            let item = tokio::time::timeout_at(end, set.next()).await;
+            let Ok(Some((key, ev))) = item else {
+                panic!("stuck with {elected:?} elected; events: {seen:?}");
+            };
+            seen.push((
+                key,
+                format!("{ev:?}")
+                    .chars()
+                    .take(if seen.is_empty() { 400 } else { 30 })
+                    .collect::<String>(),
+            ));
+            if ev.is_elected() {
+                elected.insert(key);
+            }
+        }
+        set
+    });
+    std::thread::sleep(ms(300));
+    drop(first);
+    server.set_refusal_delay(std::time::Duration::ZERO);
+    home.block_on(async {
+        let set = waiting.await.unwrap();
+        assert!(clients.iter().all(|c| c.is_leader()));
+        drop(set);
+    });
+    home.block_on(server.shutdown());
+}
+
+/// A call times out on a runtime that then shuts down (a sync wrapper's
+/// `block_on`), and the client redials there: the fresh connection's
+/// worker task is spawned on that runtime and dies with it. Every later
+/// call, on any runtime, failed at once ("Service was not ready") and
+/// never redialed again: the client was cut off from the server for good.
+#[test]
+fn a_redial_made_on_a_runtime_that_then_shut_down_does_not_cut_the_client_off() {
+    use quorum_quest_client::testing::FaultProxy;
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let proxy = home.block_on(FaultProxy::start(server.addr())).unwrap();
+    let client = home
+        .block_on(over_tcp(&proxy.url(), 30).rpc_timeout(SEC).build())
+        .unwrap();
+    assert!(home.block_on(client.try_acquire_lock()).unwrap());
+    let first = current_thread();
+    first.block_on(async {
+        // Past the shortest spacing of redials (one call timeout).
+        tokio::time::sleep(ms(1100)).await;
+        proxy.hold_live();
+        let timed_out = client.try_acquire_lock().await;
+        assert!(timed_out.is_err(), "{timed_out:?}");
+    });
+    drop(first);
+    home.block_on(async {
+        let end = tokio::time::Instant::now() + 10 * SEC;
+        let mut last = None;
+        while tokio::time::Instant::now() < end {
+            match client.try_acquire_lock().await {
+                Ok(true) => return,
+                other => last = Some(other),
+            }
+            tokio::time::sleep(ms(100)).await;
+        }
+        panic!("cut off from the server: {last:?}");
+    });
+    home.block_on(async {
+        proxy.deliver_held();
+        proxy.shutdown().await;
+        server.shutdown().await;
+    });
+}
+
+/// The same for the first connection: a client built on a runtime that then
+/// shut down (a connection dialed lazily there) reaches the server from
+/// another.
+#[test]
+fn a_client_built_on_a_runtime_that_then_shut_down_still_reaches_the_server() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let built = current_thread();
+    let client = built
+        .block_on(over_tcp(&server.url(), 30).rpc_timeout(SEC).build())
+        .unwrap();
+    drop(built);
+    home.block_on(async {
+        let acquired = tokio::time::timeout(10 * SEC, client.try_acquire_lock()).await;
+        assert!(
+            matches!(acquired, Ok(Ok(true))),
+            "cut off from the server: {acquired:?}"
+        );
+    });
+    home.block_on(server.shutdown());
+}
+
+/// A set read on two current-thread runtimes in turn (half a second each,
+/// its campaign's runtime idle while the other reads): per key, `Elected`
+/// and `Lost` alternate, starting with `Elected`, and the set ends the run
+/// agreeing with the client.
+#[test]
+fn a_set_read_on_two_runtimes_in_turn_keeps_each_keys_events_alternating() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let root = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let clients: Vec<_> = (0..3)
+        .map(|i| root.for_scope(SERVICE, format!("turn-{i}")).unwrap())
+        .collect();
+    let mut set: LeadershipSet<u32> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i as u32, c.leadership()))
+        .collect();
+    let (a, b) = (current_thread(), current_thread());
+    let mut leading = [false; 3];
+    for turn in 0..16 {
+        let rt = if turn % 2 == 0 { &a } else { &b };
+        rt.block_on(async {
+            let end = tokio::time::Instant::now() + ms(500);
+            while let Ok(item) = tokio::time::timeout_at(end, set.next()).await {
+                let (key, ev) = item.expect("the set ended");
+                let was = &mut leading[key as usize];
+                match ev {
+                    LeadershipEvent::Elected { .. } => {
+                        assert!(!*was, "key {key}: Elected twice");
+                        *was = true;
+                    }
+                    LeadershipEvent::Lost { .. } => {
+                        assert!(*was, "key {key}: Lost without Elected");
+                        *was = false;
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    for (i, c) in clients.iter().enumerate() {
+        // A term the set reports as running is one the client holds.
+        if leading[i] {
+            assert!(
+                c.is_leader(),
+                "key {i}: the set says leading, the client not"
+            );
+        }
+    }
+    assert!(leading.iter().any(|l| *l), "nothing elected at all");
+    drop(set);
+    drop((a, b));
+    home.block_on(server.shutdown());
+}
