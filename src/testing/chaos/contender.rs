@@ -456,7 +456,10 @@ impl<F> Stamped<F> {
 }
 
 /// Stamps the instant if the term is over (not for a wake-up without news),
-/// then wakes the task that polled.
+/// then wakes the task that polled. A poll that finds the term going on
+/// again drops the stamp. (A term that looked ended and went on, with no
+/// poll in between, keeps its early stamp: that needs the client to publish
+/// a renewal after its old deadline passed, a gap of a few instructions.)
 struct StampWaker {
     term: LeaderTerm,
     ended_at: Arc<Mutex<Option<Instant>>>,
@@ -469,8 +472,13 @@ impl std::task::Wake for StampWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.term.is_ended() {
-            lock(&self.ended_at).get_or_insert_with(Instant::now);
+        {
+            // Looked at under the stamp's lock, as the poll that clears a
+            // stale stamp does: a stamp made after that look is kept.
+            let mut stamp = lock(&self.ended_at);
+            if self.term.is_ended() {
+                stamp.get_or_insert_with(Instant::now);
+            }
         }
         self.task.wake_by_ref();
     }
@@ -488,9 +496,20 @@ impl<F: std::future::Future> std::future::Future for Stamped<F> {
             ended_at: self.ended_at.clone(),
             task: cx.waker().clone(),
         }));
-        self.inner
+        let polled = self
+            .inner
             .as_mut()
-            .poll(&mut std::task::Context::from_waker(&waker))
+            .poll(&mut std::task::Context::from_waker(&waker));
+        if polled.is_pending() {
+            // Still running: a stamp taken while the term looked ended (its
+            // deadline passed while a renewal applied just before it was
+            // not published yet) is not its end.
+            let mut stamp = lock(&self.ended_at);
+            if !self.term.is_ended() {
+                *stamp = None;
+            }
+        }
+        polled
     }
 }
 
