@@ -321,3 +321,61 @@ async fn resigning_a_set_releases_every_lock_together() {
         "the releases went out one after the other: resign took {took:?}"
     );
 }
+
+/// An executor's waker that panics (a bug of the application's executor).
+struct PanicsOnWake;
+
+impl futures::task::ArcWake for PanicsOnWake {
+    fn wake_by_ref(_: &std::sync::Arc<Self>) {
+        panic!("an executor's bug");
+    }
+}
+
+/// A leading set with one more leading member, on a server of its own
+/// that answers at once, whose term's end panics (a task waiting on its
+/// `cancelled()` has a waker that panics). Its release is answered first and
+/// the panic is resumed then; the other members' releases, still in flight
+/// (their server holds every call for 300 ms), must not be dropped with it:
+/// every lock is released when the drop returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after_the_drop() {
+    let slow = std::sync::Arc::new(server().await);
+    let fast = server().await;
+    let (clients, mut set) = leading_set(&slow, 4, Duration::ZERO).await;
+    let odd = client_for(&fast, "odd", "node-a").await;
+    set.insert(100, odd.leadership());
+    let term = loop {
+        if let (100, LeadershipEvent::Elected { term, .. }) =
+            next_of(&mut set, 10 * SEC, "the odd one elected").await
+        {
+            break term;
+        }
+    };
+    let mut ended = term.cancelled();
+    let waker = futures::task::waker(std::sync::Arc::new(PanicsOnWake));
+    let polled = std::future::Future::poll(
+        std::pin::Pin::new(&mut ended),
+        &mut std::task::Context::from_waker(&waker),
+    );
+    assert!(polled.is_pending());
+    // The slow server holds every call (the lock untouched) for 300 ms.
+    slow.pause();
+    let resumer = slow.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        resumer.resume();
+    });
+    let started = std::time::Instant::now();
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(set)));
+    let took = started.elapsed();
+    let held: Vec<usize> = (0..4)
+        .filter(|i| slow.lock(SERVICE, &format!("lock-{i}")).is_some())
+        .collect();
+    assert!(
+        held.is_empty(),
+        "locks {held:?} still held when the set's drop returned (after {took:?})"
+    );
+    assert!(fast.lock(SERVICE, "odd").is_none());
+    assert!(clients.iter().all(|c| !c.is_leader()));
+    drop(ended);
+}
