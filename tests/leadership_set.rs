@@ -337,8 +337,17 @@ impl futures::task::ArcWake for PanicsOnWake {
 /// the panic is resumed then; the other members' releases, still in flight
 /// (their server holds every call for 300 ms), must not be dropped with it:
 /// every lock is released when the drop returns.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after_the_drop() {
+/// A leading set of 4 on a server that then holds every call for 300 ms,
+/// plus one leading member on a server of its own answering at once, whose
+/// term's end panics; its server, the others' clients and the end of that
+/// term (kept polled: its waker panics when the term ends).
+async fn set_with_a_panicking_member() -> (
+    std::sync::Arc<TestServer>,
+    TestServer,
+    Vec<QuorumQuestClient>,
+    LeadershipSet<usize>,
+    quorum_quest_client::TermEnded,
+) {
     let slow = std::sync::Arc::new(server().await);
     let fast = server().await;
     let (clients, mut set) = leading_set(&slow, 4, Duration::ZERO).await;
@@ -365,15 +374,45 @@ async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after
         tokio::time::sleep(Duration::from_millis(300)).await;
         resumer.resume();
     });
+    (slow, fast, clients, set, ended)
+}
+
+fn held(server: &TestServer) -> Vec<usize> {
+    (0..4)
+        .filter(|i| server.lock(SERVICE, &format!("lock-{i}")).is_some())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after_the_drop() {
+    let (slow, fast, clients, set, ended) = set_with_a_panicking_member().await;
     let started = std::time::Instant::now();
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(set)));
     let took = started.elapsed();
-    let held: Vec<usize> = (0..4)
-        .filter(|i| slow.lock(SERVICE, &format!("lock-{i}")).is_some())
-        .collect();
+    let held = held(&slow);
     assert!(
         held.is_empty(),
         "locks {held:?} still held when the set's drop returned (after {took:?})"
+    );
+    assert!(fast.lock(SERVICE, "odd").is_none());
+    assert!(clients.iter().all(|c| !c.is_leader()));
+    drop(ended);
+}
+
+/// The same for `resign()`: the panic reaches the caller, but only once
+/// every release is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after_resign() {
+    let (slow, fast, clients, set, ended) = set_with_a_panicking_member().await;
+    let started = std::time::Instant::now();
+    let resigned =
+        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(set.resign())).await;
+    let took = started.elapsed();
+    assert!(resigned.is_err(), "the hand-out's panic is not hidden");
+    let held = held(&slow);
+    assert!(
+        held.is_empty(),
+        "locks {held:?} still held when resign() returned (after {took:?})"
     );
     assert!(fast.lock(SERVICE, "odd").is_none());
     assert!(clients.iter().all(|c| !c.is_leader()));
