@@ -976,7 +976,39 @@ impl Shutdown {
 
 /// [`Shutdown::run_logged`] for each of `shutdowns`, at once.
 async fn run_all_logged(shutdowns: Vec<Shutdown>) {
-    futures::future::join_all(shutdowns.into_iter().map(Shutdown::run_logged)).await;
+    let ran = futures::future::join_all(
+        shutdowns
+            .into_iter()
+            .map(|s| futures::FutureExt::catch_unwind(AssertUnwindSafe(s.run_logged()))),
+    )
+    .await;
+    crate::sync::resume_panic(ran.into_iter().find_map(|r| r.err()));
+}
+
+/// [`Shutdown::run`] for each of `shutdowns`, at once; the first failure.
+/// One that panics (a hand-out's panic, resumed once its release was
+/// answered) does not drop the others' releases in flight: the panic is
+/// resumed once all of them are over.
+pub(crate) async fn run_all(shutdowns: Vec<Shutdown>) -> Result<()> {
+    let ran = futures::future::join_all(
+        shutdowns
+            .into_iter()
+            .map(|s| futures::FutureExt::catch_unwind(AssertUnwindSafe(s.run()))),
+    )
+    .await;
+    let mut panic = None;
+    let mut first = Ok(());
+    for r in ran {
+        match r {
+            Ok(Err(e)) if first.is_ok() => first = Err(e),
+            Ok(_) => {}
+            Err(p) => {
+                panic.get_or_insert(p);
+            }
+        }
+    }
+    crate::sync::resume_panic(panic);
+    first
 }
 
 /// Waits for `shutdowns` to [`run`](Shutdown::run) with `block_in_place`;
