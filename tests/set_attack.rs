@@ -489,3 +489,38 @@ fn a_set_read_on_two_runtimes_in_turn_keeps_each_keys_events_alternating() {
     drop((a, b));
     home.block_on(server.shutdown());
 }
+
+/// A server (or a gRPC proxy built on tonic whose own upstream channel is
+/// down) that answers `Unknown: Service was not ready: ...` is reachable:
+/// the connection to it is fine. Each such answer redialed at once (taken
+/// for our own channel closed for good), whatever the spacing of redials:
+/// a fresh TCP connection per failed attempt, for as long as the proxy
+/// answers so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_answering_service_was_not_ready_is_not_redialed_per_call() {
+    let server = server().await;
+    let client = over_tcp(&server.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    assert!(client.try_acquire_lock().await.unwrap());
+    let before = server.connections_accepted();
+    server.fail_next(
+        6,
+        None,
+        tonic::Status::unknown("Service was not ready: transport error"),
+    );
+    let mut calls = 0;
+    while !matches!(client.try_acquire_lock().await, Ok(true)) {
+        calls += 1;
+        assert!(calls < 10, "the injected failures never ran out");
+    }
+    let dialed = server.connections_accepted() - before;
+    assert!(
+        dialed == 0,
+        "{dialed} fresh connections to a server that answered every call"
+    );
+    client.shutdown().await.unwrap();
+    server.shutdown().await;
+}
