@@ -418,3 +418,33 @@ async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after
     assert!(clients.iter().all(|c| !c.is_leader()));
     drop(ended);
 }
+
+/// A leading set with one more member, a follower whose attempt to
+/// acquire hangs on a server of its own. Dropped alone, that follower's
+/// stream releases in the background (it holds no lock); in the set, its
+/// shutdown must not hold up the drop, which waits for the leader's release
+/// (answered at once) only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_follower_does_not_hold_up_a_leading_sets_drop() {
+    let fast = server().await;
+    let hung = server().await;
+    let (_clients, mut set) = leading_set(&fast, 1, Duration::ZERO).await;
+    hung.pause();
+    let follower = client_for(&hung, "hung", "node-b").await;
+    set.insert(100, follower.leadership());
+    // The follower's campaign starts (its first attempt hangs).
+    let _ = tokio::time::timeout(Duration::from_millis(300), set.next()).await;
+    assert!(!follower.is_leader());
+    let started = std::time::Instant::now();
+    drop(set);
+    let took = started.elapsed();
+    assert!(
+        fast.lock(SERVICE, "lock-0").is_none(),
+        "released when the drop returned"
+    );
+    assert!(
+        took < Duration::from_millis(500),
+        "the drop waited {took:?} for a follower holding no lock"
+    );
+    hung.resume();
+}
