@@ -874,7 +874,8 @@ impl Shutdown {
     /// [`run_on_drop`](Self::run_on_drop) for many clients' shutdowns at
     /// once (a [`LeadershipSet`] dropped): their releases go out together,
     /// through the connection's admission queue, and the drop waits (if it
-    /// waits) for all of them within one bound, not one bound each.
+    /// waits) for all of those holding a lock within one bound, not one
+    /// bound each; the others release in the background.
     pub(crate) fn run_all_on_drop(shutdowns: Vec<Shutdown>) {
         if shutdowns.is_empty() {
             return;
@@ -893,8 +894,18 @@ impl Shutdown {
             crate::sync::resume_panic(panic);
             return;
         };
-        let leading = shutdowns.iter().any(|s| s.session.holds_lock());
-        if leading && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        let (shutdowns, followers): (Vec<_>, Vec<_>) =
+            shutdowns.into_iter().partition(|s| s.session.holds_lock());
+        if !followers.is_empty() {
+            // As a follower's own drop does: released in the background
+            // (a lock it may hold is at most one unanswered acquire), not
+            // holding up the leaders' drop for a server that hangs.
+            runtime.spawn(run_all_logged(followers));
+        }
+        if shutdowns.is_empty() {
+            return;
+        }
+        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
             let rpc_timeout = shutdowns
                 .iter()
                 .map(|s| s.session.timing.rpc_timeout)
