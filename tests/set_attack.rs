@@ -524,3 +524,58 @@ async fn a_server_answering_service_was_not_ready_is_not_redialed_per_call() {
     client.shutdown().await.unwrap();
     server.shutdown().await;
 }
+
+/// A task holding a leading set (streams of clients on two connections,
+/// with different RPC timeouts) is dropped while its multi-thread runtime
+/// shuts down: nothing drives the connections any more, so the set's drop
+/// must neither wait for its releases nor panic.
+#[test]
+fn a_leading_set_dropped_at_runtime_shutdown_neither_waits_nor_panics() {
+    let home = home_runtime();
+    let a = home.block_on(server());
+    let b = home.block_on(server());
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    client_rt.block_on(async {
+        let one = over_tcp(&a.url(), 30)
+            .rpc_timeout(SEC)
+            .build()
+            .await
+            .unwrap();
+        let two = over_tcp(&b.url(), 30)
+            .rpc_timeout(5 * SEC)
+            .build()
+            .await
+            .unwrap();
+        let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
+            .into_iter()
+            .collect();
+        let mut elected = 0;
+        while elected < 2 {
+            if next(&mut events(&mut set), 10 * SEC, "both elected")
+                .await
+                .is_elected()
+            {
+                elected += 1;
+            }
+        }
+        tokio::spawn(async move {
+            let _held = (set, one, two);
+            std::future::pending::<()>().await;
+        });
+    });
+    let start = std::time::Instant::now();
+    drop(client_rt);
+    assert!(
+        start.elapsed() < 3 * SEC,
+        "the runtime took {:?} to shut down",
+        start.elapsed()
+    );
+    home.block_on(async {
+        a.shutdown().await;
+        b.shutdown().await;
+    });
+}
