@@ -579,3 +579,54 @@ fn a_leading_set_dropped_at_runtime_shutdown_neither_waits_nor_panics() {
         b.shutdown().await;
     });
 }
+
+/// A task holding a leading set panics: the set is dropped while the task
+/// unwinds, on a multi-thread runtime, and releases every lock before the
+/// task's panic is reported (the drop blocks as it does otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leading_set_dropped_while_its_task_unwinds_releases_before_the_panic_is_reported() {
+    let a = server().await;
+    let b = server().await;
+    let one = over_tcp(&a.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let two = over_tcp(&b.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
+        .into_iter()
+        .collect();
+    let mut elected = 0;
+    while elected < 2 {
+        if next(&mut events(&mut set), 10 * SEC, "both elected")
+            .await
+            .is_elected()
+        {
+            elected += 1;
+        }
+    }
+    a.set_latency(ms(200));
+    b.set_latency(ms(200));
+    let task = tokio::spawn(async move {
+        // Dropped by the unwinding itself, on a worker thread.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = set;
+            assert!(!std::thread::panicking());
+            panic!("the application's bug");
+        }))
+    });
+    assert!(task.await.unwrap().is_err());
+    assert!(
+        a.lock(SERVICE, DOMAIN).is_none(),
+        "released before the panic is reported"
+    );
+    assert!(
+        b.lock(SERVICE, DOMAIN).is_none(),
+        "released before the panic is reported"
+    );
+    assert!(!one.is_leader() && !two.is_leader());
+}
