@@ -630,3 +630,77 @@ async fn a_leading_set_dropped_while_its_task_unwinds_releases_before_the_panic_
     );
     assert!(!one.is_leader() && !two.is_leader());
 }
+
+/// An executor's waker that panics (a bug of the application's executor).
+struct PanicsOnWake;
+
+impl futures::task::ArcWake for PanicsOnWake {
+    fn wake_by_ref(_: &std::sync::Arc<Self>) {
+        panic!("an executor's bug");
+    }
+}
+
+/// A leading set dropped outside any runtime, where the end of each
+/// member's term panics (tasks awaiting `cancelled()` with wakers that
+/// panic): every member steps down (the first panic reaches the drop after
+/// all did), and each client can lead again (no release left in flight).
+#[test]
+fn a_leading_set_dropped_outside_a_runtime_with_panicking_term_ends_steps_every_member_down() {
+    let rt = home_runtime();
+    let server = rt.block_on(server());
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            rt.block_on(
+                over_tcp(&server.url(), 30)
+                    .client_id(format!("node-{i}"))
+                    .build(),
+            )
+            .unwrap()
+            .for_scope(SERVICE, format!("lock-{i}"))
+            .unwrap()
+        })
+        .collect();
+    let mut set: LeadershipSet<u32> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i as u32, c.leadership()))
+        .collect();
+    let terms: Vec<_> = rt.block_on(async {
+        let mut terms = Vec::new();
+        while terms.len() < 3 {
+            if let LeadershipEvent::Elected { term, .. } =
+                next(&mut events(&mut set), 10 * SEC, "all elected").await
+            {
+                terms.push(term);
+            }
+        }
+        terms
+    });
+    let mut ends: Vec<_> = terms.iter().map(|t| t.cancelled()).collect();
+    {
+        let _in_runtime = rt.enter();
+        let waker = futures::task::waker(std::sync::Arc::new(PanicsOnWake));
+        for end in &mut ends {
+            let polled = std::future::Future::poll(
+                std::pin::Pin::new(end),
+                &mut std::task::Context::from_waker(&waker),
+            );
+            assert!(polled.is_pending());
+        }
+    }
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(set)));
+    assert!(dropped.is_err(), "the wake-up's panic is not hidden");
+    for (c, t) in clients.iter().zip(&terms) {
+        assert!(!c.is_leader());
+        assert!(t.is_ended());
+        let again = rt.block_on(c.try_acquire_lock());
+        assert_eq!(again.ok(), Some(true), "a grant no longer counts");
+    }
+    drop(ends);
+    rt.block_on(async {
+        for c in &clients {
+            let _ = c.shutdown().await;
+        }
+        server.shutdown().await;
+    });
+}
