@@ -704,3 +704,87 @@ fn a_leading_set_dropped_outside_a_runtime_with_panicking_term_ends_steps_every_
         server.shutdown().await;
     });
 }
+
+/// A leading set one of whose members' client was shut down (its stream
+/// still in the set, its `Lost` unread): the drop releases the other's lock
+/// before it returns, and does not wait on the shut-down one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leading_sets_drop_with_a_member_whose_client_was_shut_down_releases_the_others() {
+    let a = server().await;
+    let b = server().await;
+    let one = over_tcp(&a.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let two = over_tcp(&b.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
+        .into_iter()
+        .collect();
+    let mut elected = 0;
+    while elected < 2 {
+        if next(&mut events(&mut set), 10 * SEC, "both elected")
+            .await
+            .is_elected()
+        {
+            elected += 1;
+        }
+    }
+    one.shutdown().await.unwrap();
+    // The shut-down one's server would now hold any call.
+    a.pause();
+    b.set_latency(ms(200));
+    let started = std::time::Instant::now();
+    drop(set);
+    let took = started.elapsed();
+    assert!(
+        b.lock(SERVICE, DOMAIN).is_none(),
+        "released when the drop returned"
+    );
+    assert!(!two.is_leader());
+    assert!(took < 2 * SEC, "the drop took {took:?}");
+    a.resume();
+}
+
+/// On a current-thread runtime a leading set's drop cannot block (it would
+/// stall the connection its releases need): it returns at once, and the
+/// releases complete in the background.
+#[tokio::test]
+async fn a_leading_set_dropped_on_a_current_thread_runtime_releases_in_the_background() {
+    let a = server().await;
+    let b = server().await;
+    let one = over_tcp(&a.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let two = over_tcp(&b.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
+        .into_iter()
+        .collect();
+    let mut elected = 0;
+    while elected < 2 {
+        if next(&mut events(&mut set), 10 * SEC, "both elected")
+            .await
+            .is_elected()
+        {
+            elected += 1;
+        }
+    }
+    let started = std::time::Instant::now();
+    drop(set);
+    assert!(started.elapsed() < SEC, "{:?}", started.elapsed());
+    eventually(5 * SEC, "both released in the background", || {
+        a.lock(SERVICE, DOMAIN).is_none() && b.lock(SERVICE, DOMAIN).is_none()
+    })
+    .await;
+    assert!(!one.is_leader() && !two.is_leader());
+}
