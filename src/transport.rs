@@ -602,6 +602,19 @@ pub(crate) fn is_closed_channel(status: &Status) -> bool {
     status.code() == Code::Unknown && status.message().starts_with("Service was not ready")
 }
 
+/// Whether `channel`'s worker task is gone (the runtime it was dialed on
+/// shut down): its queue then refuses every request at once. Asked without
+/// waiting (a full queue is open); the probe's reservation, if any, goes
+/// with it.
+fn channel_is_closed(channel: &Channel) -> bool {
+    let mut probe = channel.clone();
+    let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+    matches!(
+        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut probe, &mut cx),
+        std::task::Poll::Ready(Err(_))
+    )
+}
+
 /// Replaces `cur`'s connection with a fresh lazy one on `endpoint` (its
 /// worker task spawned on the current runtime), dropping the stubs kept on
 /// the old one.
@@ -874,6 +887,15 @@ impl Transport {
         };
         let mut cur = self.lock();
         if cur.generation != generation {
+            return;
+        }
+        // The same words may come from the server (a gRPC proxy built on
+        // tonic whose own upstream is down): then the channel still works,
+        // and redialing per answer would open a connection each time.
+        if !channel_is_closed(&cur.channel) {
+            tracing::debug!(
+                "'Service was not ready' came from a channel still open: not redialing"
+            );
             return;
         }
         tracing::debug!("the connection's channel is closed (its runtime shut down): redialing");

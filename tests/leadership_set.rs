@@ -321,3 +321,130 @@ async fn resigning_a_set_releases_every_lock_together() {
         "the releases went out one after the other: resign took {took:?}"
     );
 }
+
+/// An executor's waker that panics (a bug of the application's executor).
+struct PanicsOnWake;
+
+impl futures::task::ArcWake for PanicsOnWake {
+    fn wake_by_ref(_: &std::sync::Arc<Self>) {
+        panic!("an executor's bug");
+    }
+}
+
+/// A leading set with one more leading member, on a server of its own
+/// that answers at once, whose term's end panics (a task waiting on its
+/// `cancelled()` has a waker that panics). Its release is answered first and
+/// the panic is resumed then; the other members' releases, still in flight
+/// (their server holds every call for 300 ms), must not be dropped with it:
+/// every lock is released when the drop returns.
+/// A leading set of 4 on a server that then holds every call for 300 ms,
+/// plus one leading member on a server of its own answering at once, whose
+/// term's end panics; its server, the others' clients and the end of that
+/// term (kept polled: its waker panics when the term ends).
+async fn set_with_a_panicking_member() -> (
+    std::sync::Arc<TestServer>,
+    TestServer,
+    Vec<QuorumQuestClient>,
+    LeadershipSet<usize>,
+    quorum_quest_client::TermEnded,
+) {
+    let slow = std::sync::Arc::new(server().await);
+    let fast = server().await;
+    let (clients, mut set) = leading_set(&slow, 4, Duration::ZERO).await;
+    let odd = client_for(&fast, "odd", "node-a").await;
+    set.insert(100, odd.leadership());
+    let term = loop {
+        if let (100, LeadershipEvent::Elected { term, .. }) =
+            next_of(&mut set, 10 * SEC, "the odd one elected").await
+        {
+            break term;
+        }
+    };
+    let mut ended = term.cancelled();
+    let waker = futures::task::waker(std::sync::Arc::new(PanicsOnWake));
+    let polled = std::future::Future::poll(
+        std::pin::Pin::new(&mut ended),
+        &mut std::task::Context::from_waker(&waker),
+    );
+    assert!(polled.is_pending());
+    // The slow server holds every call (the lock untouched) for 300 ms.
+    slow.pause();
+    let resumer = slow.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        resumer.resume();
+    });
+    (slow, fast, clients, set, ended)
+}
+
+fn held(server: &TestServer) -> Vec<usize> {
+    (0..4)
+        .filter(|i| server.lock(SERVICE, &format!("lock-{i}")).is_some())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after_the_drop() {
+    let (slow, fast, clients, set, ended) = set_with_a_panicking_member().await;
+    let started = std::time::Instant::now();
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(set)));
+    let took = started.elapsed();
+    let held = held(&slow);
+    assert!(
+        held.is_empty(),
+        "locks {held:?} still held when the set's drop returned (after {took:?})"
+    );
+    assert!(fast.lock(SERVICE, "odd").is_none());
+    assert!(clients.iter().all(|c| !c.is_leader()));
+    drop(ended);
+}
+
+/// The same for `resign()`: the panic reaches the caller, but only once
+/// every release is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after_resign() {
+    let (slow, fast, clients, set, ended) = set_with_a_panicking_member().await;
+    let started = std::time::Instant::now();
+    let resigned =
+        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(set.resign())).await;
+    let took = started.elapsed();
+    assert!(resigned.is_err(), "the hand-out's panic is not hidden");
+    let held = held(&slow);
+    assert!(
+        held.is_empty(),
+        "locks {held:?} still held when resign() returned (after {took:?})"
+    );
+    assert!(fast.lock(SERVICE, "odd").is_none());
+    assert!(clients.iter().all(|c| !c.is_leader()));
+    drop(ended);
+}
+
+/// A leading set with one more member, a follower whose attempt to
+/// acquire hangs on a server of its own. Dropped alone, that follower's
+/// stream releases in the background (it holds no lock); in the set, its
+/// shutdown must not hold up the drop, which waits for the leader's release
+/// (answered at once) only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_follower_does_not_hold_up_a_leading_sets_drop() {
+    let fast = server().await;
+    let hung = server().await;
+    let (_clients, mut set) = leading_set(&fast, 1, Duration::ZERO).await;
+    hung.pause();
+    let follower = client_for(&hung, "hung", "node-b").await;
+    set.insert(100, follower.leadership());
+    // The follower's campaign starts (its first attempt hangs).
+    let _ = tokio::time::timeout(Duration::from_millis(300), set.next()).await;
+    assert!(!follower.is_leader());
+    let started = std::time::Instant::now();
+    drop(set);
+    let took = started.elapsed();
+    assert!(
+        fast.lock(SERVICE, "lock-0").is_none(),
+        "released when the drop returned"
+    );
+    assert!(
+        took < Duration::from_millis(500),
+        "the drop waited {took:?} for a follower holding no lock"
+    );
+    hung.resume();
+}

@@ -489,3 +489,341 @@ fn a_set_read_on_two_runtimes_in_turn_keeps_each_keys_events_alternating() {
     drop((a, b));
     home.block_on(server.shutdown());
 }
+
+/// A server (or a gRPC proxy built on tonic whose own upstream channel is
+/// down) that answers `Unknown: Service was not ready: ...` is reachable:
+/// the connection to it is fine. Each such answer redialed at once (taken
+/// for our own channel closed for good), whatever the spacing of redials:
+/// a fresh TCP connection per failed attempt, for as long as the proxy
+/// answers so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_answering_service_was_not_ready_is_not_redialed_per_call() {
+    let server = server().await;
+    let client = over_tcp(&server.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    assert!(client.try_acquire_lock().await.unwrap());
+    let before = server.connections_accepted();
+    server.fail_next(
+        6,
+        None,
+        tonic::Status::unknown("Service was not ready: transport error"),
+    );
+    let mut calls = 0;
+    while !matches!(client.try_acquire_lock().await, Ok(true)) {
+        calls += 1;
+        assert!(calls < 10, "the injected failures never ran out");
+    }
+    let dialed = server.connections_accepted() - before;
+    assert!(
+        dialed == 0,
+        "{dialed} fresh connections to a server that answered every call"
+    );
+    client.shutdown().await.unwrap();
+    server.shutdown().await;
+}
+
+/// A task holding a leading set (streams of clients on two connections,
+/// with different RPC timeouts) is dropped while its multi-thread runtime
+/// shuts down: nothing drives the connections any more, so the set's drop
+/// must neither wait for its releases nor panic.
+#[test]
+fn a_leading_set_dropped_at_runtime_shutdown_neither_waits_nor_panics() {
+    let home = home_runtime();
+    let a = home.block_on(server());
+    let b = home.block_on(server());
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    client_rt.block_on(async {
+        let one = over_tcp(&a.url(), 30)
+            .rpc_timeout(SEC)
+            .build()
+            .await
+            .unwrap();
+        let two = over_tcp(&b.url(), 30)
+            .rpc_timeout(5 * SEC)
+            .build()
+            .await
+            .unwrap();
+        let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
+            .into_iter()
+            .collect();
+        let mut elected = 0;
+        while elected < 2 {
+            if next(&mut events(&mut set), 10 * SEC, "both elected")
+                .await
+                .is_elected()
+            {
+                elected += 1;
+            }
+        }
+        tokio::spawn(async move {
+            let _held = (set, one, two);
+            std::future::pending::<()>().await;
+        });
+    });
+    let start = std::time::Instant::now();
+    drop(client_rt);
+    assert!(
+        start.elapsed() < 3 * SEC,
+        "the runtime took {:?} to shut down",
+        start.elapsed()
+    );
+    home.block_on(async {
+        a.shutdown().await;
+        b.shutdown().await;
+    });
+}
+
+/// A task holding a leading set panics: the set is dropped while the task
+/// unwinds, on a multi-thread runtime, and releases every lock before the
+/// task's panic is reported (the drop blocks as it does otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leading_set_dropped_while_its_task_unwinds_releases_before_the_panic_is_reported() {
+    let a = server().await;
+    let b = server().await;
+    let one = over_tcp(&a.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let two = over_tcp(&b.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
+        .into_iter()
+        .collect();
+    let mut elected = 0;
+    while elected < 2 {
+        if next(&mut events(&mut set), 10 * SEC, "both elected")
+            .await
+            .is_elected()
+        {
+            elected += 1;
+        }
+    }
+    a.set_latency(ms(200));
+    b.set_latency(ms(200));
+    let task = tokio::spawn(async move {
+        // Dropped by the unwinding itself, on a worker thread.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = set;
+            assert!(!std::thread::panicking());
+            panic!("the application's bug");
+        }))
+    });
+    assert!(task.await.unwrap().is_err());
+    assert!(
+        a.lock(SERVICE, DOMAIN).is_none(),
+        "released before the panic is reported"
+    );
+    assert!(
+        b.lock(SERVICE, DOMAIN).is_none(),
+        "released before the panic is reported"
+    );
+    assert!(!one.is_leader() && !two.is_leader());
+}
+
+/// An executor's waker that panics (a bug of the application's executor).
+struct PanicsOnWake;
+
+impl futures::task::ArcWake for PanicsOnWake {
+    fn wake_by_ref(_: &std::sync::Arc<Self>) {
+        panic!("an executor's bug");
+    }
+}
+
+/// A leading set dropped outside any runtime, where the end of each
+/// member's term panics (tasks awaiting `cancelled()` with wakers that
+/// panic): every member steps down (the first panic reaches the drop after
+/// all did), and each client can lead again (no release left in flight).
+#[test]
+fn a_leading_set_dropped_outside_a_runtime_with_panicking_term_ends_steps_every_member_down() {
+    let rt = home_runtime();
+    let server = rt.block_on(server());
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            rt.block_on(
+                over_tcp(&server.url(), 30)
+                    .client_id(format!("node-{i}"))
+                    .build(),
+            )
+            .unwrap()
+            .for_scope(SERVICE, format!("lock-{i}"))
+            .unwrap()
+        })
+        .collect();
+    let mut set: LeadershipSet<u32> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i as u32, c.leadership()))
+        .collect();
+    let terms: Vec<_> = rt.block_on(async {
+        let mut terms = Vec::new();
+        while terms.len() < 3 {
+            if let LeadershipEvent::Elected { term, .. } =
+                next(&mut events(&mut set), 10 * SEC, "all elected").await
+            {
+                terms.push(term);
+            }
+        }
+        terms
+    });
+    let mut ends: Vec<_> = terms.iter().map(|t| t.cancelled()).collect();
+    {
+        let _in_runtime = rt.enter();
+        let waker = futures::task::waker(std::sync::Arc::new(PanicsOnWake));
+        for end in &mut ends {
+            let polled = std::future::Future::poll(
+                std::pin::Pin::new(end),
+                &mut std::task::Context::from_waker(&waker),
+            );
+            assert!(polled.is_pending());
+        }
+    }
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(set)));
+    assert!(dropped.is_err(), "the wake-up's panic is not hidden");
+    for (c, t) in clients.iter().zip(&terms) {
+        assert!(!c.is_leader());
+        assert!(t.is_ended());
+        let again = rt.block_on(c.try_acquire_lock());
+        assert_eq!(again.ok(), Some(true), "a grant no longer counts");
+    }
+    drop(ends);
+    rt.block_on(async {
+        for c in &clients {
+            let _ = c.shutdown().await;
+        }
+        server.shutdown().await;
+    });
+}
+
+/// A leading set one of whose members' client was shut down (its stream
+/// still in the set, its `Lost` unread): the drop releases the other's lock
+/// before it returns, and does not wait on the shut-down one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leading_sets_drop_with_a_member_whose_client_was_shut_down_releases_the_others() {
+    let a = server().await;
+    let b = server().await;
+    let one = over_tcp(&a.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let two = over_tcp(&b.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
+        .into_iter()
+        .collect();
+    let mut elected = 0;
+    while elected < 2 {
+        if next(&mut events(&mut set), 10 * SEC, "both elected")
+            .await
+            .is_elected()
+        {
+            elected += 1;
+        }
+    }
+    one.shutdown().await.unwrap();
+    // The shut-down one's server would now hold any call.
+    a.pause();
+    b.set_latency(ms(200));
+    let started = std::time::Instant::now();
+    drop(set);
+    let took = started.elapsed();
+    assert!(
+        b.lock(SERVICE, DOMAIN).is_none(),
+        "released when the drop returned"
+    );
+    assert!(!two.is_leader());
+    assert!(took < 2 * SEC, "the drop took {took:?}");
+    a.resume();
+}
+
+/// On a current-thread runtime a leading set's drop cannot block (it would
+/// stall the connection its releases need): it returns at once, and the
+/// releases complete in the background.
+#[tokio::test]
+async fn a_leading_set_dropped_on_a_current_thread_runtime_releases_in_the_background() {
+    let a = server().await;
+    let b = server().await;
+    let one = over_tcp(&a.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let two = over_tcp(&b.url(), 30)
+        .rpc_timeout(SEC)
+        .build()
+        .await
+        .unwrap();
+    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
+        .into_iter()
+        .collect();
+    let mut elected = 0;
+    while elected < 2 {
+        if next(&mut events(&mut set), 10 * SEC, "both elected")
+            .await
+            .is_elected()
+        {
+            elected += 1;
+        }
+    }
+    let started = std::time::Instant::now();
+    drop(set);
+    assert!(started.elapsed() < SEC, "{:?}", started.elapsed());
+    eventually(5 * SEC, "both released in the background", || {
+        a.lock(SERVICE, DOMAIN).is_none() && b.lock(SERVICE, DOMAIN).is_none()
+    })
+    .await;
+    assert!(!one.is_leader() && !two.is_leader());
+}
+
+/// A leading set built and read on a current-thread runtime that is then
+/// left idle (a sync wrapper's, between two `block_on`s), dropped on a
+/// multi-thread runtime: its connection's worker lives on the idle runtime.
+#[test]
+#[ignore = "finding, not fixed: the release waits on a connection whose worker is on an idle runtime"]
+fn a_leading_set_dropped_on_another_runtime_while_its_connections_runtime_is_idle_releases() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let first = current_thread();
+    let (client, set) = first.block_on(async {
+        let client = over_tcp(&server.url(), 30)
+            .rpc_timeout(SEC)
+            .build()
+            .await
+            .unwrap();
+        let mut set: LeadershipSet<u32> = [(1, client.leadership())].into_iter().collect();
+        let ev = next(&mut events(&mut set), 10 * SEC, "elected").await;
+        assert!(ev.is_elected());
+        (client, set)
+    });
+    let other = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let took = other.block_on(async move {
+        let started = std::time::Instant::now();
+        drop(set);
+        started.elapsed()
+    });
+    assert!(
+        server.lock(SERVICE, DOMAIN).is_none(),
+        "the lock is still held when the drop returned after {took:?}"
+    );
+    drop(client);
+    drop(first);
+    home.block_on(server.shutdown());
+}

@@ -874,7 +874,8 @@ impl Shutdown {
     /// [`run_on_drop`](Self::run_on_drop) for many clients' shutdowns at
     /// once (a [`LeadershipSet`] dropped): their releases go out together,
     /// through the connection's admission queue, and the drop waits (if it
-    /// waits) for all of them within one bound, not one bound each.
+    /// waits) for all of those holding a lock within one bound, not one
+    /// bound each; the others release in the background.
     pub(crate) fn run_all_on_drop(shutdowns: Vec<Shutdown>) {
         if shutdowns.is_empty() {
             return;
@@ -893,8 +894,18 @@ impl Shutdown {
             crate::sync::resume_panic(panic);
             return;
         };
-        let leading = shutdowns.iter().any(|s| s.session.holds_lock());
-        if leading && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        let (shutdowns, followers): (Vec<_>, Vec<_>) =
+            shutdowns.into_iter().partition(|s| s.session.holds_lock());
+        if !followers.is_empty() {
+            // As a follower's own drop does: released in the background
+            // (a lock it may hold is at most one unanswered acquire), not
+            // holding up the leaders' drop for a server that hangs.
+            runtime.spawn(run_all_logged(followers));
+        }
+        if shutdowns.is_empty() {
+            return;
+        }
+        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
             let rpc_timeout = shutdowns
                 .iter()
                 .map(|s| s.session.timing.rpc_timeout)
@@ -976,7 +987,39 @@ impl Shutdown {
 
 /// [`Shutdown::run_logged`] for each of `shutdowns`, at once.
 async fn run_all_logged(shutdowns: Vec<Shutdown>) {
-    futures::future::join_all(shutdowns.into_iter().map(Shutdown::run_logged)).await;
+    let ran = futures::future::join_all(
+        shutdowns
+            .into_iter()
+            .map(|s| futures::FutureExt::catch_unwind(AssertUnwindSafe(s.run_logged()))),
+    )
+    .await;
+    crate::sync::resume_panic(ran.into_iter().find_map(|r| r.err()));
+}
+
+/// [`Shutdown::run`] for each of `shutdowns`, at once; the first failure.
+/// One that panics (a hand-out's panic, resumed once its release was
+/// answered) does not drop the others' releases in flight: the panic is
+/// resumed once all of them are over.
+pub(crate) async fn run_all(shutdowns: Vec<Shutdown>) -> Result<()> {
+    let ran = futures::future::join_all(
+        shutdowns
+            .into_iter()
+            .map(|s| futures::FutureExt::catch_unwind(AssertUnwindSafe(s.run()))),
+    )
+    .await;
+    let mut panic = None;
+    let mut first = Ok(());
+    for r in ran {
+        match r {
+            Ok(Err(e)) if first.is_ok() => first = Err(e),
+            Ok(_) => {}
+            Err(p) => {
+                panic.get_or_insert(p);
+            }
+        }
+    }
+    crate::sync::resume_panic(panic);
+    first
 }
 
 /// Waits for `shutdowns` to [`run`](Shutdown::run) with `block_in_place`;

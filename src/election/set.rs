@@ -264,10 +264,7 @@ impl<K: Hash + Eq + Clone> LeadershipSet<K> {
     /// # Ok(()) }
     /// ```
     pub async fn resign(mut self) -> Result<()> {
-        let shutdowns = self.members.take_shutdowns();
-        let results =
-            futures::future::join_all(shutdowns.into_iter().map(super::Shutdown::run)).await;
-        results.into_iter().collect()
+        super::run_all(self.members.take_shutdowns()).await
     }
 }
 

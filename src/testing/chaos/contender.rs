@@ -456,7 +456,10 @@ impl<F> Stamped<F> {
 }
 
 /// Stamps the instant if the term is over (not for a wake-up without news),
-/// then wakes the task that polled.
+/// then wakes the task that polled. A poll that finds the term going on
+/// again drops the stamp. (A term that looked ended and went on, with no
+/// poll in between, keeps its early stamp: that needs the client to publish
+/// a renewal after its old deadline passed, a gap of a few instructions.)
 struct StampWaker {
     term: LeaderTerm,
     ended_at: Arc<Mutex<Option<Instant>>>,
@@ -469,8 +472,13 @@ impl std::task::Wake for StampWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.term.is_ended() {
-            lock(&self.ended_at).get_or_insert_with(Instant::now);
+        {
+            // Looked at under the stamp's lock, as the poll that clears a
+            // stale stamp does: a stamp made after that look is kept.
+            let mut stamp = lock(&self.ended_at);
+            if self.term.is_ended() {
+                stamp.get_or_insert_with(Instant::now);
+            }
         }
         self.task.wake_by_ref();
     }
@@ -488,8 +496,72 @@ impl<F: std::future::Future> std::future::Future for Stamped<F> {
             ended_at: self.ended_at.clone(),
             task: cx.waker().clone(),
         }));
-        self.inner
+        let polled = self
+            .inner
             .as_mut()
-            .poll(&mut std::task::Context::from_waker(&waker))
+            .poll(&mut std::task::Context::from_waker(&waker));
+        if polled.is_pending() {
+            // Still running: a stamp taken while the term looked ended (its
+            // deadline passed while a renewal applied just before it was
+            // not published yet) is not its end.
+            let mut stamp = lock(&self.ended_at);
+            if !self.term.is_ended() {
+                *stamp = None;
+            }
+        }
+        polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::Context;
+
+    use super::*;
+    use crate::event::{LeaseCell, LeaseView};
+
+    fn view(term: &LeaderTerm, deadline: Option<Instant>) -> LeaseView {
+        LeaseView {
+            current: deadline.map(|d| term.published(d)),
+        }
+    }
+
+    /// A renewal applied just before the deadline is published just after
+    /// it (the client's state lock is held in between): a wake-up in that
+    /// gap finds the term ended by the clock, yet the term then goes on
+    /// (`is_active()` again). The stamp of that wake-up is not the term's
+    /// end: kept, it would date the end before the client really stopped
+    /// leading, and hide an overlap with the next leader.
+    #[tokio::test(start_paused = true)]
+    async fn a_stamp_from_a_wake_up_before_the_term_went_on_is_not_its_end() {
+        let ms = Duration::from_millis;
+        let cell = Arc::new(LeaseCell::default());
+        let term = LeaderTerm::new(1, cell.clone());
+        let t0 = Instant::now();
+        cell.publish(view(&term, Some(t0 + ms(100))));
+        let mut stamped = Box::pin(Stamped::new(term.cancelled(), term.clone()));
+        let woken = stamped.ended_at.clone();
+        let noop = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&noop);
+        assert!(stamped.as_mut().poll(&mut cx).is_pending());
+        // The deadline timer fires while the renewal is not published yet.
+        tokio::time::advance(ms(150)).await;
+        tokio::task::yield_now().await;
+        // The renewal is published: the same term goes on.
+        cell.publish(view(&term, Some(t0 + ms(1000))));
+        assert!(term.is_active(), "the client leads on in the same term");
+        assert!(stamped.as_mut().poll(&mut cx).is_pending());
+        // The term really ends (reported lost) later.
+        tokio::time::advance(ms(300)).await;
+        let ended = Instant::now();
+        cell.publish(view(&term, None));
+        assert!(stamped.as_mut().poll(&mut cx).is_ready());
+        let at = lock(&woken).unwrap_or_else(Instant::now);
+        assert!(
+            at >= ended,
+            "the term's end is stamped {:?} before the client stopped leading",
+            ended - at
+        );
     }
 }
