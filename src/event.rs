@@ -235,25 +235,48 @@ impl LeaseCell {
     /// whether the published deadline moved.
     #[cfg(test)]
     pub(crate) fn publish(&self, view: LeaseView) -> bool {
-        let (moved, wake) = self.publish_then_wake(view);
+        let (moved, wake) = self.hold().publish_then_wake(view);
         // Both wake other tasks.
         drop(wake);
         moved
     }
 
-    /// [`publish`](Self::publish), leaving its wake-ups (the end of the
-    /// term that left the view, the lease's waiters) to the caller, to run
-    /// once it holds no lock of its own: a waker may run the woken task at
-    /// once, on this thread, and that task may read the client.
-    pub(crate) fn publish_then_wake(&self, view: LeaseView) -> (bool, LeaseWake<'_>) {
+    /// Holds the cell: readers of the lease wait until the returned guard
+    /// publishes. An observation is applied while it is held (the instant it
+    /// is judged at included), so that no reader sees a deadline pass that
+    /// the observation then extends: a term never looks ended, then goes on.
+    pub(crate) fn hold(&self) -> LeaseHold<'_> {
+        LeaseHold {
+            cell: self,
+            state: lock(&self.state),
+        }
+    }
+}
+
+/// The [`LeaseCell`] held for a publish (see [`LeaseCell::hold`]).
+pub(crate) struct LeaseHold<'a> {
+    cell: &'a LeaseCell,
+    state: std::sync::MutexGuard<'a, CellState>,
+}
+
+impl<'a> LeaseHold<'a> {
+    /// Publishes `view` if it differs from what is there (a new term or a
+    /// moved deadline), and ends the term that left the view; returns
+    /// whether the published deadline moved. Leaves its wake-ups (the end of
+    /// the term that left the view, the lease's waiters) to the caller, to run once
+    /// it holds no lock of its own: a waker may run the woken task at once,
+    /// on this thread, and that task may read the client. The cell is
+    /// released before it returns.
+    pub(crate) fn publish_then_wake(self, view: LeaseView) -> (bool, LeaseWake<'a>) {
+        let LeaseHold { cell, state } = self;
         let (left, wake, moved) = {
-            let mut state = lock(&self.state);
+            let mut state = state;
             let (old_key, new_key) = (state.view.key(), view.key());
             if old_key == new_key {
                 return (
                     false,
                     LeaseWake {
-                        cell: self,
+                        cell,
                         left: None,
                         wake: false,
                     },
@@ -272,16 +295,11 @@ impl LeaseCell {
             let left = old.current.filter(|c| Some(c.id) != new_id);
             (left, wake, moved)
         };
-        (
-            moved,
-            LeaseWake {
-                cell: self,
-                left,
-                wake,
-            },
-        )
+        (moved, LeaseWake { cell, left, wake })
     }
+}
 
+impl LeaseCell {
     /// The current term's deadline, if leader (it may have passed).
     pub(crate) fn deadline(&self) -> Option<Instant> {
         lock(&self.state).view.key().map(|(_, deadline)| deadline)
@@ -308,7 +326,7 @@ impl LeaseCell {
     }
 }
 
-/// The wake-ups a publish owes (see [`LeaseCell::publish_then_wake`]):
+/// The wake-ups a publish owes (see [`LeaseHold::publish_then_wake`]):
 /// they run when it is dropped.
 #[must_use = "the waiters wake when it is dropped"]
 pub(crate) struct LeaseWake<'a> {

@@ -103,6 +103,21 @@ pub(crate) struct Session {
     /// Test hook: the campaign panics at its next step.
     #[cfg(test)]
     pub(crate) inject_panic: std::sync::atomic::AtomicBool,
+    /// Test hook: runs once, after an observation was applied and before
+    /// its lease is published.
+    #[cfg(test)]
+    pub(crate) before_publish: Mutex<Option<TestHook>>,
+}
+
+/// A test's code, run by a [`Session`] test hook.
+#[cfg(test)]
+pub(crate) struct TestHook(pub(crate) Box<dyn FnOnce() + Send>);
+
+#[cfg(test)]
+impl std::fmt::Debug for TestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestHook")
+    }
 }
 
 #[derive(Debug)]
@@ -253,6 +268,8 @@ impl Session {
             observer,
             #[cfg(test)]
             inject_panic: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            before_publish: Mutex::new(None),
         })
     }
 
@@ -285,13 +302,22 @@ impl Session {
     ) -> (Applied<'_>, R) {
         let (applied, out) = {
             let mut shared = self.shared();
+            self.observer.observed(&obs, Instant::now());
+            // The lease's readers wait from before the instant the
+            // observation is judged at until its outcome is published: a
+            // renewal judged in time cannot extend a deadline a reader
+            // already saw pass (the term would look ended, then go on).
+            let held = self.lease.hold();
             let now = Instant::now();
-            self.observer.observed(&obs, now);
             let events = shared.election.apply(obs, now);
+            #[cfg(test)]
+            if let Some(hook) = lock(&self.before_publish).take() {
+                (hook.0)();
+            }
             // Published and numbered before `read` runs: should it panic, the
             // lease still follows the state, and the events are delivered as
             // the `Applied` drops.
-            let applied = self.applied(&mut shared, events);
+            let applied = self.applied_held(held, &mut shared, events);
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 read(&mut shared.election)
             }));
@@ -312,7 +338,17 @@ impl Session {
     /// deadline moved outside the driver is reported to it (it keeps the
     /// step-down timer and wakes a campaign waiting to renew).
     fn applied(&self, shared: &mut Shared, events: Vec<LeadershipEvent>) -> Applied<'_> {
-        let (moved, wake) = self.lease.publish_then_wake(shared.election.view());
+        self.applied_held(self.lease.hold(), shared, events)
+    }
+
+    /// [`applied`](Self::applied), publishing through the cell `held`.
+    fn applied_held<'a>(
+        &'a self,
+        held: crate::event::LeaseHold<'a>,
+        shared: &mut Shared,
+        events: Vec<LeadershipEvent>,
+    ) -> Applied<'a> {
+        let (moved, wake) = held.publish_then_wake(shared.election.view());
         if moved {
             self.poke();
         }

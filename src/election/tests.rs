@@ -463,3 +463,80 @@ async fn a_panic_reading_the_state_wakes_nobody_under_the_state_lock() {
         Some(LeadershipEvent::Lost { .. })
     ));
 }
+
+/// A renewal answered just before the deadline and published just after
+/// it: a reader in between must not see the term end and then go on (its
+/// `cancelled()` would have fired for a term the client still leads, with
+/// no `Lost`).
+#[test]
+fn a_term_renewed_just_before_its_deadline_never_looks_ended_in_between() {
+    use crate::state::Observation;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    let session = rt.block_on(session(&server));
+    let _runtime = rt.enter();
+    let mut events = session.subscribe();
+    let lease = Duration::from_secs(3);
+    let margin = session.timing.safety_margin;
+    let incarnation = session.shared().election.incarnation();
+    // A term whose deadline is 200 ms away.
+    let sent_at = tokio::time::Instant::now() - (lease - margin) + Duration::from_millis(200);
+    session
+        .observe(Observation::Granted {
+            sent_at,
+            incarnation,
+        })
+        .deliver();
+    session
+        .observe(Observation::Renewed {
+            sent_at,
+            incarnation,
+            lease,
+        })
+        .deliver();
+    let cx = &mut std::task::Context::from_waker(futures::task::noop_waker_ref());
+    let term = loop {
+        match events.poll_recv(cx) {
+            std::task::Poll::Ready(Some(LeadershipEvent::Elected { term, .. })) => break term,
+            std::task::Poll::Ready(Some(_)) => {}
+            other => panic!("expected Elected, got {other:?}"),
+        }
+    };
+    let deadline = term.deadline().expect("a deadline");
+    // The renewal is applied before the deadline; the hook then waits until
+    // the deadline has passed and asks, from another thread, whether the
+    // term is still on, before the renewal is published.
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    let reader = term.clone();
+    *crate::sync::lock(&session.before_publish) = Some(super::TestHook(Box::new(move || {
+        let past = deadline + Duration::from_millis(20);
+        while tokio::time::Instant::now() < past {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::spawn(move || {
+            let _ = seen_tx.send(reader.is_active());
+        });
+        // Long enough for an unblocked reader to answer.
+        std::thread::sleep(Duration::from_millis(100));
+    })));
+    session
+        .observe(Observation::Renewed {
+            sent_at: tokio::time::Instant::now(),
+            incarnation,
+            lease,
+        })
+        .deliver();
+    let active_then = seen
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the reader answered");
+    assert!(term.is_active(), "the renewal counted: the term goes on");
+    assert!(
+        active_then,
+        "a reader saw the term ended while its renewal was being applied, then saw it go on"
+    );
+}
