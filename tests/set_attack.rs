@@ -34,6 +34,42 @@ fn events(
     set.map(|(_, ev)| ev)
 }
 
+/// Two clients of lock `SERVICE/DOMAIN` on servers `a` and `b` (their RPC
+/// timeouts given), both leading, in one set (keys 1 and 2).
+async fn two_leading(
+    a: &quorum_quest_client::testing::TestServer,
+    b: &quorum_quest_client::testing::TestServer,
+    (timeout_one, timeout_two): (std::time::Duration, std::time::Duration),
+) -> (
+    quorum_quest_client::QuorumQuestClient,
+    quorum_quest_client::QuorumQuestClient,
+    LeadershipSet<u32>,
+) {
+    let one = over_tcp(&a.url(), 30)
+        .rpc_timeout(timeout_one)
+        .build()
+        .await
+        .unwrap();
+    let two = over_tcp(&b.url(), 30)
+        .rpc_timeout(timeout_two)
+        .build()
+        .await
+        .unwrap();
+    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
+        .into_iter()
+        .collect();
+    let mut elected = 0;
+    while elected < 2 {
+        if next(&mut events(&mut set), 10 * SEC, "both elected")
+            .await
+            .is_elected()
+        {
+            elected += 1;
+        }
+    }
+    (one, two, set)
+}
+
 /// A set first read on a current-thread runtime (its campaign starts on
 /// that runtime's driver), which is then left idle (not dropped: a sync
 /// wrapper's runtime between two `block_on`s), then read on a healthy
@@ -540,28 +576,7 @@ fn a_leading_set_dropped_at_runtime_shutdown_neither_waits_nor_panics() {
         .build()
         .unwrap();
     client_rt.block_on(async {
-        let one = over_tcp(&a.url(), 30)
-            .rpc_timeout(SEC)
-            .build()
-            .await
-            .unwrap();
-        let two = over_tcp(&b.url(), 30)
-            .rpc_timeout(5 * SEC)
-            .build()
-            .await
-            .unwrap();
-        let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
-            .into_iter()
-            .collect();
-        let mut elected = 0;
-        while elected < 2 {
-            if next(&mut events(&mut set), 10 * SEC, "both elected")
-                .await
-                .is_elected()
-            {
-                elected += 1;
-            }
-        }
+        let (one, two, set) = two_leading(&a, &b, (SEC, 5 * SEC)).await;
         tokio::spawn(async move {
             let _held = (set, one, two);
             std::future::pending::<()>().await;
@@ -587,28 +602,7 @@ fn a_leading_set_dropped_at_runtime_shutdown_neither_waits_nor_panics() {
 async fn a_leading_set_dropped_while_its_task_unwinds_releases_before_the_panic_is_reported() {
     let a = server().await;
     let b = server().await;
-    let one = over_tcp(&a.url(), 30)
-        .rpc_timeout(SEC)
-        .build()
-        .await
-        .unwrap();
-    let two = over_tcp(&b.url(), 30)
-        .rpc_timeout(SEC)
-        .build()
-        .await
-        .unwrap();
-    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
-        .into_iter()
-        .collect();
-    let mut elected = 0;
-    while elected < 2 {
-        if next(&mut events(&mut set), 10 * SEC, "both elected")
-            .await
-            .is_elected()
-        {
-            elected += 1;
-        }
-    }
+    let (one, two, set) = two_leading(&a, &b, (SEC, SEC)).await;
     a.set_latency(ms(200));
     b.set_latency(ms(200));
     let task = tokio::spawn(async move {
@@ -712,28 +706,7 @@ fn a_leading_set_dropped_outside_a_runtime_with_panicking_term_ends_steps_every_
 async fn a_leading_sets_drop_with_a_member_whose_client_was_shut_down_releases_the_others() {
     let a = server().await;
     let b = server().await;
-    let one = over_tcp(&a.url(), 30)
-        .rpc_timeout(SEC)
-        .build()
-        .await
-        .unwrap();
-    let two = over_tcp(&b.url(), 30)
-        .rpc_timeout(SEC)
-        .build()
-        .await
-        .unwrap();
-    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
-        .into_iter()
-        .collect();
-    let mut elected = 0;
-    while elected < 2 {
-        if next(&mut events(&mut set), 10 * SEC, "both elected")
-            .await
-            .is_elected()
-        {
-            elected += 1;
-        }
-    }
+    let (one, two, set) = two_leading(&a, &b, (SEC, SEC)).await;
     one.shutdown().await.unwrap();
     // The shut-down one's server would now hold any call.
     a.pause();
@@ -757,28 +730,7 @@ async fn a_leading_sets_drop_with_a_member_whose_client_was_shut_down_releases_t
 async fn a_leading_set_dropped_on_a_current_thread_runtime_releases_in_the_background() {
     let a = server().await;
     let b = server().await;
-    let one = over_tcp(&a.url(), 30)
-        .rpc_timeout(SEC)
-        .build()
-        .await
-        .unwrap();
-    let two = over_tcp(&b.url(), 30)
-        .rpc_timeout(SEC)
-        .build()
-        .await
-        .unwrap();
-    let mut set: LeadershipSet<u32> = [(1, one.leadership()), (2, two.leadership())]
-        .into_iter()
-        .collect();
-    let mut elected = 0;
-    while elected < 2 {
-        if next(&mut events(&mut set), 10 * SEC, "both elected")
-            .await
-            .is_elected()
-        {
-            elected += 1;
-        }
-    }
+    let (one, two, set) = two_leading(&a, &b, (SEC, SEC)).await;
     let started = std::time::Instant::now();
     drop(set);
     assert!(started.elapsed() < SEC, "{:?}", started.elapsed());
