@@ -1023,13 +1023,7 @@ impl Shutdown {
 
 /// [`Shutdown::run_logged`] for each of `shutdowns`, at once.
 async fn run_all_logged(shutdowns: Vec<Shutdown>) {
-    let ran = futures::future::join_all(
-        shutdowns
-            .into_iter()
-            .map(|s| futures::FutureExt::catch_unwind(AssertUnwindSafe(s.run_logged()))),
-    )
-    .await;
-    crate::sync::resume_panic(ran.into_iter().find_map(|r| r.err()));
+    join_unwinding(shutdowns.into_iter().map(Shutdown::run_logged)).await;
 }
 
 /// [`Shutdown::run`] for each of `shutdowns`, at once; the first failure.
@@ -1037,25 +1031,35 @@ async fn run_all_logged(shutdowns: Vec<Shutdown>) {
 /// answered) does not drop the others' releases in flight: the panic is
 /// resumed once all of them are over.
 pub(crate) async fn run_all(shutdowns: Vec<Shutdown>) -> Result<()> {
+    join_unwinding(shutdowns.into_iter().map(Shutdown::run))
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Awaits every one of `futures` to its end, even if some panic; then
+/// resumes the first panic, if any, or returns their outputs in order.
+async fn join_unwinding<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let ran = futures::future::join_all(
-        shutdowns
+        futures
             .into_iter()
-            .map(|s| futures::FutureExt::catch_unwind(AssertUnwindSafe(s.run()))),
+            .map(|f| futures::FutureExt::catch_unwind(AssertUnwindSafe(f))),
     )
     .await;
     let mut panic = None;
-    let mut first = Ok(());
+    let mut outputs = Vec::with_capacity(ran.len());
     for r in ran {
         match r {
-            Ok(Err(e)) if first.is_ok() => first = Err(e),
-            Ok(_) => {}
+            Ok(output) => outputs.push(output),
             Err(p) => {
                 panic.get_or_insert(p);
             }
         }
     }
     crate::sync::resume_panic(panic);
-    first
+    outputs
 }
 
 /// Waits for `shutdowns` to [`run`](Shutdown::run) with `block_in_place`;
