@@ -32,6 +32,19 @@ async fn session(server: &TestServer) -> Arc<Session> {
     )
 }
 
+/// A two-worker runtime of the test's own (for tests that drive it from
+/// plain threads), a TestServer on it, and a session on that server.
+fn session_on_own_runtime() -> (tokio::runtime::Runtime, TestServer, Arc<Session>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    let session = rt.block_on(session(&server));
+    (rt, server, session)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_campaign_that_panics_ends_the_term_and_campaigns_again() {
     let server = TestServer::start().await.unwrap();
@@ -121,13 +134,7 @@ async fn a_follower_campaign_that_panics_keeps_asking_and_stops_at_once() {
 fn events_applied_on_many_threads_reach_every_subscriber_in_one_order() {
     use crate::state::Observation;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = rt.block_on(TestServer::start()).unwrap();
-    let session = rt.block_on(session(&server));
+    let (rt, server, session) = session_on_own_runtime();
     let mut first = session.subscribe();
     let mut second = session.subscribe();
     let lease = Duration::from_secs(3);
@@ -472,13 +479,7 @@ async fn a_panic_reading_the_state_wakes_nobody_under_the_state_lock() {
 fn a_term_renewed_just_before_its_deadline_never_looks_ended_in_between() {
     use crate::state::Observation;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = rt.block_on(TestServer::start()).unwrap();
-    let session = rt.block_on(session(&server));
+    let (rt, _server, session) = session_on_own_runtime();
     let _runtime = rt.enter();
     let mut events = session.subscribe();
     let lease = Duration::from_secs(3);
