@@ -9,10 +9,10 @@
 //! ```
 //!
 //! CPU figures on a shared machine move by ±20 % from run to run; with
-//! `--repeat K` each N runs K rounds of the three variants in turn, the
+//! `--repeat K` each N runs K rounds of the four variants in turn, the
 //! table shows the medians and every round's CPU ratio is printed.
 //!
-//! For each N, three child processes run one after the other (so that each
+//! For each N, four child processes run one after the other (so that each
 //! measures its own memory):
 //!
 //! - `stub`: the raw-stub baseline, one task per lock: acquire until granted,
@@ -28,6 +28,11 @@
 //! - `client`: one `for_scope` client per lock on one connection, each
 //!   followed by its `leadership()` stream, all read as one `LeadershipSet`
 //!   by one task.
+//! - `quiet`: the same, with each stream's renewals left out
+//!   (`Leadership::without_renewals`): what a process that only needs to
+//!   know when it gains or loses a lock reads. Its reader is woken for
+//!   transitions only; its renewals are counted by the server, and its
+//!   lateness is not measured (there is no event to read it from).
 //!
 //! Each creates all N elections at once and then keeps them through a
 //! steady-state window. Printed, beside each other with the client/stub
@@ -39,7 +44,9 @@
 //! - bytes per election: RSS at the end of the window minus RSS before the
 //!   first election, divided by N;
 //! - CPU per renewal: user + system CPU time of the process during the window,
-//!   divided by the renewals it made;
+//!   divided by the renewals it made (for `quiet`, the `KeepAlive` calls the
+//!   server received during the window: the child reports when its window
+//!   starts and ends, and the server is asked for its count then);
 //! - renewal lateness p50 / p99: how long after its nominal due instant (the
 //!   previous renewal's send instant plus the renew interval) a renewal was
 //!   sent; a renewal sent early (the client jitters its renewals earlier) counts
@@ -81,7 +88,7 @@ struct Args {
     /// Give up electing after this many seconds.
     #[arg(long, default_value_t = 120)]
     give_up: u64,
-    /// Rounds per N (each runs the three variants in turn): the table then
+    /// Rounds per N (each runs the four variants in turn): the table then
     /// shows the median of each figure (the worst for failed calls, losses,
     /// redials and elected), and the CPU ratio of every round is printed.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
@@ -89,7 +96,7 @@ struct Args {
     /// Internal: run the server and answer `stats` on stdin.
     #[arg(long, hide = true)]
     serve: bool,
-    /// Internal: run one variant ("stub" or "client") against --url.
+    /// Internal: run one variant (one of `VARIANTS`) against --url.
     #[arg(long, hide = true)]
     run: Option<String>,
     #[arg(long, hide = true)]
@@ -168,13 +175,23 @@ impl ServerProcess {
 
     /// Connections accepted so far.
     fn connections(&mut self) -> Result<u64, Box<dyn std::error::Error>> {
+        self.stat(1)
+    }
+
+    /// `KeepAlive` calls received so far.
+    fn keep_alives(&mut self) -> Result<u64, Box<dyn std::error::Error>> {
+        self.stat(3)
+    }
+
+    /// Field `i` of the server's `STATS` line.
+    fn stat(&mut self, i: usize) -> Result<u64, Box<dyn std::error::Error>> {
         let stdin = self.child.stdin.as_mut().ok_or("no stdin")?;
         writeln!(stdin, "stats")?;
         stdin.flush()?;
         let line = self.out.next().ok_or("server gone")??;
         let n = line
             .split_whitespace()
-            .nth(1)
+            .nth(i)
             .and_then(|s| s.parse().ok())
             .ok_or("bad stats line")?;
         Ok(n)
@@ -203,12 +220,14 @@ struct Figures {
     late_p50_ms: f64,
     late_p99_ms: f64,
     redials: u64,
+    /// CPU time of the process during the window, in seconds.
+    window_cpu_secs: f64,
 }
 
 impl Figures {
     fn to_line(&self) -> String {
         format!(
-            "RESULT {} {} {} {} {} {} {} {} {}",
+            "RESULT {} {} {} {} {} {} {} {} {} {}",
             self.elected,
             self.elect_secs,
             self.failed,
@@ -217,7 +236,8 @@ impl Figures {
             self.cpu_us_per_renewal,
             self.renewals,
             self.late_p50_ms,
-            self.late_p99_ms
+            self.late_p99_ms,
+            self.window_cpu_secs
         )
     }
 
@@ -241,6 +261,7 @@ impl Figures {
             late_p50_ms: median(|r| r.late_p50_ms),
             late_p99_ms: median(|r| r.late_p99_ms),
             redials: rounds.iter().map(|r| r.redials).max().unwrap_or(0),
+            window_cpu_secs: median(|r| r.window_cpu_secs),
         }
     }
 
@@ -258,9 +279,13 @@ impl Figures {
             late_p50_ms: f(7)?,
             late_p99_ms: f(8)?,
             redials: 0,
+            window_cpu_secs: f(9)?,
         })
     }
 }
+
+/// The variants, in the order each round runs them.
+const VARIANTS: [&str; 4] = ["stub", "spread", "client", "quiet"];
 
 fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut server = ServerProcess::start()?;
@@ -273,112 +298,71 @@ fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     for (round, &n) in args.n.iter().enumerate() {
-        // rounds[r][v]: round r, variant v (stub, spread, client).
+        // rounds[r][v]: round r, variant v (in the order of VARIANTS).
         let mut rounds: Vec<Vec<Figures>> = Vec::new();
         for rep in 0..args.repeat {
             let mut results = Vec::new();
-            for variant in ["stub", "spread", "client"] {
+            for variant in VARIANTS {
                 let service = format!("scale-{round}-{rep}-{variant}");
                 results.push(run_variant(args, &mut server, variant, n, &service)?);
             }
             rounds.push(results);
         }
-        let summary: Vec<Figures> = (0..3)
+        let summary: Vec<Figures> = (0..VARIANTS.len())
             .map(|v| Figures::summary(&rounds.iter().map(|r| r[v].clone()).collect::<Vec<_>>()))
             .collect();
-        let results = &summary;
+        let (stub, spread, client, quiet) = (&summary[0], &summary[1], &summary[2], &summary[3]);
         if args.repeat > 1 {
-            let ratios: Vec<String> = rounds
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{:.2}x",
-                        r[2].cpu_us_per_renewal / r[1].cpu_us_per_renewal.max(f64::MIN_POSITIVE)
-                    )
-                })
-                .collect();
+            let ratios = |v: usize| {
+                rounds
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{:.2}x",
+                            r[v].cpu_us_per_renewal
+                                / r[1].cpu_us_per_renewal.max(f64::MIN_POSITIVE)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
             println!(
-                "\nN = {n}: CPU per renewal, client / stub+jitter, in each of {} rounds: {}",
+                "\nN = {n}: CPU per renewal against stub+jitter, in each of {} rounds:\n  client: {}\n  quiet:  {}",
                 args.repeat,
-                ratios.join(" ")
+                ratios(2),
+                ratios(3)
             );
             println!("(the table shows the median of each figure; failed calls, losses and redials the worst round)");
         }
-        let (stub, spread, client) = (&results[0], &results[1], &results[2]);
         println!(
-            "\nN = {n:<7} created at once    client    raw stub  stub+jitter  client/stub  client/stub+jitter"
+            "\nN = {n:<7} created at once    client       quiet    raw stub  stub+jitter  client/stub+jitter  quiet/stub+jitter"
         );
-        let row = |what: &str, c: f64, s: f64, digits: usize| {
-            let j = match what {
-                "elected (of N)" => spread.elected as f64,
-                "time to elect all (s)" => spread.elect_secs,
-                "failed calls" => spread.failed as f64,
-                "losses" => spread.lost as f64,
-                "redials" => spread.redials as f64,
-                "bytes per election" => spread.bytes_per_election,
-                "renewals in the window" => spread.renewals as f64,
-                "CPU per renewal (us)" => spread.cpu_us_per_renewal,
-                "renewal lateness p50 (ms)" => spread.late_p50_ms,
-                _ => spread.late_p99_ms,
-            };
-            let ratio = |base: f64| {
-                if base > 0.0 {
-                    format!("{:.2}x", c / base)
+        let row = |what: &str, f: fn(&Figures) -> f64, digits: usize| {
+            let ratio = |x: f64, base: f64| {
+                if base > 0.0 && x > 0.0 {
+                    format!("{:.2}x", x / base)
                 } else {
                     "-".into()
                 }
             };
+            let (c, q, s, j) = (f(client), f(quiet), f(stub), f(spread));
             println!(
-                "  {what:<26} {c:>10.digits$}  {s:>10.digits$}  {j:>11.digits$}  {:>11}  {:>18}",
-                ratio(s),
-                ratio(j)
+                "  {what:<26} {c:>10.digits$}  {q:>10.digits$}  {s:>10.digits$}  {j:>11.digits$}  {:>18}  {:>17}",
+                ratio(c, j),
+                ratio(q, j)
             );
         };
-        row(
-            "elected (of N)",
-            client.elected as f64,
-            stub.elected as f64,
-            0,
-        );
-        row(
-            "time to elect all (s)",
-            client.elect_secs,
-            stub.elect_secs,
-            2,
-        );
-        row("failed calls", client.failed as f64, stub.failed as f64, 0);
-        row("losses", client.lost as f64, stub.lost as f64, 0);
-        row("redials", client.redials as f64, stub.redials as f64, 0);
-        row(
-            "bytes per election",
-            client.bytes_per_election,
-            stub.bytes_per_election,
-            0,
-        );
-        row(
-            "renewals in the window",
-            client.renewals as f64,
-            stub.renewals as f64,
-            0,
-        );
-        row(
-            "CPU per renewal (us)",
-            client.cpu_us_per_renewal,
-            stub.cpu_us_per_renewal,
-            1,
-        );
-        row(
-            "renewal lateness p50 (ms)",
-            client.late_p50_ms,
-            stub.late_p50_ms,
-            1,
-        );
-        row(
-            "renewal lateness p99 (ms)",
-            client.late_p99_ms,
-            stub.late_p99_ms,
-            1,
-        );
+        row("elected (of N)", |f| f.elected as f64, 0);
+        row("time to elect all (s)", |f| f.elect_secs, 2);
+        row("failed calls", |f| f.failed as f64, 0);
+        row("losses", |f| f.lost as f64, 0);
+        row("redials", |f| f.redials as f64, 0);
+        row("bytes per election", |f| f.bytes_per_election, 0);
+        row("renewals in the window", |f| f.renewals as f64, 0);
+        row("CPU per renewal (us)", |f| f.cpu_us_per_renewal, 1);
+        row("renewal lateness p50 (ms)", |f| f.late_p50_ms, 1);
+        row("renewal lateness p99 (ms)", |f| f.late_p99_ms, 1);
+        println!("  (quiet: renewals counted by the server; its lateness is not measured)");
     }
     Ok(())
 }
@@ -392,24 +376,61 @@ fn run_variant(
     service: &str,
 ) -> Result<Figures, Box<dyn std::error::Error>> {
     let before = server.connections()?;
-    let out = Command::new(std::env::current_exe()?)
+    let mut child = Command::new(std::env::current_exe()?)
         .args(["--run", variant, "--url", &server.url, "--service", service])
         .args(["--n", &n.to_string()])
         .args(["--ttl", &args.ttl.to_string()])
         .args(["--window", &args.window.to_string()])
         .args(["--give-up", &args.give_up.to_string()])
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut figures = text
-        .lines()
-        .find_map(Figures::parse)
-        .ok_or_else(|| format!("{variant} at N = {n} printed no result: {text}"))?;
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    // The server's count of `KeepAlive` calls when the child's window
+    // starts, and how many came in it.
+    let (mut window_start, mut in_window) = (None, None);
+    let mut figures = None;
+    let mut text = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        match line.as_str() {
+            WINDOW_START => window_start = Some(server.keep_alives()?),
+            WINDOW_END => {
+                let end = server.keep_alives()?;
+                in_window = window_start.map(|start| end.saturating_sub(start));
+            }
+            _ => figures = figures.or_else(|| Figures::parse(&line)),
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    child.wait()?;
+    let mut figures =
+        figures.ok_or_else(|| format!("{variant} at N = {n} printed no result: {text}"))?;
     figures.redials = server.connections()?.saturating_sub(before + 1);
+    if variant == "quiet" {
+        // No `Renewed` to count: the server's count during the window.
+        figures.renewals = in_window.unwrap_or(0);
+        figures.cpu_us_per_renewal = if figures.renewals == 0 {
+            0.0
+        } else {
+            figures.window_cpu_secs * 1e6 / figures.renewals as f64
+        };
+    }
     Ok(figures)
 }
 
 // ----- one variant, in its own process -----
+
+/// Printed by a child when its steady-state window starts, and when it ends.
+const WINDOW_START: &str = "WINDOW START";
+const WINDOW_END: &str = "WINDOW END";
+
+/// Tells the orchestrator (reading stdout) that the window starts or ends.
+fn mark(what: &str) {
+    println!("{what}");
+    let _ = std::io::stdout().flush();
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -447,7 +468,8 @@ fn run_child(args: &Args, variant: &str) -> Result<(), Box<dyn std::error::Error
                 match variant.as_str() {
                     "stub" => run_stub(&args, n, &url, &service, false).await,
                     "spread" => run_stub(&args, n, &url, &service, true).await,
-                    _ => run_client(&args, n, &url, &service).await,
+                    "quiet" => run_client(&args, n, &url, &service, true).await,
+                    _ => run_client(&args, n, &url, &service, false).await,
                 }
                 .map_err(|e| e.to_string())
             })
@@ -471,6 +493,7 @@ fn run_child(args: &Args, variant: &str) -> Result<(), Box<dyn std::error::Error
         late_p50_ms: percentile(&late, 0.5),
         late_p99_ms: percentile(&late, 0.99),
         redials: 0,
+        window_cpu_secs: run.window_cpu.as_secs_f64(),
     };
     println!("{}", figures.to_line());
     // Do not wait for the runtime's tasks: the locks just expire.
@@ -483,6 +506,7 @@ async fn run_client(
     n: usize,
     url: &str,
     service: &str,
+    quiet: bool,
 ) -> Result<Run, Box<dyn std::error::Error>> {
     let ttl = Duration::from_secs(args.ttl);
     let timing = Timing::for_ttl(ttl);
@@ -501,7 +525,17 @@ async fn run_client(
     let mut all: LeadershipSet<u32> = shards
         .iter()
         .enumerate()
-        .map(|(i, s)| (i as u32, s.leadership()))
+        .map(|(i, s)| {
+            let stream = s.leadership();
+            (
+                i as u32,
+                if quiet {
+                    stream.without_renewals()
+                } else {
+                    stream
+                },
+            )
+        })
         .collect();
     let (mut elected, mut failed, mut lost, mut renewals) = (0usize, 0u64, 0u64, 0u64);
     let mut last_sent: Vec<Option<Instant>> = vec![None; n];
@@ -540,6 +574,7 @@ async fn run_client(
                     // Renewals and CPU time are counted from here.
                     renewals = 0;
                     lateness.clear();
+                    mark(WINDOW_START);
                     cpu0 = cpu_time();
                 }
             }
@@ -557,6 +592,9 @@ async fn run_client(
         }
     }
     let cpu_end = cpu_time();
+    if window.is_some() {
+        mark(WINDOW_END);
+    }
     let rss_delta = rss_bytes().saturating_sub(rss0);
     let (elect, window_cpu) = match window {
         Some((_, elect)) => (elect, cpu_end.saturating_sub(cpu0)),
@@ -690,9 +728,11 @@ async fn run_stub(
     if all {
         eprintln!("stub: {n} elected in {elect:?}");
         counting.store(true, Ordering::Relaxed);
+        mark(WINDOW_START);
         let cpu0 = cpu_time();
         tokio::time::sleep(Duration::from_secs(args.window)).await;
         window_cpu = cpu_time().saturating_sub(cpu0);
+        mark(WINDOW_END);
     }
     counting.store(false, Ordering::Relaxed);
     let rss_delta = rss_bytes().saturating_sub(rss0);

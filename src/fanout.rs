@@ -26,7 +26,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -153,6 +153,9 @@ struct Shared {
     waker: AtomicWaker,
     /// Status events replaced by a newer one of the same kind.
     coalesced: AtomicU64,
+    /// The receiver left `Renewed` out ([`EventReceiver::skip_renewals`]):
+    /// none is queued, and none wakes it.
+    skip_renewed: AtomicBool,
 }
 
 impl Shared {
@@ -177,6 +180,17 @@ pub(crate) struct EventReceiver {
     shared: Arc<Shared>,
 }
 
+/// What [`EventSender::queue`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    /// Queued: the receiver is to be woken.
+    Yes,
+    /// Left out (a `Renewed` the receiver does not want): nothing to wake.
+    Skipped,
+    /// The receiver is gone, or the queue closed: forget this subscriber.
+    Gone,
+}
+
 /// A new, empty queue.
 pub(crate) fn channel() -> (EventSender, EventReceiver) {
     let shared = Arc::new(Shared::default());
@@ -196,27 +210,35 @@ impl EventSender {
     /// Returns `false` (and drops `ev`) once the receiver is gone or this
     /// side was closed, so the publisher can forget this subscriber.
     pub(crate) fn send(&self, ev: LeadershipEvent) -> bool {
-        if !self.queue(ev) {
-            return false;
+        match self.queue(ev) {
+            Queued::Gone => false,
+            Queued::Skipped => true,
+            Queued::Yes => {
+                // Woken after the lock is released, so the receiver does
+                // not wake up only to wait for it.
+                self.shared.waker.wake();
+                true
+            }
         }
-        // Woken after the lock is released, so the receiver does not wake
-        // up only to wait for it.
-        self.shared.waker.wake();
-        true
     }
 
     /// [`send`](Self::send) without the wake-up: the caller wakes the
     /// receiver ([`take_waker`](Self::take_waker)) once it holds no lock
     /// (a wake-up runs the application's executor code). Runs no code of
     /// the application.
-    fn queue(&self, ev: LeadershipEvent) -> bool {
+    fn queue(&self, ev: LeadershipEvent) -> Queued {
         let replaced = {
             let mut state = self.shared.state();
             if state.receiver_gone || state.closed {
-                return false;
+                return Queued::Gone;
             }
             let replaced = match kind(&ev) {
                 Kind::Transition => None,
+                // Read under the lock that `skip_renewals` empties the
+                // queue under: no renewal is queued after that.
+                Kind::Renewed if self.shared.skip_renewed.load(Ordering::Relaxed) => {
+                    return Queued::Skipped;
+                }
                 k => state.queue.remove_in_tail(k),
             };
             state.queue.push_back(ev);
@@ -227,7 +249,7 @@ impl EventSender {
         }
         // The replaced event (a status event: no term) drops here, outside
         // the lock.
-        true
+        Queued::Yes
     }
 
     /// The receiver's waker, taken to be woken later, outside any lock. The
@@ -279,6 +301,27 @@ impl Drop for EventSender {
 }
 
 impl EventReceiver {
+    /// Leaves `Renewed` out from now on: none is queued (those queued are
+    /// dropped) and none wakes the receiver. Every other event still comes.
+    pub(crate) fn skip_renewals(&self) {
+        let dropped = {
+            let mut state = self.shared.state();
+            self.shared.skip_renewed.store(true, Ordering::Relaxed);
+            let mut kept = Queue::Empty;
+            let mut dropped = Vec::new();
+            while let Some(ev) = state.queue.pop_front() {
+                match kind(&ev) {
+                    Kind::Renewed => dropped.push(ev),
+                    _ => kept.push_back(ev),
+                }
+            }
+            state.queue = kept;
+            dropped
+        };
+        // Dropped outside the lock (a renewal holds no term; still cheap).
+        drop(dropped);
+    }
+
     /// The next event; `Ready(None)` once the sender closed and the queue
     /// is drained.
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeadershipEvent>> {
@@ -460,13 +503,19 @@ impl Hub {
                     if seq < s.from {
                         return false;
                     }
+                    let mut queued = false;
                     for ev in &batch {
-                        if !s.tx.queue(ev.clone()) {
+                        match s.tx.queue(ev.clone()) {
                             // The receiver is gone: forget the subscriber.
-                            return true;
+                            Queued::Gone => return true,
+                            Queued::Yes => queued = true,
+                            Queued::Skipped => {}
                         }
                     }
-                    wakes.push(s.tx.take_waker());
+                    // Nothing queued (only renewals it leaves out): not woken.
+                    if queued {
+                        wakes.push(s.tx.take_waker());
+                    }
                     false
                 });
                 ended.extend(gone);
@@ -1358,5 +1407,69 @@ mod tests {
             0,
             "a gone receiver was woken"
         );
+    }
+
+    /// Counts the wake-ups of a receiver's task.
+    #[derive(Default)]
+    struct WakeCount(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for WakeCount {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    impl WakeCount {
+        fn count(&self) -> usize {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    /// A receiver polled once with `wakes`'s waker: `Pending`, registered.
+    fn wait_with(rx: &mut EventReceiver, wakes: &Arc<WakeCount>) {
+        let waker = std::task::Waker::from(wakes.clone());
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+    }
+
+    /// A subscriber that left renewals out is neither handed a `Renewed`
+    /// nor woken for one (a process holding thousands of locks would
+    /// otherwise wake its consumer for every renewal of every lock), while
+    /// every other event still reaches it, in order, with a wake-up; a
+    /// subscriber beside it that did not still gets everything.
+    #[tokio::test]
+    async fn a_subscriber_without_renewals_is_neither_handed_nor_woken_by_one() {
+        let hub = Hub::default();
+        let mut quiet = hub.subscribe(1, None);
+        quiet.skip_renewals();
+        let mut all = hub.subscribe(1, None);
+        let wakes = Arc::new(WakeCount::default());
+        hub.deliver(1, vec![elected(1)], |_| {});
+        assert_eq!(drain(&mut quiet), ["E1"]);
+        wait_with(&mut quiet, &wakes);
+        for n in 2..50 {
+            hub.deliver(n, vec![renewed(n)], |_| {});
+        }
+        assert_eq!(wakes.count(), 0, "woken for a renewal it left out");
+        wait_with(&mut quiet, &wakes);
+        hub.deliver(50, vec![renewed(50), failed(51), lost(1)], |_| {});
+        assert_eq!(wakes.count(), 1, "not woken for the events it keeps");
+        assert_eq!(drain(&mut quiet), ["X51", "L1"]);
+        assert_eq!(drain(&mut all), ["E1", "R50", "X51", "L1"]);
+    }
+
+    /// Renewals already queued when a receiver leaves them out are dropped
+    /// with it (in every segment); the transitions between them stay.
+    #[tokio::test]
+    async fn leaving_renewals_out_drops_those_already_queued() {
+        let (tx, mut rx) = channel();
+        tx.send(elected(1));
+        tx.send(renewed(2));
+        tx.send(lost(1));
+        tx.send(renewed(3));
+        tx.send(failed(4));
+        rx.skip_renewals();
+        assert_eq!(rx.queued(), 3);
+        assert!(tx.send(renewed(5)), "the subscriber is not gone");
+        assert_eq!(drain(&mut rx), ["E1", "L1", "X4"]);
     }
 }

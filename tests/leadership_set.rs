@@ -448,3 +448,80 @@ async fn a_hanging_follower_does_not_hold_up_a_leading_sets_drop() {
     );
     hung.resume();
 }
+
+/// Counts the wake-ups of a reader's task.
+#[derive(Default)]
+struct WakeCount(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for WakeCount {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A process holding many locks that only needs to know when it gains or
+/// loses one leaves renewals out: its reader is not woken by the renewals
+/// of its locks (they go on all the same), and still gets every `Elected`
+/// and `Lost`, woken for each.
+#[tokio::test(start_paused = true)]
+async fn a_set_without_renewals_wakes_its_reader_for_transitions_only() {
+    use std::task::{Context, Waker};
+
+    let server = server().await;
+    let root = client_for(&server, "root", "node-a").await;
+    let clients: Vec<QuorumQuestClient> = (0..5)
+        .map(|i| root.for_scope(SERVICE, format!("shard-{i}")).unwrap())
+        .collect();
+    let mut quiet: LeadershipSet<usize> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, c.leadership().without_renewals()))
+        .collect();
+    // The same locks with renewals: the witness that they do renew.
+    let mut watch: LeadershipSet<usize> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, c.leadership()))
+        .collect();
+    let mut elected = std::collections::HashSet::new();
+    while elected.len() < 5 {
+        let (shard, ev) = next_of(&mut quiet, 5 * SEC, "every shard elected").await;
+        assert!(matches!(ev, LeadershipEvent::Elected { .. }), "{ev:?}");
+        assert!(elected.insert(shard), "shard {shard} elected twice");
+    }
+    let wakes = std::sync::Arc::new(WakeCount::default());
+    let waker = Waker::from(wakes.clone());
+    let mut cx = Context::from_waker(&waker);
+    assert!(quiet.poll_next_unpin(&mut cx).is_pending());
+    let mut renewed: HashMap<usize, usize> = HashMap::new();
+    while renewed.len() < 5 || renewed.values().any(|n| *n < 3) {
+        let (shard, ev) = next_of(&mut watch, 5 * SEC, "three renewals of every shard").await;
+        match ev {
+            LeadershipEvent::Renewed { .. } => *renewed.entry(shard).or_default() += 1,
+            LeadershipEvent::Elected { .. } => {}
+            other => panic!("shard {shard}: {other:?} while renewing"),
+        }
+    }
+    assert_eq!(
+        wakes.0.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the reader was woken for renewals it left out"
+    );
+    assert!(quiet.poll_next_unpin(&mut cx).is_pending());
+    // Shard 3's lock is taken over: its loss reaches both readers, and
+    // wakes the quiet one.
+    server.set_owner(SERVICE, "shard-3", "node-b", 30 * SEC);
+    loop {
+        let (shard, ev) = next_of(&mut watch, 5 * SEC, "the loss of shard 3").await;
+        if matches!(ev, LeadershipEvent::Lost { .. }) {
+            assert_eq!(shard, 3);
+            break;
+        }
+    }
+    assert!(wakes.0.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    match quiet.poll_next_unpin(&mut cx) {
+        std::task::Poll::Ready(Some((3, LeadershipEvent::Lost { .. }))) => {}
+        other => panic!("expected shard 3's loss, got {other:?}"),
+    }
+    assert!(quiet.poll_next_unpin(&mut cx).is_pending());
+}

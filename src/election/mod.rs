@@ -396,6 +396,8 @@ impl Session {
             let _ = self.adapter.set(driver);
         }
         let mut events = self.subscribe();
+        // The callbacks have no renewal hook: a renewal need not wake them.
+        events.skip_renewals();
         let session = Arc::downgrade(self);
         let mut backstop = Backstop::default();
         futures::stream::poll_fn(move |cx| loop {

@@ -82,6 +82,45 @@ impl Leadership {
         }
     }
 
+    /// Leaves `Renewed` out of this stream: from now on none is yielded, and
+    /// none wakes the task reading it (one still queued is dropped). Every
+    /// other event comes as before: `Elected`, `Lost` and `Follower`, in
+    /// order, and `RpcFailed`. Renewals go on in the background all the
+    /// same, and the running term (the [`LeaderTerm`](crate::LeaderTerm)
+    /// of its `Elected`, or
+    /// [`get_remaining_lease`](crate::QuorumQuestClient::get_remaining_lease))
+    /// still tells how long the lease has left.
+    ///
+    /// For a process that holds many locks and only needs to know when it
+    /// gains or loses one: with a renewal per lock every few seconds, a
+    /// consumer of [`LeadershipSet`](crate::LeadershipSet) would otherwise
+    /// wake for every renewal of every lock. [`LeadershipStreamExt::transitions`](crate::LeadershipStreamExt::transitions)
+    /// yields the same events but filters them after the wake-up.
+    ///
+    /// ```no_run
+    /// use futures::StreamExt;
+    /// use quorum_quest_client::{LeadershipEvent, LeadershipSet, QuorumQuestClient};
+    ///
+    /// # async fn demo(root: QuorumQuestClient) -> quorum_quest_client::Result<()> {
+    /// let mut shards = LeadershipSet::new();
+    /// for shard in ["shard-0", "shard-1", "shard-2"] {
+    ///     let client = root.for_scope("billing", shard)?;
+    ///     shards.insert(shard, client.leadership().without_renewals());
+    /// }
+    /// while let Some((shard, event)) = shards.next().await {
+    ///     match event {
+    ///         LeadershipEvent::Elected { .. } => println!("now own {shard}"),
+    ///         LeadershipEvent::Lost { .. } => println!("no longer own {shard}"),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn without_renewals(self) -> Self {
+        self.rx.skip_renewals();
+        self
+    }
+
     /// Stops campaigning through this stream and, if it was the last one
     /// wanting the campaign, steps down and waits until the server has
     /// released the lock. The term ends before the release request is sent.
