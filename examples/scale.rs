@@ -9,8 +9,9 @@
 //! ```
 //!
 //! CPU figures on a shared machine move by ±20 % from run to run; with
-//! `--repeat K` each N runs K rounds of the four variants in turn, the
-//! table shows the medians and every round's CPU ratio is printed.
+//! `--repeat K` each N runs K rounds of the four variants in turn (each
+//! round starting with the next variant), the table shows the medians and
+//! every round's CPU ratio is printed.
 //!
 //! For each N, four child processes run one after the other (so that each
 //! measures its own memory):
@@ -301,10 +302,15 @@ fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         // rounds[r][v]: round r, variant v (in the order of VARIANTS).
         let mut rounds: Vec<Vec<Figures>> = Vec::new();
         for rep in 0..args.repeat {
-            let mut results = Vec::new();
-            for variant in VARIANTS {
+            // Each round starts with the next variant (so that none always
+            // runs right after the same one, on a server still holding the
+            // previous variant's locks until they expire).
+            let mut results = vec![Figures::default(); VARIANTS.len()];
+            for k in 0..VARIANTS.len() {
+                let v = (k + rep as usize) % VARIANTS.len();
+                let variant = VARIANTS[v];
                 let service = format!("scale-{round}-{rep}-{variant}");
-                results.push(run_variant(args, &mut server, variant, n, &service)?);
+                results[v] = run_variant(args, &mut server, variant, n, &service)?;
             }
             rounds.push(results);
         }

@@ -44,13 +44,14 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use futures::future::{AbortHandle, AbortRegistration, Abortable, Aborted};
 use futures::stream::FuturesUnordered;
+use futures::task::AtomicWaker;
 use futures::{FutureExt, StreamExt};
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
@@ -118,6 +119,7 @@ impl Handle {
             acquiring: 0,
             queued: VecDeque::new(),
             compact_at: COMPACT_MIN,
+            sources: Arc::default(),
         };
         runtime.spawn(OnDriver {
             id,
@@ -363,6 +365,71 @@ struct Driver<F> {
     queued: VecDeque<(Weak<Session>, u64)>,
     /// The queue's length that triggers the next compaction.
     compact_at: usize,
+    /// The waker the command queue, the timers and the calls are polled
+    /// with (see [`Sources`]).
+    sources: Arc<Sources>,
+}
+
+/// The waker the driver polls its sources with (its command queue, its
+/// timers, its calls). While the driver's task runs, a wake-up from a
+/// source only marks that one may have become ready: the driver looks at
+/// every source again before it waits. Waking the task itself then, as a
+/// plain waker would, makes tokio schedule it again the moment it returns
+/// (a poll that finds nothing new) and, to do that, wake the runtime's other
+/// worker (a syscall, a context switch on each side). A driver that carries
+/// thousands of elections is often running when the next answer comes in
+/// on another worker. Once the driver is about to wait, a wake-up wakes the
+/// task as usual.
+#[derive(Debug, Default)]
+struct Sources {
+    /// The driver's task is running (it looks at every source again
+    /// before it waits).
+    running: AtomicBool,
+    /// A source woke since the driver last began looking at them.
+    woken: AtomicBool,
+    /// The driver's task, woken when a source wakes while it waits.
+    task: AtomicWaker,
+}
+
+impl Sources {
+    /// The driver's task is polled with `cx`: from now on a wake-up only
+    /// marks.
+    fn enter(&self, cx: &Context<'_>) {
+        self.task.register(cx.waker());
+        self.running.store(true, Ordering::SeqCst);
+    }
+
+    /// Before the driver looks at every source: the marks made before are
+    /// seen by the look.
+    fn look(&self) {
+        self.woken.store(false, Ordering::SeqCst);
+    }
+
+    /// The driver found nothing ready and is about to wait: from now on a
+    /// wake-up wakes the task. `true` if a source woke since the driver
+    /// began to look (it may have missed that source's news: it looks
+    /// again, after [`Sources::enter`]).
+    ///
+    /// Either a waker sees `running` false (stored first here) and wakes
+    /// the task, or this sees its mark (stored first there): a wake-up is
+    /// never lost.
+    fn leave(&self) -> bool {
+        self.running.store(false, Ordering::SeqCst);
+        self.woken.load(Ordering::SeqCst)
+    }
+}
+
+impl Wake for Sources {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if !self.running.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
+    }
 }
 
 impl<F> Drop for Driver<F> {
@@ -462,26 +529,45 @@ impl<F: Future<Output = CallEnd> + Send + 'static> Driver<F> {
     /// Runs until every handle (the connection's, and so every session's)
     /// is gone.
     async fn run(mut self) {
+        let waker = Waker::from(self.sources.clone());
         loop {
-            let (cmd, timer, call) = futures::future::poll_fn(|cx| {
-                let cmd = self.rx.poll_recv(cx);
-                let timer = match self.timers.poll_expired(cx) {
-                    Poll::Ready(Some(expired)) => Some(expired.into_inner().take()),
-                    _ => None,
-                };
-                let call = match self.calls.poll_next_unpin(cx) {
-                    Poll::Ready(Some((done, cell))) => {
-                        if self.spare.len() < SPARE_CELLS {
-                            self.spare.push(cell);
+            let (cmd, timer, call) = futures::future::poll_fn(|task| {
+                self.sources.enter(task);
+                // Looked at once more after a wake-up during the look; a
+                // second one in a row comes from a source that wakes without
+                // news (tokio's budget for this poll is spent, or the calls
+                // yield their turn): the runtime runs its other tasks first.
+                let mut looked_again = false;
+                loop {
+                    self.sources.look();
+                    let cx = &mut Context::from_waker(&waker);
+                    let cmd = self.rx.poll_recv(cx);
+                    let timer = match self.timers.poll_expired(cx) {
+                        Poll::Ready(Some(expired)) => Some(expired.into_inner().take()),
+                        _ => None,
+                    };
+                    let call = match self.calls.poll_next_unpin(cx) {
+                        Poll::Ready(Some((done, cell))) => {
+                            if self.spare.len() < SPARE_CELLS {
+                                self.spare.push(cell);
+                            }
+                            Some(done)
                         }
-                        Some(done)
+                        _ => None,
+                    };
+                    if cmd.is_ready() || timer.is_some() || call.is_some() {
+                        return Poll::Ready((cmd, timer, call));
                     }
-                    _ => None,
-                };
-                if cmd.is_pending() && timer.is_none() && call.is_none() {
-                    return Poll::Pending;
+                    if !self.sources.leave() {
+                        return Poll::Pending;
+                    }
+                    if looked_again {
+                        task.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    looked_again = true;
+                    self.sources.enter(task);
                 }
-                Poll::Ready((cmd, timer, call))
             })
             .await;
             // The expired timer first: its entry has left the queue (its key
@@ -1038,5 +1124,109 @@ impl<F: std::future::Future> std::future::Future for OnDriver<F> {
         let out = this.inner.poll(cx);
         CURRENT.with(|c| c.set(previous));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Wake, Waker};
+    use std::time::{Duration, Instant};
+
+    use super::Sources;
+
+    /// Counts the wake-ups of the driver's task.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A source that wakes while the driver runs marks, and does not wake
+    /// the task (tokio would poll it again for nothing, and wake another
+    /// worker to do it); the mark makes the driver look again before it
+    /// waits. Once it waits, a wake-up wakes the task.
+    #[test]
+    fn a_wake_up_while_the_driver_runs_marks_and_one_while_it_waits_wakes_it() {
+        let task = Arc::new(Count::default());
+        let task_waker = Waker::from(task.clone());
+        let sources = Arc::new(Sources::default());
+        let waker = Waker::from(sources.clone());
+        sources.enter(&Context::from_waker(&task_waker));
+        sources.look();
+        waker.wake_by_ref();
+        assert_eq!(task.0.load(Ordering::SeqCst), 0, "woken while running");
+        assert!(sources.leave(), "the wake-up during the look was forgotten");
+        sources.enter(&Context::from_waker(&task_waker));
+        sources.look();
+        assert!(!sources.leave());
+        waker.wake_by_ref();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "not woken while waiting");
+    }
+
+    /// No wake-up is lost between the driver's last look and its wait: a
+    /// producer thread hands items over one at a time (each waits until the
+    /// one before was taken, so every wake-up is the only one that can
+    /// bring its item), a consumer thread runs the driver's loop (look,
+    /// take, leave, park until woken).
+    #[test]
+    fn no_wake_up_is_lost_between_the_last_look_and_the_wait() {
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        const ITEMS: usize = 20_000;
+        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        let taken = Arc::new(AtomicUsize::new(0));
+        let sources = Arc::new(Sources::default());
+        let consumer = {
+            let (queue, sources, taken) = (queue.clone(), sources.clone(), taken.clone());
+            std::thread::spawn(move || {
+                let task = Waker::from(Arc::new(Unpark(std::thread::current())));
+                while taken.load(Ordering::SeqCst) < ITEMS {
+                    sources.enter(&Context::from_waker(&task));
+                    loop {
+                        sources.look();
+                        let n = queue.lock().map(|mut q| q.drain(..).count()).unwrap_or(0);
+                        taken.fetch_add(n, Ordering::SeqCst);
+                        if n > 0 {
+                            continue;
+                        }
+                        if !sources.leave() {
+                            break;
+                        }
+                        sources.enter(&Context::from_waker(&task));
+                    }
+                    if taken.load(Ordering::SeqCst) < ITEMS {
+                        // Until woken (a spurious return only looks again);
+                        // a lost wake-up leaves the item waiting.
+                        std::thread::park_timeout(Duration::from_secs(10));
+                    }
+                }
+            })
+        };
+        let waker = Waker::from(sources.clone());
+        for i in 0..ITEMS {
+            if let Ok(mut q) = queue.lock() {
+                q.push_back(i);
+            }
+            waker.wake_by_ref();
+            let handed = Instant::now();
+            while taken.load(Ordering::SeqCst) <= i {
+                assert!(
+                    handed.elapsed() < Duration::from_secs(5),
+                    "item {i} was not taken: its wake-up was lost"
+                );
+                std::thread::yield_now();
+            }
+        }
+        assert!(consumer.join().is_ok());
     }
 }
