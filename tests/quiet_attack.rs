@@ -1,0 +1,171 @@
+//! Attacks on the consumers that leave `Renewed` out
+//! (`Leadership::without_renewals()` and the callbacks adapter): they are
+//! no longer woken by a renewal, so whatever a renewal used to make them
+//! look at again (the backstop of the step-down timer, a campaign to
+//! revive) must be kicked some other way.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use quorum_quest_client::testing::LeasePolicy;
+use quorum_quest_client::{Callbacks, LeadershipEvent, LossReason};
+use tokio::time::Instant;
+
+/// A long-lived runtime with one worker (the test's "home").
+fn home_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A current-thread runtime, run only inside its `block_on`s (a sync
+/// wrapper's runtime): idle, but alive, in between.
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The TTL of these tests: a renewal is due 4 s after the request that set
+/// the lease was sent, and an unclamped lease lasts 10.5 s (1.5 s margin).
+const TTL_SECS: u64 = 12;
+
+/// What a renewal is clamped to: 2.5 s usable after the margin, so the
+/// clamped renewal (at about 4 s) brings the deadline 4 s closer.
+const CLAMP: Duration = Duration::from_secs(4);
+
+/// How late a loss may come after the deadline on a busy 2-core machine
+/// (the bug makes it about 4 s late: the backstop sleeps to the old one).
+const LATE: Duration = Duration::from_millis(1500);
+
+/// Runs `idle` until the keep-alive's clamped renewal is applied (the lease
+/// left is under the clamp), then leaves it idle; returns the deadline
+/// that renewal set.
+fn until_a_clamped_renewal(
+    idle: &tokio::runtime::Runtime,
+    client: &quorum_quest_client::QuorumQuestClient,
+) -> Instant {
+    idle.block_on(async {
+        eventually(10 * SEC, "a clamped renewal", || {
+            client.get_remaining_lease().is_some_and(|left| left < CLAMP)
+        })
+        .await;
+        // Read before this `block_on` returns: the next renewal (1.25 s
+        // later) is not made any more.
+        Instant::now() + client.get_remaining_lease().expect("leading")
+    })
+}
+
+/// A renewal that brings the deadline closer (the server clamps the lease:
+/// the latest answer is authoritative) is not handed to a stream that left
+/// renewals out, nor does it wake it. The keep-alive runs on a
+/// current-thread runtime that is left idle right after that renewal, so
+/// only the stream's own backstop timer can report the loss: it must come
+/// at the new deadline, not at the one the backstop was armed for when the
+/// stream last waited (4 s later).
+#[test]
+fn a_quiet_stream_gets_the_loss_at_a_deadline_a_renewal_brought_closer() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home
+        .block_on(over_tcp(&server.url(), TTL_SECS).build())
+        .unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    // The stream reads on the healthy runtime, waiting (its backstop armed
+    // at the first deadline) before the clamped renewal is made.
+    let mut stream = client.leadership().without_renewals();
+    let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+    let reader = home.spawn(async move {
+        let elected = next(&mut stream, 5 * SEC, "Elected (the running term)").await;
+        assert!(elected.is_elected(), "{elected:?}");
+        waiting_tx.send(()).unwrap();
+        let lost = next(&mut stream, 30 * SEC, "Lost").await;
+        (lost, Instant::now())
+    });
+    waiting_rx.recv_timeout(5 * SEC).unwrap();
+    server.set_lease_policy(LeasePolicy::ClampRenewals(CLAMP));
+    let deadline = until_a_clamped_renewal(&idle, &client);
+    let (lost, at) = home.block_on(reader).unwrap();
+    assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    assert!(
+        at <= deadline + LATE,
+        "Lost came {:?} after the deadline",
+        at - deadline
+    );
+    drop(idle);
+    drop(client);
+    home.block_on(server.shutdown());
+}
+
+/// Records each callback with the instant it ran.
+#[derive(Default)]
+struct Timed(Mutex<Vec<(&'static str, Instant)>>);
+
+impl Timed {
+    fn get(&self) -> Vec<(&'static str, Instant)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Callbacks for Timed {
+    async fn on_leader_elected(&self, is_leader: bool) {
+        let what = if is_leader { "elected" } else { "follower" };
+        self.0.lock().unwrap().push((what, Instant::now()));
+    }
+    async fn on_leader_lost(&self) {
+        self.0.lock().unwrap().push(("lost", Instant::now()));
+    }
+}
+
+/// The callbacks leave renewals out too: the same renewal that brings the
+/// deadline closer, with the keep-alive's runtime left idle right after,
+/// must not delay `on_leader_lost` to the deadline the callbacks'
+/// backstop was armed for before.
+#[test]
+fn callbacks_get_the_loss_at_a_deadline_a_renewal_brought_closer() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Timed::default());
+    let client = home
+        .block_on(
+            over_tcp(&server.url(), TTL_SECS)
+                .callbacks(log.clone())
+                .build(),
+        )
+        .unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "on_leader_elected", || {
+            log.get().first().map(|(what, _)| *what) == Some("elected")
+        })
+        .await;
+    });
+    server.set_lease_policy(LeasePolicy::ClampRenewals(CLAMP));
+    let deadline = until_a_clamped_renewal(&idle, &client);
+    home.block_on(eventually(30 * SEC, "on_leader_lost", || log.get().len() >= 2));
+    let log = log.get();
+    let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
+    assert_eq!(names, ["elected", "lost"]);
+    let at = log[1].1;
+    assert!(
+        at <= deadline + LATE,
+        "on_leader_lost came {:?} after the deadline",
+        at - deadline
+    );
+    drop(idle);
+    drop(client);
+    home.block_on(server.shutdown());
+}
