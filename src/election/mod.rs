@@ -165,12 +165,20 @@ impl Drop for Applied<'_> {
         // wake-up that panics (the application's executor) must not keep
         // the batch from the hub: every later batch would wait for it.
         let wake = self.wake.take();
+        let closer = wake.as_ref().is_some_and(|w| w.came_closer());
         let woken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(wake)));
         if let Some((seq, events)) = self.batch.take() {
             let observer = &self.session.observer;
             self.session
                 .hub
                 .deliver(seq, events, |events| observer.published(events));
+        }
+        if closer {
+            // The running term ends sooner (a shorter lease was answered):
+            // a subscriber that leaves `Renewed` out is not woken by the
+            // renewal, yet its backstop may sleep to the old deadline.
+            // Rare: a wake-up of every subscriber, without an event.
+            self.session.hub.wake_all();
         }
         crate::sync::resume_panic(woken.err());
     }
