@@ -169,3 +169,54 @@ fn callbacks_get_the_loss_at_a_deadline_a_renewal_brought_closer() {
     drop(client);
     home.block_on(server.shutdown());
 }
+
+/// The callbacks wait on the client's runtime while the campaign (the
+/// keep-alive) runs there too: they arm no backstop (the driver keeping
+/// the step-down timer runs on their own runtime). The keep-alive is then
+/// stopped and started again on a current-thread runtime, whose driver
+/// takes the election over with no transition; its renewals no longer
+/// wake the callbacks, which keep believing the timer runs beside them.
+/// That runtime is left idle after a renewal: `on_leader_lost` must still
+/// come at the deadline.
+#[test]
+fn callbacks_get_the_loss_after_the_keep_alive_moved_to_a_runtime_left_idle() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Timed::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 6).callbacks(log.clone()).build())
+        .unwrap();
+    home.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "on_leader_elected", || !log.get().is_empty()).await;
+        client.stop_keep_alive().await;
+    });
+    let idle = current_thread();
+    let deadline = idle.block_on(async {
+        let renewals = server.calls(quorum_quest_client::RpcKind::KeepAlive);
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "a renewal on the keep-alive's new runtime", || {
+            server.calls(quorum_quest_client::RpcKind::KeepAlive) > renewals
+        })
+        .await;
+        eventually(5 * SEC, "the renewal applied", || {
+            client.get_remaining_lease().is_some_and(|left| left > 4 * SEC)
+        })
+        .await;
+        Instant::now() + client.get_remaining_lease().expect("leading")
+    });
+    // `idle` is kept, but nothing runs it any more: no renewal goes out.
+    home.block_on(eventually(20 * SEC, "on_leader_lost", || log.get().len() >= 2));
+    let log = log.get();
+    let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
+    assert_eq!(names, ["elected", "lost"]);
+    let at = log[1].1;
+    assert!(
+        at <= deadline + LATE,
+        "on_leader_lost came {:?} after the deadline",
+        at - deadline
+    );
+    drop(idle);
+    drop(client);
+    home.block_on(server.shutdown());
+}
