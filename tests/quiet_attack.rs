@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::*;
 use quorum_quest_client::testing::LeasePolicy;
-use quorum_quest_client::{Callbacks, LeadershipEvent, LossReason};
+use quorum_quest_client::{Callbacks, LossReason};
 use tokio::time::Instant;
 
 /// A long-lived runtime with one worker (the test's "home").
