@@ -1472,4 +1472,39 @@ mod tests {
         assert!(tx.send(renewed(5)), "the subscriber is not gone");
         assert_eq!(drain(&mut rx), ["E1", "L1", "X4"]);
     }
+
+    /// A subscriber that left renewals out and whose batches held only
+    /// renewals (it was not woken for them) is still woken by a close that
+    /// waited for those batches, and ends; so is one whose last batch was
+    /// only renewals when the hub closes at once.
+    #[tokio::test]
+    async fn a_quiet_subscriber_passed_over_by_renewals_still_sees_the_close() {
+        let hub = Hub::default();
+        let mut quiet = hub.subscribe(1, None);
+        quiet.skip_renewals();
+        hub.deliver(1, vec![elected(1)], |_| {});
+        assert_eq!(drain(&mut quiet), ["E1"]);
+        let wakes = Arc::new(WakeCount::default());
+        wait_with(&mut quiet, &wakes);
+        // The close waits for batch 3, which arrives ahead of batch 2.
+        hub.close(3);
+        hub.deliver(3, vec![renewed(3)], |_| {});
+        assert_eq!(wakes.count(), 0, "woken before the batches it waits for");
+        hub.deliver(2, vec![renewed(2)], |_| {});
+        assert_eq!(wakes.count(), 1, "the close did not wake it");
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(quiet.poll_recv(&mut cx), Poll::Ready(None)));
+
+        let hub = Hub::default();
+        let mut quiet = hub.subscribe(1, None);
+        quiet.skip_renewals();
+        let wakes = Arc::new(WakeCount::default());
+        wait_with(&mut quiet, &wakes);
+        hub.deliver(1, vec![renewed(1)], |_| {});
+        assert_eq!(wakes.count(), 0);
+        hub.close(1);
+        assert_eq!(wakes.count(), 1, "the close did not wake it");
+        assert!(matches!(quiet.poll_recv(&mut cx), Poll::Ready(None)));
+    }
 }

@@ -220,3 +220,111 @@ fn callbacks_get_the_loss_after_the_keep_alive_moved_to_a_runtime_left_idle() {
     drop(client);
     home.block_on(server.shutdown());
 }
+
+/// A quiet stream's backstop through renewals it is not woken for: the
+/// keep-alive on a current-thread runtime renews for two TTLs (the
+/// backstop, armed at the first deadline, must not report a loss there),
+/// then that runtime is left idle: the stream gets `Lost` at the last
+/// deadline, and no later.
+#[test]
+fn a_quiet_streams_backstop_sleeps_through_renewals_and_reports_the_last_deadline() {
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let idle = current_thread();
+    idle.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+    let mut stream = client.leadership().without_renewals();
+    let waiting = home.spawn(async move {
+        let elected = next(&mut stream, 5 * SEC, "Elected (the running term)").await;
+        assert!(elected.is_elected(), "{elected:?}");
+        let lost = next(&mut stream, 30 * SEC, "Lost").await;
+        (stream, lost, Instant::now())
+    });
+    // Renewing for two TTLs (the campaign runs while this runtime runs).
+    let deadline = idle.block_on(async {
+        tokio::time::sleep(6 * SEC).await;
+        let left = client.get_remaining_lease();
+        Instant::now() + left.expect("renewed all along")
+    });
+    let (stream, lost, at) = home.block_on(waiting).unwrap();
+    assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    assert!(
+        at + LATE >= deadline,
+        "Lost came {:?} before the last deadline",
+        deadline - at
+    );
+    assert!(
+        at <= deadline + LATE,
+        "Lost came {:?} after the last deadline",
+        at - deadline
+    );
+    drop(stream);
+    drop(idle);
+    home.block_on(server.shutdown());
+}
+
+/// A set of quiet streams first read on a current-thread runtime (its
+/// campaigns start on that runtime's driver), which then shuts down, then
+/// read on another: no renewal wakes the set, yet each campaign goes on
+/// there (the term renewed, or lost and won again, `Elected` and `Lost`
+/// alternating per key), never silent: still leading two TTLs later.
+#[test]
+fn a_quiet_set_whose_campaigns_runtime_shut_down_campaigns_on_on_the_next() {
+    use futures::StreamExt;
+    use quorum_quest_client::{LeadershipEvent, LeadershipSet};
+
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let root = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
+    let clients: Vec<_> = (0..3)
+        .map(|i| root.for_scope(SERVICE, format!("shard-{i}")).unwrap())
+        .collect();
+    let mut set: LeadershipSet<usize> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, c.leadership().without_renewals()))
+        .collect();
+    let first = current_thread();
+    first.block_on(async {
+        let mut elected = 0;
+        while elected < 3 {
+            let (_, ev) = tokio::time::timeout(10 * SEC, set.next())
+                .await
+                .expect("every shard elected")
+                .unwrap();
+            assert!(ev.is_elected(), "{ev:?}");
+            elected += 1;
+        }
+        while tokio::time::timeout(ms(100), set.next()).await.is_ok() {}
+    });
+    drop(first);
+    home.block_on(async {
+        // Past the deadline of the terms won on `first` (TTL 3 s).
+        let mut leading = [true; 3];
+        let end = Instant::now() + 8 * SEC;
+        while let Ok(item) = tokio::time::timeout_at(end, set.next()).await {
+            let (key, ev) = item.expect("the set ended");
+            match ev {
+                LeadershipEvent::Elected { .. } => {
+                    assert!(!leading[key], "shard {key}: Elected twice");
+                    leading[key] = true;
+                }
+                LeadershipEvent::Lost { .. } => {
+                    assert!(leading[key], "shard {key}: Lost twice");
+                    leading[key] = false;
+                }
+                LeadershipEvent::Renewed { .. } => panic!("shard {key}: a renewal"),
+                _ => {}
+            }
+        }
+        for (i, client) in clients.iter().enumerate() {
+            assert!(leading[i] && client.is_leader(), "shard {i}: not leading again");
+            assert!(client.health().campaign_running, "shard {i}");
+        }
+    });
+    drop(set);
+    home.block_on(server.shutdown());
+}
