@@ -54,7 +54,9 @@ fn until_a_clamped_renewal(
 ) -> Instant {
     idle.block_on(async {
         eventually(10 * SEC, "a clamped renewal", || {
-            client.get_remaining_lease().is_some_and(|left| left < CLAMP)
+            client
+                .get_remaining_lease()
+                .is_some_and(|left| left < CLAMP)
         })
         .await;
         // Read before this `block_on` returns: the next renewal (1.25 s
@@ -155,7 +157,9 @@ fn callbacks_get_the_loss_at_a_deadline_a_renewal_brought_closer() {
     });
     server.set_lease_policy(LeasePolicy::ClampRenewals(CLAMP));
     let deadline = until_a_clamped_renewal(&idle, &client);
-    home.block_on(eventually(30 * SEC, "on_leader_lost", || log.get().len() >= 2));
+    home.block_on(eventually(30 * SEC, "on_leader_lost", || {
+        log.get().len() >= 2
+    }));
     let log = log.get();
     let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
     assert_eq!(names, ["elected", "lost"]);
@@ -200,14 +204,18 @@ fn callbacks_get_the_loss_after_the_keep_alive_moved_to_a_runtime_left_idle() {
         // (the renewal is due 2 s after the last one was sent).
         let before = deadline(&client);
         client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "a renewal on the keep-alive's new runtime", || {
-            deadline(&client) > before + SEC
-        })
+        eventually(
+            10 * SEC,
+            "a renewal on the keep-alive's new runtime",
+            || deadline(&client) > before + SEC,
+        )
         .await;
         deadline(&client)
     });
     // `idle` is kept, but nothing runs it any more: no renewal goes out.
-    home.block_on(eventually(20 * SEC, "on_leader_lost", || log.get().len() >= 2));
+    home.block_on(eventually(20 * SEC, "on_leader_lost", || {
+        log.get().len() >= 2
+    }));
     let log = log.get();
     let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
     assert_eq!(names, ["elected", "lost"]);
@@ -322,7 +330,10 @@ fn a_quiet_set_whose_campaigns_runtime_shut_down_campaigns_on_on_the_next() {
             }
         }
         for (i, client) in clients.iter().enumerate() {
-            assert!(leading[i] && client.is_leader(), "shard {i}: not leading again");
+            assert!(
+                leading[i] && client.is_leader(),
+                "shard {i}: not leading again"
+            );
             assert!(client.health().campaign_running, "shard {i}");
         }
     });

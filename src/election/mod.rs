@@ -730,8 +730,7 @@ impl Session {
             let mut control = self.control();
             // A keep-alive whose driver died with its runtime is not running:
             // it starts again here.
-            if control.keep_alive && control.campaign.as_ref().is_some_and(Campaign::is_running)
-            {
+            if control.keep_alive && control.campaign.as_ref().is_some_and(Campaign::is_running) {
                 return Err(Error::KeepAliveAlreadyRunning);
             }
             let started = self.ensure_campaign(&mut control)?;
