@@ -1507,4 +1507,55 @@ mod tests {
         assert_eq!(wakes.count(), 1, "the close did not wake it");
         assert!(matches!(quiet.poll_recv(&mut cx), Poll::Ready(None)));
     }
+
+    /// Renewals left out while another thread hands batches out: once
+    /// `skip_renewals` has returned, no `Renewed` is read, and every
+    /// transition is, once and in order.
+    #[test]
+    fn leaving_renewals_out_while_batches_are_handed_out_loses_no_transition() {
+        for round in 0..100u64 {
+            let hub = Arc::new(Hub::default());
+            let mut rx = hub.subscribe(1, None);
+            let publisher = {
+                let hub = hub.clone();
+                std::thread::spawn(move || {
+                    for seq in 1..=300u64 {
+                        let ev = if seq % 7 == 0 {
+                            elected(seq)
+                        } else {
+                            renewed(seq)
+                        };
+                        hub.deliver(seq, vec![ev], |_| {});
+                    }
+                })
+            };
+            let mut before = Vec::new();
+            for _ in 0..round {
+                before.extend(drain(&mut rx));
+                std::thread::yield_now();
+            }
+            rx.skip_renewals();
+            let mut after = Vec::new();
+            while !publisher.is_finished() {
+                after.extend(drain(&mut rx));
+            }
+            publisher.join().unwrap();
+            after.extend(drain(&mut rx));
+            assert!(
+                after.iter().all(|tag| !tag.starts_with('R')),
+                "round {round}: a renewal read after they were left out: {after:?}"
+            );
+            let transitions: Vec<String> = before
+                .iter()
+                .chain(&after)
+                .filter(|tag| tag.starts_with('E'))
+                .cloned()
+                .collect();
+            let expected: Vec<String> = (1..=300u64)
+                .filter(|seq| seq % 7 == 0)
+                .map(|seq| format!("E{seq}"))
+                .collect();
+            assert_eq!(transitions, expected, "round {round}");
+        }
+    }
 }
