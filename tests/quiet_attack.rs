@@ -340,3 +340,66 @@ fn a_quiet_set_whose_campaigns_runtime_shut_down_campaigns_on_on_the_next() {
     drop(set);
     home.block_on(server.shutdown());
 }
+
+/// The same move made by a stream: the keep-alive (on the callbacks'
+/// runtime) is stopped mid-term, then a stream read on a current-thread
+/// runtime starts the campaign there and renews the running term; that
+/// runtime (and the stream) is left idle. `on_leader_lost` must still come
+/// at the deadline.
+#[test]
+fn callbacks_get_the_loss_after_a_stream_moved_the_campaign_to_a_runtime_left_idle() {
+    use futures::StreamExt;
+
+    let home = home_runtime();
+    let server = home.block_on(server());
+    let log = Arc::new(Timed::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 6).callbacks(log.clone()).build())
+        .unwrap();
+    home.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "on_leader_elected", || !log.get().is_empty()).await;
+        client.stop_keep_alive().await;
+    });
+    let deadline = |client: &quorum_quest_client::QuorumQuestClient| {
+        Instant::now() + client.get_remaining_lease().expect("leading")
+    };
+    let idle = current_thread();
+    let mut stream = client.leadership();
+    let deadline = idle.block_on(async {
+        let before = deadline(&client);
+        let elected = next(&mut stream, 5 * SEC, "Elected (the running term)").await;
+        assert!(elected.is_elected(), "{elected:?}");
+        // Renewed by the campaign the stream started on this runtime.
+        loop {
+            let ev = tokio::time::timeout(5 * SEC, stream.next())
+                .await
+                .expect("a renewal")
+                .expect("the stream goes on");
+            assert!(
+                matches!(ev, quorum_quest_client::LeadershipEvent::Renewed { .. }),
+                "{ev:?}"
+            );
+            if deadline(&client) > before + SEC {
+                break deadline(&client);
+            }
+        }
+    });
+    // `idle` and the stream are kept, but nothing runs them any more.
+    home.block_on(eventually(20 * SEC, "on_leader_lost", || {
+        log.get().len() >= 2
+    }));
+    let log = log.get();
+    let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
+    assert_eq!(names, ["elected", "lost"]);
+    let at = log[1].1;
+    assert!(
+        at <= deadline + LATE,
+        "on_leader_lost came {:?} after the deadline",
+        at - deadline
+    );
+    drop(stream);
+    drop(idle);
+    drop(client);
+    home.block_on(server.shutdown());
+}
