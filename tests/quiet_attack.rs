@@ -100,6 +100,10 @@ fn a_quiet_stream_gets_the_loss_at_a_deadline_a_renewal_brought_closer() {
     let deadline = until_a_clamped_renewal(&idle, &client);
     let (lost, at) = home.block_on(reader).unwrap();
     assert!(is_lost_with(&lost, LossReason::Expired), "{lost:?}");
+    eprintln!(
+        "reported {:?} after the deadline (bound {LATE:?})",
+        at.saturating_duration_since(deadline)
+    );
     assert!(
         at <= deadline + LATE,
         "Lost came {:?} after the deadline",
@@ -164,6 +168,10 @@ fn callbacks_get_the_loss_at_a_deadline_a_renewal_brought_closer() {
     let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
     assert_eq!(names, ["elected", "lost"]);
     let at = log[1].1;
+    eprintln!(
+        "reported {:?} after the deadline (bound {LATE:?})",
+        at.saturating_duration_since(deadline)
+    );
     assert!(
         at <= deadline + LATE,
         "on_leader_lost came {:?} after the deadline",
@@ -220,6 +228,10 @@ fn callbacks_get_the_loss_after_the_keep_alive_moved_to_a_runtime_left_idle() {
     let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
     assert_eq!(names, ["elected", "lost"]);
     let at = log[1].1;
+    eprintln!(
+        "reported {:?} after the deadline (bound {LATE:?})",
+        at.saturating_duration_since(deadline)
+    );
     assert!(
         at <= deadline + LATE,
         "on_leader_lost came {:?} after the deadline",
@@ -264,6 +276,10 @@ fn a_quiet_streams_backstop_sleeps_through_renewals_and_reports_the_last_deadlin
         at + LATE >= deadline,
         "Lost came {:?} before the last deadline",
         deadline - at
+    );
+    eprintln!(
+        "reported {:?} after the deadline (bound {LATE:?})",
+        at.saturating_duration_since(deadline)
     );
     assert!(
         at <= deadline + LATE,
@@ -393,6 +409,10 @@ fn callbacks_get_the_loss_after_a_stream_moved_the_campaign_to_a_runtime_left_id
     let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
     assert_eq!(names, ["elected", "lost"]);
     let at = log[1].1;
+    eprintln!(
+        "reported {:?} after the deadline (bound {LATE:?})",
+        at.saturating_duration_since(deadline)
+    );
     assert!(
         at <= deadline + LATE,
         "on_leader_lost came {:?} after the deadline",
