@@ -269,7 +269,7 @@ impl<'a> LeaseHold<'a> {
     /// released before it returns.
     pub(crate) fn publish_then_wake(self, view: LeaseView) -> (bool, LeaseWake<'a>) {
         let LeaseHold { cell, state } = self;
-        let (left, wake, moved) = {
+        let (left, wake, moved, closer) = {
             let mut state = state;
             let (old_key, new_key) = (state.view.key(), view.key());
             if old_key == new_key {
@@ -279,6 +279,7 @@ impl<'a> LeaseHold<'a> {
                         cell,
                         left: None,
                         wake: false,
+                        closer: false,
                     },
                 );
             }
@@ -290,12 +291,26 @@ impl<'a> LeaseHold<'a> {
                 }
                 _ => true,
             };
+            // The same term, ending sooner: no transition tells of it.
+            let closer = matches!(
+                (old_key, new_key),
+                (Some((old_id, old_deadline)), Some((new_id, new_deadline)))
+                    if old_id == new_id && new_deadline < old_deadline
+            );
             let new_id = new_key.map(|(id, _)| id);
             let old = std::mem::replace(&mut state.view, view);
             let left = old.current.filter(|c| Some(c.id) != new_id);
-            (left, wake, moved)
+            (left, wake, moved, closer)
         };
-        (moved, LeaseWake { cell, left, wake })
+        (
+            moved,
+            LeaseWake {
+                cell,
+                left,
+                wake,
+                closer,
+            },
+        )
     }
 }
 
@@ -322,6 +337,7 @@ impl LeaseCell {
             cell: self,
             left: old.current,
             wake: true,
+            closer: false,
         });
     }
 }
@@ -335,6 +351,18 @@ pub(crate) struct LeaseWake<'a> {
     left: Option<CurrentTerm>,
     /// Whether the lease's waiters wake (a deadline may have come closer).
     wake: bool,
+    /// The running term's deadline came closer (a renewal answered a
+    /// shorter lease): see [`came_closer`](Self::came_closer).
+    closer: bool,
+}
+
+impl LeaseWake<'_> {
+    /// Whether the running term's deadline came closer: no transition tells
+    /// of it, and a consumer that leaves `Renewed` out must still be woken
+    /// to re-arm its backstop of the step-down timer.
+    pub(crate) fn came_closer(&self) -> bool {
+        self.closer
+    }
 }
 
 impl Drop for LeaseWake<'_> {

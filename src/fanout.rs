@@ -1472,4 +1472,90 @@ mod tests {
         assert!(tx.send(renewed(5)), "the subscriber is not gone");
         assert_eq!(drain(&mut rx), ["E1", "L1", "X4"]);
     }
+
+    /// A subscriber that left renewals out and whose batches held only
+    /// renewals (it was not woken for them) is still woken by a close that
+    /// waited for those batches, and ends; so is one whose last batch was
+    /// only renewals when the hub closes at once.
+    #[tokio::test]
+    async fn a_quiet_subscriber_passed_over_by_renewals_still_sees_the_close() {
+        let hub = Hub::default();
+        let mut quiet = hub.subscribe(1, None);
+        quiet.skip_renewals();
+        hub.deliver(1, vec![elected(1)], |_| {});
+        assert_eq!(drain(&mut quiet), ["E1"]);
+        let wakes = Arc::new(WakeCount::default());
+        wait_with(&mut quiet, &wakes);
+        // The close waits for batch 3, which arrives ahead of batch 2.
+        hub.close(3);
+        hub.deliver(3, vec![renewed(3)], |_| {});
+        assert_eq!(wakes.count(), 0, "woken before the batches it waits for");
+        hub.deliver(2, vec![renewed(2)], |_| {});
+        assert_eq!(wakes.count(), 1, "the close did not wake it");
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(quiet.poll_recv(&mut cx), Poll::Ready(None)));
+
+        let hub = Hub::default();
+        let mut quiet = hub.subscribe(1, None);
+        quiet.skip_renewals();
+        let wakes = Arc::new(WakeCount::default());
+        wait_with(&mut quiet, &wakes);
+        hub.deliver(1, vec![renewed(1)], |_| {});
+        assert_eq!(wakes.count(), 0);
+        hub.close(1);
+        assert_eq!(wakes.count(), 1, "the close did not wake it");
+        assert!(matches!(quiet.poll_recv(&mut cx), Poll::Ready(None)));
+    }
+
+    /// Renewals left out while another thread hands batches out: once
+    /// `skip_renewals` has returned, no `Renewed` is read, and every
+    /// transition is, once and in order.
+    #[test]
+    fn leaving_renewals_out_while_batches_are_handed_out_loses_no_transition() {
+        for round in 0..100u64 {
+            let hub = Arc::new(Hub::default());
+            let mut rx = hub.subscribe(1, None);
+            let publisher = {
+                let hub = hub.clone();
+                std::thread::spawn(move || {
+                    for seq in 1..=300u64 {
+                        let ev = if seq % 7 == 0 {
+                            elected(seq)
+                        } else {
+                            renewed(seq)
+                        };
+                        hub.deliver(seq, vec![ev], |_| {});
+                    }
+                })
+            };
+            let mut before = Vec::new();
+            for _ in 0..round {
+                before.extend(drain(&mut rx));
+                std::thread::yield_now();
+            }
+            rx.skip_renewals();
+            let mut after = Vec::new();
+            while !publisher.is_finished() {
+                after.extend(drain(&mut rx));
+            }
+            publisher.join().unwrap();
+            after.extend(drain(&mut rx));
+            assert!(
+                after.iter().all(|tag| !tag.starts_with('R')),
+                "round {round}: a renewal read after they were left out: {after:?}"
+            );
+            let transitions: Vec<String> = before
+                .iter()
+                .chain(&after)
+                .filter(|tag| tag.starts_with('E'))
+                .cloned()
+                .collect();
+            let expected: Vec<String> = (1..=300u64)
+                .filter(|seq| seq % 7 == 0)
+                .map(|seq| format!("E{seq}"))
+                .collect();
+            assert_eq!(transitions, expected, "round {round}");
+        }
+    }
 }

@@ -29,6 +29,14 @@ const BACKSTOP_HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
 /// runs, since it polls the consumer), and a renewal (a later deadline)
 /// does not re-arm it: it wakes at the deadline it was armed for, then
 /// sleeps on to the current one.
+///
+/// It is looked at only when its consumer is polled, and a consumer that
+/// leaves `Renewed` out (the callbacks, a `without_renewals()` stream) is
+/// not woken by a renewal. So the session wakes every subscriber, without
+/// an event, whenever what the backstop decided on may have changed with
+/// no transition to tell of it: the running term's deadline came closer (a
+/// shorter lease answered), a campaign started (perhaps on another runtime
+/// than the driver that kept the timer), or that driver died.
 #[derive(Debug, Default)]
 pub(crate) struct Backstop {
     /// The instant it is armed for, the runtime its sleep belongs to (a

@@ -165,12 +165,20 @@ impl Drop for Applied<'_> {
         // wake-up that panics (the application's executor) must not keep
         // the batch from the hub: every later batch would wait for it.
         let wake = self.wake.take();
+        let closer = wake.as_ref().is_some_and(|w| w.came_closer());
         let woken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(wake)));
         if let Some((seq, events)) = self.batch.take() {
             let observer = &self.session.observer;
             self.session
                 .hub
                 .deliver(seq, events, |events| observer.published(events));
+        }
+        if closer {
+            // The running term ends sooner (a shorter lease was answered):
+            // a subscriber that leaves `Renewed` out is not woken by the
+            // renewal, yet its backstop may sleep to the old deadline.
+            // Rare: a wake-up of every subscriber, without an event.
+            self.session.hub.wake_all();
         }
         crate::sync::resume_panic(woken.err());
     }
@@ -634,13 +642,14 @@ impl Session {
     // ----- who wants the campaign to run -----
 
     /// Starts the campaign on the connection's driver if it is not running.
-    /// Needs a Tokio runtime.
-    fn ensure_campaign(self: &Arc<Self>, control: &mut Control) -> Result<()> {
+    /// Needs a Tokio runtime. `Ok(true)` if it started one: the caller then
+    /// calls [`campaign_moved`](Self::campaign_moved) once it holds no lock.
+    fn ensure_campaign(self: &Arc<Self>, control: &mut Control) -> Result<bool> {
         if self.rpc.acquiring_stopped() {
             return Err(Error::Shutdown);
         }
         if control.campaign.as_ref().is_some_and(Campaign::is_running) {
-            return Ok(());
+            return Ok(false);
         }
         crate::sync::runtime()?;
         let driver = self.rpc.transport().driver().ok_or(Error::NoRuntime)?;
@@ -653,7 +662,19 @@ impl Session {
             driver,
             session: self.me.clone(),
         });
-        Ok(())
+        Ok(true)
+    }
+
+    /// A campaign was started (perhaps on another runtime than the one that
+    /// kept the step-down timer, with no transition to tell of it): every
+    /// subscriber is woken, without an event, so that one that leaves
+    /// `Renewed` out (the callbacks, a quiet stream) looks again at which
+    /// runtime keeps the timer and arms its backstop if it is not its own.
+    /// Its renewals would not wake it, and that runtime may be left idle.
+    /// Called outside the control lock (a wake-up runs the application's
+    /// executor code).
+    fn campaign_moved(&self) {
+        self.hub.wake_all();
     }
 
     /// Takes the running campaign out of `control`, so that none of its calls
@@ -681,13 +702,19 @@ impl Session {
     }
 
     pub(crate) fn add_stream(self: &Arc<Self>) -> Result<()> {
-        let mut control = self.control();
-        control.streams += 1;
-        let started = self.ensure_campaign(&mut control);
-        if started.is_err() {
-            control.streams -= 1;
+        let started = {
+            let mut control = self.control();
+            control.streams += 1;
+            let started = self.ensure_campaign(&mut control);
+            if started.is_err() {
+                control.streams -= 1;
+            }
+            started
+        };
+        if started? {
+            self.campaign_moved();
         }
-        started
+        Ok(())
     }
 
     /// A stream went away. If it was the last one wanting the campaign, the
@@ -699,14 +726,20 @@ impl Session {
     }
 
     pub(crate) fn start_keep_alive(self: &Arc<Self>) -> Result<()> {
-        let mut control = self.control();
-        // A keep-alive whose driver died with its runtime is not running:
-        // it starts again here.
-        if control.keep_alive && control.campaign.as_ref().is_some_and(Campaign::is_running) {
-            return Err(Error::KeepAliveAlreadyRunning);
+        let started = {
+            let mut control = self.control();
+            // A keep-alive whose driver died with its runtime is not running:
+            // it starts again here.
+            if control.keep_alive && control.campaign.as_ref().is_some_and(Campaign::is_running) {
+                return Err(Error::KeepAliveAlreadyRunning);
+            }
+            let started = self.ensure_campaign(&mut control)?;
+            control.keep_alive = true;
+            started
+        };
+        if started {
+            self.campaign_moved();
         }
-        self.ensure_campaign(&mut control)?;
-        control.keep_alive = true;
         Ok(())
     }
 
@@ -716,14 +749,20 @@ impl Session {
     /// campaigns on. Nothing to do if it runs, nobody wants it, or outside
     /// a runtime.
     pub(crate) fn revive_campaign(self: &Arc<Self>) {
-        let mut control = self.control();
-        let dead = control.campaign.as_ref().is_some_and(|c| !c.is_running());
-        if !dead || (control.streams == 0 && !control.keep_alive) {
-            return;
-        }
-        match self.ensure_campaign(&mut control) {
-            Ok(()) => {
-                tracing::debug!("the campaign's driver was gone; campaigning on this runtime")
+        let started = {
+            let mut control = self.control();
+            let dead = control.campaign.as_ref().is_some_and(|c| !c.is_running());
+            if !dead || (control.streams == 0 && !control.keep_alive) {
+                return;
+            }
+            self.ensure_campaign(&mut control)
+        };
+        match started {
+            Ok(started) => {
+                tracing::debug!("the campaign's driver was gone; campaigning on this runtime");
+                if started {
+                    self.campaign_moved();
+                }
             }
             Err(e) => tracing::debug!(error = %e, "cannot restart the campaign"),
         }
