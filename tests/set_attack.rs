@@ -268,8 +268,9 @@ async fn acquire_at_once(client: &quorum_quest_client::QuorumQuestClient, n: usi
 
 /// Stubs kept from calls on a connection that then goes silently dead (held
 /// by the proxy, new connections pass): once a call timed out and the
-/// client redialed, no later call goes out on the dead connection (each is
-/// answered well within its timeout), alone or many at once.
+/// client redialed, no later call goes out on the dead connection (one that
+/// did would never be answered, and fail at its timeout), alone or many at
+/// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_stubs_of_a_silently_dead_connection_are_not_reused_after_the_redial() {
     use quorum_quest_client::testing::FaultProxy;
@@ -281,7 +282,7 @@ async fn kept_stubs_of_a_silently_dead_connection_are_not_reused_after_the_redia
     let client = quorum_quest_client::QuorumQuestClient::builder(SERVICE, DOMAIN)
         .endpoint(endpoint)
         .ttl(30 * SEC)
-        .rpc_timeout(SEC)
+        .rpc_timeout(2 * SEC)
         .max_concurrent_calls(4)
         .build()
         .await
@@ -290,7 +291,7 @@ async fn kept_stubs_of_a_silently_dead_connection_are_not_reused_after_the_redia
     assert!(acquire_at_once(&client, 8).await.iter().all(|ok| *ok));
     let accepted = proxy.connections_accepted();
     // Past the shortest spacing of redials (one call timeout).
-    tokio::time::sleep(ms(1100)).await;
+    tokio::time::sleep(ms(2100)).await;
     proxy.hold_live();
     // One call times out on the dead connection, and redials.
     let first = client.try_acquire_lock().await;
@@ -298,14 +299,15 @@ async fn kept_stubs_of_a_silently_dead_connection_are_not_reused_after_the_redia
         first.is_err(),
         "answered through a held connection: {first:?}"
     );
+    // (A call timeout of 2 s, not 1: a loaded 2-core machine can take
+    // over a second to answer a call of a debug build, and a slow answer
+    // is not what this looks for.)
     for round in 0..5 {
-        let started = tokio::time::Instant::now();
         let oks = acquire_at_once(&client, 8).await;
         assert!(
             oks.iter().all(|ok| *ok),
-            "round {round}: a call failed after the redial: {oks:?}"
+            "round {round}: a call failed (timed out on the dead connection?) after the redial: {oks:?}"
         );
-        assert!(started.elapsed() < SEC, "round {round}: a call timed out");
     }
     assert!(proxy.connections_accepted() > accepted);
     proxy.deliver_held();
