@@ -94,8 +94,9 @@ impl Leadership {
     /// For a process that holds many locks and only needs to know when it
     /// gains or loses one: with a renewal per lock every few seconds, a
     /// consumer of [`LeadershipSet`](crate::LeadershipSet) would otherwise
-    /// wake for every renewal of every lock. [`LeadershipStreamExt::transitions`](crate::LeadershipStreamExt::transitions)
-    /// yields the same events but filters them after the wake-up.
+    /// wake for every renewal of every lock.
+    /// ([`LeadershipStreamExt::transitions`](crate::LeadershipStreamExt::transitions)
+    /// filters after the wake-up, and drops `RpcFailed` too.)
     ///
     /// ```no_run
     /// use futures::StreamExt;
