@@ -11,23 +11,6 @@ use async_trait::async_trait;
 use common::*;
 use quorum_quest_client::{Callbacks, LeadershipEvent, LossReason};
 
-/// A long-lived runtime with one worker (the test's "home").
-fn home_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A current-thread runtime (a sync wrapper's, or one that comes and goes).
-fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Records the callbacks in order.
 #[derive(Default)]
 struct Log(Mutex<Vec<&'static str>>);

@@ -15,24 +15,6 @@ use quorum_quest_client::testing::LeasePolicy;
 use quorum_quest_client::{Callbacks, LossReason};
 use tokio::time::Instant;
 
-/// A long-lived runtime with one worker (the test's "home").
-fn home_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A current-thread runtime, run only inside its `block_on`s (a sync
-/// wrapper's runtime): idle, but alive, in between.
-fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// The TTL of these tests: a renewal is due 4 s after the request that set
 /// the lease was sent, and an unclamped lease lasts 10.5 s (1.5 s margin).
 const TTL_SECS: u64 = 12;
@@ -44,6 +26,11 @@ const CLAMP: Duration = Duration::from_secs(4);
 /// How late a loss may come after the deadline on a busy 2-core machine
 /// (the bug makes it about 4 s late: the backstop sleeps to the old one).
 const LATE: Duration = Duration::from_millis(1500);
+
+/// The deadline of `client`'s running term, as it stands now.
+fn lease_deadline(client: &quorum_quest_client::QuorumQuestClient) -> Instant {
+    Instant::now() + client.get_remaining_lease().expect("leading")
+}
 
 /// Runs `idle` until the keep-alive's clamped renewal is applied (the lease
 /// left is under the clamp), then leaves it idle; returns the deadline
@@ -61,7 +48,7 @@ fn until_a_clamped_renewal(
         .await;
         // Read before this `block_on` returns: the next renewal (1.25 s
         // later) is not made any more.
-        Instant::now() + client.get_remaining_lease().expect("leading")
+        lease_deadline(client)
     })
 }
 
@@ -122,6 +109,47 @@ impl Timed {
     fn get(&self) -> Vec<(&'static str, Instant)> {
         self.0.lock().unwrap().clone()
     }
+
+    /// Waits (on `home`, up to `within`) for `on_leader_lost` after
+    /// `on_leader_elected`, and asserts it came at most [`LATE`] after
+    /// `deadline`.
+    fn lost_in_time(&self, home: &tokio::runtime::Runtime, deadline: Instant, within: Duration) {
+        home.block_on(eventually(within, "on_leader_lost", || {
+            self.get().len() >= 2
+        }));
+        let log = self.get();
+        let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
+        assert_eq!(names, ["elected", "lost"]);
+        let at = log[1].1;
+        eprintln!(
+            "reported {:?} after the deadline (bound {LATE:?})",
+            at.saturating_duration_since(deadline)
+        );
+        assert!(
+            at <= deadline + LATE,
+            "on_leader_lost came {:?} after the deadline",
+            at - deadline
+        );
+    }
+}
+
+/// A client on `home` with its callbacks recorded in the returned log
+/// (TTL 6 s) that led through a keep-alive on `home`, stopped mid-term: it
+/// still leads, until the term's deadline.
+fn led_through_a_stopped_keep_alive(
+    home: &tokio::runtime::Runtime,
+    server: &quorum_quest_client::testing::TestServer,
+) -> (quorum_quest_client::QuorumQuestClient, Arc<Timed>) {
+    let log = Arc::new(Timed::default());
+    let client = home
+        .block_on(over_tcp(&server.url(), 6).callbacks(log.clone()).build())
+        .unwrap();
+    home.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "on_leader_elected", || !log.get().is_empty()).await;
+        client.stop_keep_alive().await;
+    });
+    (client, log)
 }
 
 #[async_trait]
@@ -161,22 +189,7 @@ fn callbacks_get_the_loss_at_a_deadline_a_renewal_brought_closer() {
     });
     server.set_lease_policy(LeasePolicy::ClampRenewals(CLAMP));
     let deadline = until_a_clamped_renewal(&idle, &client);
-    home.block_on(eventually(30 * SEC, "on_leader_lost", || {
-        log.get().len() >= 2
-    }));
-    let log = log.get();
-    let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
-    assert_eq!(names, ["elected", "lost"]);
-    let at = log[1].1;
-    eprintln!(
-        "reported {:?} after the deadline (bound {LATE:?})",
-        at.saturating_duration_since(deadline)
-    );
-    assert!(
-        at <= deadline + LATE,
-        "on_leader_lost came {:?} after the deadline",
-        at - deadline
-    );
+    log.lost_in_time(&home, deadline, 30 * SEC);
     drop(idle);
     drop(client);
     home.block_on(server.shutdown());
@@ -194,49 +207,23 @@ fn callbacks_get_the_loss_at_a_deadline_a_renewal_brought_closer() {
 fn callbacks_get_the_loss_after_the_keep_alive_moved_to_a_runtime_left_idle() {
     let home = home_runtime();
     let server = home.block_on(server());
-    let log = Arc::new(Timed::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 6).callbacks(log.clone()).build())
-        .unwrap();
-    home.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "on_leader_elected", || !log.get().is_empty()).await;
-        client.stop_keep_alive().await;
-    });
+    let (client, log) = led_through_a_stopped_keep_alive(&home, &server);
     let idle = current_thread();
-    let deadline = |client: &quorum_quest_client::QuorumQuestClient| {
-        Instant::now() + client.get_remaining_lease().expect("leading")
-    };
     let deadline = idle.block_on(async {
         // Renewed on the new runtime: the deadline moves on by 2 s at least
         // (the renewal is due 2 s after the last one was sent).
-        let before = deadline(&client);
+        let before = lease_deadline(&client);
         client.start_keep_alive().await.unwrap();
         eventually(
             10 * SEC,
             "a renewal on the keep-alive's new runtime",
-            || deadline(&client) > before + SEC,
+            || lease_deadline(&client) > before + SEC,
         )
         .await;
-        deadline(&client)
+        lease_deadline(&client)
     });
     // `idle` is kept, but nothing runs it any more: no renewal goes out.
-    home.block_on(eventually(20 * SEC, "on_leader_lost", || {
-        log.get().len() >= 2
-    }));
-    let log = log.get();
-    let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
-    assert_eq!(names, ["elected", "lost"]);
-    let at = log[1].1;
-    eprintln!(
-        "reported {:?} after the deadline (bound {LATE:?})",
-        at.saturating_duration_since(deadline)
-    );
-    assert!(
-        at <= deadline + LATE,
-        "on_leader_lost came {:?} after the deadline",
-        at - deadline
-    );
+    log.lost_in_time(&home, deadline, 20 * SEC);
     drop(idle);
     drop(client);
     home.block_on(server.shutdown());
@@ -368,22 +355,11 @@ fn callbacks_get_the_loss_after_a_stream_moved_the_campaign_to_a_runtime_left_id
 
     let home = home_runtime();
     let server = home.block_on(server());
-    let log = Arc::new(Timed::default());
-    let client = home
-        .block_on(over_tcp(&server.url(), 6).callbacks(log.clone()).build())
-        .unwrap();
-    home.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "on_leader_elected", || !log.get().is_empty()).await;
-        client.stop_keep_alive().await;
-    });
-    let deadline = |client: &quorum_quest_client::QuorumQuestClient| {
-        Instant::now() + client.get_remaining_lease().expect("leading")
-    };
+    let (client, log) = led_through_a_stopped_keep_alive(&home, &server);
     let idle = current_thread();
     let mut stream = client.leadership();
     let deadline = idle.block_on(async {
-        let before = deadline(&client);
+        let before = lease_deadline(&client);
         let elected = next(&mut stream, 5 * SEC, "Elected (the running term)").await;
         assert!(elected.is_elected(), "{elected:?}");
         // Renewed by the campaign the stream started on this runtime.
@@ -396,28 +372,13 @@ fn callbacks_get_the_loss_after_a_stream_moved_the_campaign_to_a_runtime_left_id
                 matches!(ev, quorum_quest_client::LeadershipEvent::Renewed { .. }),
                 "{ev:?}"
             );
-            if deadline(&client) > before + SEC {
-                break deadline(&client);
+            if lease_deadline(&client) > before + SEC {
+                break lease_deadline(&client);
             }
         }
     });
     // `idle` and the stream are kept, but nothing runs them any more.
-    home.block_on(eventually(20 * SEC, "on_leader_lost", || {
-        log.get().len() >= 2
-    }));
-    let log = log.get();
-    let names: Vec<&str> = log.iter().map(|(what, _)| *what).collect();
-    assert_eq!(names, ["elected", "lost"]);
-    let at = log[1].1;
-    eprintln!(
-        "reported {:?} after the deadline (bound {LATE:?})",
-        at.saturating_duration_since(deadline)
-    );
-    assert!(
-        at <= deadline + LATE,
-        "on_leader_lost came {:?} after the deadline",
-        at - deadline
-    );
+    log.lost_in_time(&home, deadline, 20 * SEC);
     drop(stream);
     drop(idle);
     drop(client);

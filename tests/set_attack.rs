@@ -10,23 +10,6 @@ use common::*;
 use futures::StreamExt;
 use quorum_quest_client::{LeadershipEvent, LeadershipSet, LossReason, RpcKind};
 
-/// A long-lived runtime with one worker (the test's "home").
-fn home_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A current-thread runtime (a sync wrapper's, or one that comes and goes).
-fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// The set's events (keys dropped), as a stream the common helpers read.
 fn events(
     set: &mut LeadershipSet<u32>,

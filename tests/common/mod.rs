@@ -93,3 +93,21 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut co
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A long-lived runtime with one worker (the test's "home").
+pub fn home_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A current-thread runtime, run only inside its `block_on`s (a sync
+/// wrapper's, or one that comes and goes): idle, but alive, in between.
+pub fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
