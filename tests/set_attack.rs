@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use futures::StreamExt;
-use quorum_quest_client::{LeadershipEvent, LeadershipSet, LossReason, RpcKind};
+use quorum_quest_client::{LeadershipEvent, LeadershipSet, LossReason, QuorumQuestClient, RpcKind};
 
 /// The set's events (keys dropped), as a stream the common helpers read.
 fn events(
@@ -23,11 +23,7 @@ async fn two_leading(
     a: &quorum_quest_client::testing::TestServer,
     b: &quorum_quest_client::testing::TestServer,
     (timeout_one, timeout_two): (std::time::Duration, std::time::Duration),
-) -> (
-    quorum_quest_client::QuorumQuestClient,
-    quorum_quest_client::QuorumQuestClient,
-    LeadershipSet<u32>,
-) {
+) -> (QuorumQuestClient, QuorumQuestClient, LeadershipSet<u32>) {
     let one = over_tcp(&a.url(), 30)
         .rpc_timeout(timeout_one)
         .build()
@@ -127,13 +123,18 @@ fn a_set_whose_campaigns_runtime_shut_down_campaigns_on_on_the_next() {
     home.block_on(server.shutdown());
 }
 
-/// A follower's set waiting on a healthy runtime, its campaign (the
-/// keep-alive's) on a current-thread runtime that shuts down while an
-/// attempt is in flight (no step-down timer kept, none handed over). The
-/// set still wants the campaign: it must campaign on, and win the lock
-/// once it is free.
-#[test]
-fn a_waiting_followers_set_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt() {
+/// A follower's campaign (the keep-alive's) runs on a current-thread
+/// runtime that shuts down while an attempt is in flight (no step-down
+/// timer kept, none handed over), while `wait` (made before, run on a
+/// healthy runtime) reads leadership until `Elected`. The reader still
+/// wants the campaign: it must campaign on, and win the lock once it is
+/// free. What `wait` returns is dropped after the check.
+fn a_waiting_follower_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt<T, F>(
+    wait: impl FnOnce(&QuorumQuestClient) -> F,
+) where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let home = home_runtime();
     let server = home.block_on(server());
     let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
@@ -147,54 +148,42 @@ fn a_waiting_followers_set_campaigns_on_when_the_campaigns_runtime_dies_mid_atte
         })
         .await;
     });
-    let mut set = LeadershipSet::new();
-    set.insert(1u32, client.leadership());
-    let waiting = home.spawn(async move {
-        let ev = until_elected(&mut events(&mut set), 30 * SEC, "Elected").await;
-        (set, ev)
-    });
-    // Let the spawned task poll the set (and wait) first.
+    let waiting = home.spawn(wait(&client));
+    // Let the spawned task poll (and wait) first.
     std::thread::sleep(ms(300));
     drop(first);
     server.set_refusal_delay(std::time::Duration::ZERO);
     home.block_on(async {
-        let (set, _) = waiting.await.unwrap();
+        let held = waiting.await.unwrap();
         assert!(client.is_leader());
-        drop(set);
+        drop(held);
     });
     home.block_on(server.shutdown());
+}
+
+/// ... read through a set.
+#[test]
+fn a_waiting_followers_set_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt() {
+    a_waiting_follower_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt(|client| {
+        let mut set = LeadershipSet::new();
+        set.insert(1u32, client.leadership());
+        async move {
+            until_elected(&mut events(&mut set), 30 * SEC, "Elected").await;
+            set
+        }
+    });
 }
 
 /// The same with a plain stream instead of a set (is it the set's?).
 #[test]
 fn a_waiting_followers_stream_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt() {
-    let home = home_runtime();
-    let server = home.block_on(server());
-    let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
-    server.set_owner(SERVICE, DOMAIN, "someone-else", 2 * SEC);
-    server.set_refusal_delay(20 * SEC);
-    let first = current_thread();
-    first.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "the first attempt in flight", || {
-            server.calls(RpcKind::TryAcquireLock) > 0
-        })
-        .await;
+    a_waiting_follower_campaigns_on_when_the_campaigns_runtime_dies_mid_attempt(|client| {
+        let mut stream = client.leadership();
+        async move {
+            until_elected(&mut stream, 30 * SEC, "Elected").await;
+            stream
+        }
     });
-    let mut stream = client.leadership();
-    let waiting = home.spawn(async move {
-        let ev = until_elected(&mut stream, 30 * SEC, "Elected").await;
-        (stream, ev)
-    });
-    std::thread::sleep(ms(300));
-    drop(first);
-    server.set_refusal_delay(std::time::Duration::ZERO);
-    home.block_on(async {
-        let (stream, _) = waiting.await.unwrap();
-        assert!(client.is_leader());
-        drop(stream);
-    });
-    home.block_on(server.shutdown());
 }
 
 /// A stream elected on a runtime that then shut down, put into a set on
@@ -240,7 +229,7 @@ fn a_stream_moved_into_a_set_from_a_runtime_that_shut_down_campaigns_on() {
 // ----- the stub pool (`Transport::stub` / `give_back`) -----
 
 /// Every call of `n` made at once.
-async fn acquire_at_once(client: &quorum_quest_client::QuorumQuestClient, n: usize) -> Vec<bool> {
+async fn acquire_at_once(client: &QuorumQuestClient, n: usize) -> Vec<bool> {
     let calls = (0..n).map(|_| client.try_acquire_lock());
     futures::future::join_all(calls)
         .await
@@ -262,7 +251,7 @@ async fn kept_stubs_of_a_silently_dead_connection_are_not_reused_after_the_redia
     // A user's endpoint: no HTTP/2 keep-alive of ours, so nothing but the
     // redial replaces the dead connection.
     let endpoint = tonic::transport::Endpoint::from_shared(proxy.url()).unwrap();
-    let client = quorum_quest_client::QuorumQuestClient::builder(SERVICE, DOMAIN)
+    let client = QuorumQuestClient::builder(SERVICE, DOMAIN)
         .endpoint(endpoint)
         .ttl(30 * SEC)
         .rpc_timeout(2 * SEC)
