@@ -377,10 +377,24 @@ async fn set_with_a_panicking_member() -> (
     (slow, fast, clients, set, ended)
 }
 
-fn held(server: &TestServer) -> Vec<usize> {
-    (0..4)
-        .filter(|i| server.lock(SERVICE, &format!("lock-{i}")).is_some())
-        .collect()
+/// Every lock of [`set_with_a_panicking_member`] released (on both
+/// servers) and no client leading, once `what` returned after `took`.
+fn all_released(
+    slow: &TestServer,
+    fast: &TestServer,
+    clients: &[QuorumQuestClient],
+    what: &str,
+    took: Duration,
+) {
+    let held: Vec<usize> = (0..4)
+        .filter(|i| slow.lock(SERVICE, &format!("lock-{i}")).is_some())
+        .collect();
+    assert!(
+        held.is_empty(),
+        "locks {held:?} still held when {what} returned (after {took:?})"
+    );
+    assert!(fast.lock(SERVICE, "odd").is_none());
+    assert!(clients.iter().all(|c| !c.is_leader()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,14 +402,7 @@ async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after
     let (slow, fast, clients, set, ended) = set_with_a_panicking_member().await;
     let started = std::time::Instant::now();
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(set)));
-    let took = started.elapsed();
-    let held = held(&slow);
-    assert!(
-        held.is_empty(),
-        "locks {held:?} still held when the set's drop returned (after {took:?})"
-    );
-    assert!(fast.lock(SERVICE, "odd").is_none());
-    assert!(clients.iter().all(|c| !c.is_leader()));
+    all_released(&slow, &fast, &clients, "the set's drop", started.elapsed());
     drop(ended);
 }
 
@@ -409,13 +416,7 @@ async fn a_members_panicking_term_end_does_not_leave_the_others_locks_held_after
         futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(set.resign())).await;
     let took = started.elapsed();
     assert!(resigned.is_err(), "the hand-out's panic is not hidden");
-    let held = held(&slow);
-    assert!(
-        held.is_empty(),
-        "locks {held:?} still held when resign() returned (after {took:?})"
-    );
-    assert!(fast.lock(SERVICE, "odd").is_none());
-    assert!(clients.iter().all(|c| !c.is_leader()));
+    all_released(&slow, &fast, &clients, "resign()", took);
     drop(ended);
 }
 
