@@ -1409,21 +1409,7 @@ mod tests {
         );
     }
 
-    /// Counts the wake-ups of a receiver's task.
-    #[derive(Default)]
-    struct WakeCount(std::sync::atomic::AtomicUsize);
-
-    impl std::task::Wake for WakeCount {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    impl WakeCount {
-        fn count(&self) -> usize {
-            self.0.load(Ordering::Relaxed)
-        }
-    }
+    use crate::sync::WakeCount;
 
     /// A receiver polled once with `wakes`'s waker: `Pending`, registered.
     fn wait_with(rx: &mut EventReceiver, wakes: &Arc<WakeCount>) {

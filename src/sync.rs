@@ -69,3 +69,29 @@ pub(crate) async fn cancel_and_join(
         }
     }
 }
+
+/// A waker that counts its wake-ups (for tests that check who is woken,
+/// and how often).
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct WakeCount(std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl WakeCount {
+    /// The wake-ups so far.
+    pub(crate) fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The wake-ups so far, and counts from zero again.
+    pub(crate) fn take(&self) -> usize {
+        self.0.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+impl std::task::Wake for WakeCount {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -1138,14 +1138,7 @@ mod tests {
     use super::Sources;
 
     /// Counts the wake-ups of the driver's task.
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    type Count = crate::sync::WakeCount;
 
     /// A source that wakes while the driver runs marks, and does not wake
     /// the task (tokio would poll it again for nothing, and wake another
@@ -1160,13 +1153,13 @@ mod tests {
         sources.enter(&Context::from_waker(&task_waker));
         sources.look();
         waker.wake_by_ref();
-        assert_eq!(task.0.load(Ordering::SeqCst), 0, "woken while running");
+        assert_eq!(task.count(), 0, "woken while running");
         assert!(sources.leave(), "the wake-up during the look was forgotten");
         sources.enter(&Context::from_waker(&task_waker));
         sources.look();
         assert!(!sources.leave());
         waker.wake_by_ref();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1, "not woken while waiting");
+        assert_eq!(task.count(), 1, "not woken while waiting");
     }
 
     /// No wake-up is lost between the driver's last look and its wait: a

@@ -506,14 +506,7 @@ mod tests {
     }
 
     /// Counts the wake-ups of the set's own task.
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+    type Count = crate::sync::WakeCount;
 
     fn poll(set: &mut Members<u32, Fed>, count: &Arc<Count>) -> Poll<Option<(u32, u32)>> {
         let waker = Waker::from(count.clone());
@@ -531,12 +524,12 @@ mod tests {
         // The first polls look at each member once (it may start a
         // campaign), a turn at a time: the set wakes itself between turns.
         assert!(poll(&mut set, &count).is_pending());
-        while count.0.swap(0, Ordering::Relaxed) > 0 {
+        while count.take() > 0 {
             assert!(poll(&mut set, &count).is_pending());
         }
         assert!(feeds.iter().all(|f| f.polls() == 1));
         feeds[417].push(7);
-        assert_eq!(count.0.load(Ordering::Relaxed), 1, "the set is woken");
+        assert_eq!(count.count(), 1, "the set is woken");
         assert_eq!(poll(&mut set, &count), Poll::Ready(Some((417, 7))));
         assert_eq!(poll(&mut set, &count), Poll::Pending);
         let polled: usize = feeds.iter().map(Fed::polls).sum();
@@ -618,16 +611,12 @@ mod tests {
         let count = Arc::new(Count::default());
         assert_eq!(poll(&mut set, &count), Poll::Pending);
         assert_eq!(
-            count.0.swap(0, Ordering::Relaxed),
+            count.take(),
             1,
             "a full turn without news wakes the set to go on"
         );
         assert_eq!(poll(&mut set, &count), Poll::Pending);
-        assert_eq!(
-            count.0.load(Ordering::Relaxed),
-            0,
-            "nothing left to look at"
-        );
+        assert_eq!(count.count(), 0, "nothing left to look at");
         assert!(feeds.iter().all(|f| f.polls() == 1));
         feeds.last().unwrap().push(9);
         assert_eq!(
@@ -705,7 +694,7 @@ mod tests {
             .map(|m| m.stream.0)
             .sum::<usize>();
         assert_eq!(polls, POLLS_PER_TURN, "one turn, then back to the executor");
-        assert!(count.0.load(Ordering::Relaxed) >= 1, "and it goes on later");
+        assert!(count.count() >= 1, "and it goes on later");
     }
 
     #[test]
@@ -738,7 +727,7 @@ mod tests {
         }
         while poll(&mut set, &count).is_ready() {}
         while poll(&mut set, &count).is_pending() {
-            if count.0.swap(0, Ordering::Relaxed) == 0 {
+            if count.take() == 0 {
                 break;
             }
         }
