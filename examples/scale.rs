@@ -373,6 +373,15 @@ fn orchestrate(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// CPU time per renewal in µs (0 without renewals).
+fn cpu_us_per_renewal(cpu_secs: f64, renewals: u64) -> f64 {
+    if renewals == 0 {
+        0.0
+    } else {
+        cpu_secs * 1e6 / renewals as f64
+    }
+}
+
 /// Runs one variant in a child process of its own against `server`.
 fn run_variant(
     args: &Args,
@@ -417,11 +426,7 @@ fn run_variant(
     if variant == "quiet" {
         // No `Renewed` to count: the server's count during the window.
         figures.renewals = in_window.unwrap_or(0);
-        figures.cpu_us_per_renewal = if figures.renewals == 0 {
-            0.0
-        } else {
-            figures.window_cpu_secs * 1e6 / figures.renewals as f64
-        };
+        figures.cpu_us_per_renewal = cpu_us_per_renewal(figures.window_cpu_secs, figures.renewals);
     }
     Ok(figures)
 }
@@ -490,11 +495,7 @@ fn run_child(args: &Args, variant: &str) -> Result<(), Box<dyn std::error::Error
         failed: run.failed,
         lost: run.lost,
         bytes_per_election: run.rss_delta as f64 / n as f64,
-        cpu_us_per_renewal: if run.renewals == 0 {
-            0.0
-        } else {
-            run.window_cpu.as_secs_f64() * 1e6 / run.renewals as f64
-        },
+        cpu_us_per_renewal: cpu_us_per_renewal(run.window_cpu.as_secs_f64(), run.renewals),
         renewals: run.renewals,
         late_p50_ms: percentile(&late, 0.5),
         late_p99_ms: percentile(&late, 0.99),
