@@ -15,14 +15,6 @@ use common::*;
 use futures::{Future, Stream};
 use quorum_quest_client::{LeadershipEvent, QuorumQuestClient};
 
-fn multi_thread(workers: usize) -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A waker whose executor runs the woken task's code at once, on the
 /// waking thread: here that code creates another stream of the same client
 /// (and drops it unpolled), then tells the test thread.

@@ -544,11 +544,7 @@ fn a_leading_set_dropped_at_runtime_shutdown_neither_waits_nor_panics() {
     let home = home_runtime();
     let a = home.block_on(server());
     let b = home.block_on(server());
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let client_rt = multi_thread(2);
     client_rt.block_on(async {
         let (one, two, set) = two_leading(&a, &b, (SEC, 5 * SEC)).await;
         tokio::spawn(async move {
@@ -735,11 +731,7 @@ fn a_leading_set_dropped_on_another_runtime_while_its_connections_runtime_is_idl
         assert!(ev.is_elected());
         (client, set)
     });
-    let other = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let other = multi_thread(2);
     let took = other.block_on(async move {
         let started = std::time::Instant::now();
         drop(set);

@@ -94,13 +94,18 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut co
     }
 }
 
-/// A long-lived runtime with one worker (the test's "home").
-pub fn home_runtime() -> tokio::runtime::Runtime {
+/// A multi-thread runtime with `workers` workers.
+pub fn multi_thread(workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// A long-lived runtime with one worker (the test's "home").
+pub fn home_runtime() -> tokio::runtime::Runtime {
+    multi_thread(1)
 }
 
 /// A current-thread runtime, run only inside its `block_on`s (a sync
