@@ -501,3 +501,120 @@ async fn an_acquire_queued_before_shutdown_is_not_sent_after_its_release() {
         "the lock is held after shutdown() (the queued attempt said {acquired:?})"
     );
 }
+
+/// Renewals due within one slot (a hundredth of the renew interval, on a
+/// grid shared by the process) go out together: whatever their jitter, the
+/// renewals of locks elected at different instants reach the server a whole
+/// number of slots apart. A process holding many locks thus wakes and
+/// writes once per slot, not once per renewal.
+#[tokio::test(start_paused = true)]
+async fn renewals_go_out_at_the_starts_of_slots_shared_by_every_lock() {
+    let server = server().await;
+    // TTL 3 s: renew interval 1 s, slots 10 ms.
+    let root = in_memory(&server, 3).build().await.unwrap();
+    let slot = ms(10);
+    let shards: Vec<_> = (0..12)
+        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
+        .collect();
+    // Elected one after the other, 3 ms apart: without the grid their
+    // renewals would be 3 ms apart too, plus their jitter (whole
+    // milliseconds under paused time).
+    let mut streams = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let mut stream = shard.leadership().map(move |ev| (i, ev)).boxed();
+        match tokio::time::timeout(5 * SEC, stream.next()).await {
+            Ok(Some((_, LeadershipEvent::Elected { .. }))) => {}
+            other => panic!("shard {i}: expected Elected, got {other:?}"),
+        }
+        streams.push(stream);
+        tokio::time::advance(ms(3)).await;
+    }
+    let mut all = futures::stream::select_all(streams);
+    let mut renewed = HashSet::new();
+    while renewed.len() < shards.len() {
+        match tokio::time::timeout(5 * SEC, all.next()).await {
+            Ok(Some((i, LeadershipEvent::Renewed { .. }))) => {
+                assert!(
+                    renewed.insert(i),
+                    "shard {i} renewed twice before the others once"
+                );
+            }
+            other => panic!("expected every shard's first renewal, got {other:?}"),
+        }
+    }
+    // Each lock's expiry is its last KeepAlive's arrival plus the TTL, the
+    // same for all: their differences are the renewals' differences.
+    let expiries: Vec<Instant> = server
+        .tenures()
+        .into_iter()
+        .filter(|t| t.service == "indexer")
+        .map(|t| t.expiry)
+        .collect();
+    assert_eq!(expiries.len(), shards.len());
+    let first = *expiries.iter().min().unwrap();
+    for expiry in &expiries {
+        let apart = expiry.duration_since(first);
+        assert_eq!(
+            apart.as_nanos() % slot.as_nanos(),
+            0,
+            "a renewal {apart:?} after the first is not a whole number of slots after it"
+        );
+    }
+    // They really were spread: elected 33 ms apart in all, jittered over 90 ms.
+    let distinct: HashSet<_> = expiries.iter().collect();
+    assert!(distinct.len() >= 2, "{expiries:?}");
+}
+
+/// Renewals that come due together (a slot's, or all of them after the
+/// driver's runtime could not run it) go out earliest lease deadline first,
+/// whatever their jitter: when a burst takes a while to send, the leases
+/// closest to their end are renewed first. One call at a time, each
+/// answered after 1 ms, so the server sees them in the order they left.
+#[tokio::test(start_paused = true)]
+async fn renewals_due_together_go_out_earliest_deadline_first() {
+    let server = TestServer::builder().latency(ms(1)).start().await.unwrap();
+    let root = in_memory(&server, 3)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap();
+    let shards: Vec<_> = (0..20)
+        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
+        .collect();
+    // Elected one after the other, 3 ms apart: their deadlines come in
+    // this order, their jittered renewals (up to 90 ms early) in another.
+    let mut streams = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let mut stream = shard.leadership().map(move |ev| (i, ev)).boxed();
+        match tokio::time::timeout(5 * SEC, stream.next()).await {
+            Ok(Some((_, LeadershipEvent::Elected { .. }))) => {}
+            other => panic!("shard {i}: expected Elected, got {other:?}"),
+        }
+        streams.push(stream);
+        tokio::time::advance(ms(3)).await;
+    }
+    // Every renewal comes due at once (a renew interval of 1 s passes in
+    // one step, as for a driver whose runtime did not run meanwhile).
+    tokio::time::advance(ms(1100)).await;
+    let mut all = futures::stream::select_all(streams);
+    let mut renewed = HashSet::new();
+    while renewed.len() < shards.len() {
+        match tokio::time::timeout(5 * SEC, all.next()).await {
+            Ok(Some((i, LeadershipEvent::Renewed { .. }))) => {
+                renewed.insert(i);
+            }
+            other => panic!("expected every shard's renewal, got {other:?}"),
+        }
+    }
+    // The order the renewals reached the server in (each lock's expiry is
+    // its last KeepAlive's arrival plus the TTL): the order of election.
+    let mut arrivals: Vec<(Instant, usize)> = server
+        .tenures()
+        .into_iter()
+        .filter(|t| t.service == "indexer")
+        .map(|t| (t.expiry, t.domain["shard-".len()..].parse().unwrap()))
+        .collect();
+    arrivals.sort();
+    let order: Vec<usize> = arrivals.iter().map(|(_, shard)| *shard).collect();
+    assert_eq!(order, (0..shards.len()).collect::<Vec<_>>());
+}

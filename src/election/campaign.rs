@@ -9,8 +9,10 @@
 //! so that it is not held for nobody. Granted: confirm at once with a
 //! `KeepAlive`, whose answer tells the real lease. Leader: keep alive every
 //! renew interval (counted from the send instant of the answer in force, and
-//! up to a tenth of it earlier, at random, so that elections elected together
-//! drift apart), retrying failures with backoff while the lease lasts; each
+//! up to a tenth of it earlier: at random, so that elections elected together
+//! drift apart, and then to the start of a shared slot a hundredth of the
+//! interval wide, so that renewals due within one slot go out together),
+//! retrying failures with backoff while the lease lasts; each
 //! call's timeout is capped by the time left. The step-down timer (in the
 //! driver) reports `Lost { Expired }` at the deadline even while a call hangs.
 
@@ -66,7 +68,13 @@ impl Session {
         if let Some(deadline) = state.deadline() {
             let interval = self.timing.renew_interval.saturating_sub(early);
             let due = retry_at
-                .or_else(|| state.renew_due(interval))
+                .or_else(|| {
+                    let due = state.renew_due(interval)?;
+                    Some(crate::time::slot_start(
+                        due,
+                        crate::backoff::renew_slot(self.timing.renew_interval, deadline, due),
+                    ))
+                })
                 .unwrap_or(deadline);
             return Step::Renew {
                 due,
