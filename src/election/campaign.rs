@@ -11,7 +11,8 @@
 //! renew interval (counted from the send instant of the answer in force, and
 //! up to a tenth of it earlier: at random, so that elections elected together
 //! drift apart, and then to the start of a shared slot a hundredth of the
-//! interval wide, so that renewals due within one slot go out together),
+//! interval wide, at most 50 ms, so that renewals due within one slot go
+//! out together),
 //! retrying failures with backoff while the lease lasts; each
 //! call's timeout is capped by the time left. The step-down timer (in the
 //! driver) reports `Lost { Expired }` at the deadline even while a call hangs.

@@ -86,9 +86,9 @@ const SPARE_CELLS: usize = 64;
 const BATCH: usize = 256;
 
 /// How many expired timers the driver takes out of its queue, and orders
-/// by deadline, in one go: a slot's renewals at 100,000 elections renewing
-/// every 20 s (1,000), with a bound on the driver's uninterrupted work after
-/// a stall (a few milliseconds).
+/// by deadline, in one go: four slots' renewals at 100,000 elections
+/// renewing every 20 s (about 250 each), with a bound on the driver's
+/// uninterrupted work after a stall (a few milliseconds).
 const EXPIRED_BATCH: usize = 1024;
 
 static NEXT_DRIVER: AtomicU64 = AtomicU64::new(1);
