@@ -21,11 +21,15 @@
 //!   from the previous send; its calls are bounded by a plain 100-permit
 //!   semaphore (without it, a cold start of 100,000 floods the connection
 //!   and it never elects them all). Its renewals stay in lockstep.
-//! - `spread`: the same loop with the client's renewal jitter (each renewal
-//!   up to a tenth of the interval early, at random): renewals spread out
-//!   instead of coming in one burst per interval, which costs more CPU per
-//!   renewal (fewer calls share a wake-up and a write), so CPU is compared
-//!   like with like.
+//! - `spread`: the same loop with a renewal jitter like the client's (each
+//!   renewal up to a tenth of the interval early, at random): renewals
+//!   spread out instead of coming in one burst per interval, which costs
+//!   more CPU per renewal (fewer calls share a wake-up and a write), so CPU
+//!   is compared like with like. Each task sleeps until its own instant,
+//!   as a hand-written loop does; the client moves its renewals to the
+//!   start of 50 ms slots shared by every lock, so that those due together
+//!   go out together (a hand-written loop could do the same; the lockstep
+//!   `stub`, all of whose renewals come in bursts, shows where that ends).
 //! - `client`: one `for_scope` client per lock on one connection, each
 //!   followed by its `leadership()` stream, all read as one `LeadershipSet`
 //!   by one task.
