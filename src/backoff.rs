@@ -118,7 +118,8 @@ pub(crate) const RENEW_SLOT_DIVISOR: u32 = 100;
 /// per second sends them in batches of a few hundred; narrow enough that a
 /// batch is sent within milliseconds and the calls it holds at once stay
 /// few (measured at 100,000 locks renewing every 20 s: 200 ms slots saved
-/// no more CPU than 50 ms ones, and cost 13 % more memory per election).
+/// no more CPU than 50 ms ones, and cost about 200 bytes more memory per
+/// election).
 pub(crate) const RENEW_SLOT_MAX: Duration = Duration::from_millis(50);
 
 /// The lower bound of a follower's jittered wait, in fifths of the period
