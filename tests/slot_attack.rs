@@ -167,3 +167,83 @@ async fn hundreds_of_renewals_due_together_go_out_earliest_deadline_first() {
         "{out_of_order} renewals went out after a later deadline's; order: {order:?}"
     );
 }
+
+/// Attack on the driver's `Sources` waker (wake-ups from other workers
+/// only mark while the driver runs): 300 leaders on one connection over
+/// loopback TCP on two workers, renewing every second in shared slots,
+/// while other elections on the same connection start and stop without
+/// pause (commands) and their attempts end (calls). A lost wake-up stalls
+/// the driver: renewals stop and leases run out. For 4 s, no leader is
+/// lost and every one renews at least twice (it is due three times).
+#[test]
+fn leaders_keep_renewing_while_elections_on_their_connection_churn() {
+    const N: usize = 300;
+    let rt = multi_thread(2);
+    rt.block_on(async {
+        let server = server().await;
+        // TTL 3 s: renew interval 1 s, deadline 2.7 s after each send.
+        let root = over_tcp(&server.url(), 3).build().await.unwrap();
+        let shards: Vec<_> = (0..N)
+            .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
+            .collect();
+        let mut all: Streams = futures::stream::select_all(
+            shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| s.leadership().map(move |ev| (i, ev)).boxed()),
+        );
+        let mut elected = 0;
+        while elected < N {
+            match tokio::time::timeout(30 * SEC, all.next()).await {
+                Ok(Some((_, LeadershipEvent::Elected { .. }))) => elected += 1,
+                other => panic!("{elected} of {N} elected, then {other:?}"),
+            }
+        }
+        // Churn: elections of another scope on the same connection start
+        // and stop (a start and a stop command each, and their attempts).
+        let churned = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let churn = {
+            let root = root.clone();
+            let churned = churned.clone();
+            tokio::spawn(async move {
+                let mut k = 0u64;
+                loop {
+                    let scope = root.for_scope("churn", format!("c-{}", k % 50)).unwrap();
+                    let stream = scope.leadership();
+                    tokio::task::yield_now().await;
+                    drop(stream);
+                    k += 1;
+                    churned.store(k, std::sync::atomic::Ordering::Relaxed);
+                    if k % 16 == 0 {
+                        tokio::time::sleep(ms(1)).await;
+                    }
+                }
+            })
+        };
+        let mut renewals = vec![0u32; N];
+        let until = tokio::time::Instant::now() + 4 * SEC;
+        loop {
+            match tokio::time::timeout_at(until, all.next()).await {
+                Err(_) => break,
+                Ok(Some((i, LeadershipEvent::Renewed { .. }))) => renewals[i] += 1,
+                Ok(Some((i, LeadershipEvent::RpcFailed { .. }))) => {
+                    panic!("shard {i}: a renewal failed")
+                }
+                Ok(Some((i, ev @ LeadershipEvent::Lost { .. }))) => {
+                    panic!("shard {i} lost its lease: {ev:?}")
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        churn.abort();
+        let fewest = renewals.iter().min().copied().unwrap_or(0);
+        let churned = churned.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "{N} leaders over 4 s of churn ({churned} elections started and stopped): {} renewals, fewest per leader {fewest}",
+            renewals.iter().sum::<u32>()
+        );
+        assert!(churned >= 100, "only {churned} elections churned");
+        assert!(fewest >= 2, "a leader renewed only {fewest} times in 4 s");
+        drop(all);
+    });
+}
