@@ -214,7 +214,7 @@ fn leaders_keep_renewing_while_elections_on_their_connection_churn() {
                     drop(stream);
                     k += 1;
                     churned.store(k, std::sync::atomic::Ordering::Relaxed);
-                    if k % 16 == 0 {
+                    if k.is_multiple_of(16) {
                         tokio::time::sleep(ms(1)).await;
                     }
                 }
