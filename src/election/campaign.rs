@@ -69,13 +69,7 @@ impl Session {
         if let Some(deadline) = state.deadline() {
             let interval = self.timing.renew_interval.saturating_sub(early);
             let due = retry_at
-                .or_else(|| {
-                    let due = state.renew_due(interval)?;
-                    Some(crate::time::slot_start(
-                        due,
-                        crate::backoff::renew_slot(self.timing.renew_interval, deadline, due),
-                    ))
-                })
+                .or_else(|| slotted_renew_due(state, self.timing.renew_interval, interval))
                 .unwrap_or(deadline);
             return Step::Renew {
                 due,
@@ -90,6 +84,29 @@ impl Session {
         }
         Step::Acquire
     }
+}
+
+/// A leader's next normal renewal: `renew_due(interval)` (the jittered
+/// interval) moved to the start of its slot ([`crate::time::slot_start`],
+/// [`crate::backoff::renew_slot`] of the configured `renew_interval`), but
+/// never sooner than the minimum spacing after the request that set the
+/// lease in force: a lease barely over the margin (or an interval barely
+/// over the spacing) has its renewal clamped to exactly that spacing, and
+/// the slot must not move it below. `None` unless leader.
+fn slotted_renew_due(
+    state: &crate::state::ElectionState,
+    renew_interval: Duration,
+    interval: Duration,
+) -> Option<Instant> {
+    let deadline = state.deadline()?;
+    let due = state.renew_due(interval)?;
+    let slotted = crate::time::slot_start(
+        due,
+        crate::backoff::renew_slot(renew_interval, deadline, due),
+    );
+    // `renew_due(0)`: the basis plus the minimum spacing (at most `due`).
+    let floor = state.renew_due(Duration::ZERO).unwrap_or(slotted);
+    Some(slotted.max(floor).min(due))
 }
 
 /// One election's campaign state: consecutive failures, a pending retry
@@ -263,5 +280,81 @@ impl Plan {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backoff::MIN_SPACING;
+    use crate::state::ElectionState;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A leader whose lease in force was asked for at `t0` and leaves
+    /// `usable` after the margin.
+    fn leader(t0: Instant, usable: Duration) -> ElectionState {
+        let margin = MS * 500;
+        let mut state = ElectionState::new(usable + margin, margin, Default::default());
+        state.apply(
+            Observation::Granted {
+                sent_at: t0,
+                incarnation: 0,
+            },
+            t0,
+        );
+        state.apply(
+            Observation::Renewed {
+                sent_at: t0,
+                incarnation: 0,
+                lease: usable + margin,
+            },
+            t0,
+        );
+        state
+    }
+
+    /// Attack: the shortest lease a client leads on (100 ms after the
+    /// margin) has its renewal clamped to the minimum spacing (half of it);
+    /// the slot (a hundredth of the 50 ms left after it) then moved it up
+    /// to half a millisecond earlier, below the spacing. So did an interval
+    /// barely over the spacing once jittered down to it. Many basis
+    /// instants, so that some fall inside a slot of the process's grid.
+    #[test]
+    fn the_slot_never_moves_a_renewal_below_the_minimum_spacing() {
+        let start = Instant::now() + Duration::from_secs(1);
+        let cases = [
+            // (configured interval, jittered interval, usable lease)
+            (MS * 60, MS * 60, MS * 100),
+            (MS * 52, MS * 48, MS * 1_000),
+            (MS * 52, MS * 50, Duration::from_secs(60)),
+        ];
+        for (renew_interval, interval, usable) in cases {
+            for k in 0..200u32 {
+                let t0 = start + Duration::from_nanos(u64::from(k) * 37_003);
+                let state = leader(t0, usable);
+                let plain = state.renew_due(interval).expect("leader");
+                let due = slotted_renew_due(&state, renew_interval, interval).expect("leader");
+                assert!(
+                    due >= t0 + MIN_SPACING,
+                    "{renew_interval:?}/{interval:?}/{usable:?}: due {:?} after the basis",
+                    due - t0
+                );
+                assert!(due <= plain);
+            }
+        }
+        // Regression guard: the slots still apply where they have room.
+        let state = leader(start, Duration::from_secs(60));
+        let mut slotted = 0;
+        for k in 0..200u32 {
+            let interval = MS * 5_000 - Duration::from_nanos(u64::from(k) * 1_234_567);
+            let due = slotted_renew_due(&state, MS * 5_000, interval).expect("leader");
+            let plain = state.renew_due(interval).expect("leader");
+            assert!(due <= plain && plain - due < MS * 50);
+            if due < plain {
+                slotted += 1;
+            }
+        }
+        assert!(slotted > 150, "only {slotted} of 200 moved onto a slot");
     }
 }
