@@ -353,7 +353,7 @@ mod tests {
 
     #[test]
     fn renewal_jitter_only_ever_moves_a_renewal_earlier_by_at_most_a_tenth() {
-        use crate::state::{ElectionState, Observation};
+        use crate::state::ElectionState;
         for interval_ms in [0, 1, 50, 999, 1_000, 5_000, 20_000] {
             let interval = MS * interval_ms;
             let mut b = seeded(MS * 2_000, interval, u64::from(interval_ms));
@@ -377,23 +377,9 @@ mod tests {
         let ttl = Duration::from_secs(15);
         for (interval, lease) in [(5, 15), (5, 4), (1, 15), (14, 15)] {
             let interval = Duration::from_secs(interval);
-            let mut state = ElectionState::new(ttl, MS * 1_500, Default::default());
             let t0 = tokio::time::Instant::now();
-            state.apply(
-                Observation::Granted {
-                    sent_at: t0,
-                    incarnation: 0,
-                },
-                t0,
-            );
-            state.apply(
-                Observation::Renewed {
-                    sent_at: t0,
-                    incarnation: 0,
-                    lease: Duration::from_secs(lease),
-                },
-                t0,
-            );
+            let state =
+                ElectionState::leading_since(ttl, MS * 1_500, t0, Duration::from_secs(lease));
             let plain = state.renew_due(interval).expect("leader");
             let mut b = seeded(MS * 2_000, interval, 7);
             let deadline = state.deadline().expect("leader");

@@ -129,6 +129,35 @@ pub(crate) struct ElectionState {
 }
 
 impl ElectionState {
+    /// A leader whose lease in force (`lease`, as the server answered) was
+    /// asked for at `sent_at`: granted, then confirmed, both sent then.
+    #[cfg(test)]
+    pub(crate) fn leading_since(
+        ttl: Duration,
+        safety_margin: Duration,
+        sent_at: Instant,
+        lease: Duration,
+    ) -> Self {
+        let mut state = Self::new(ttl, safety_margin, Arc::default());
+        let incarnation = 0;
+        state.apply(
+            Observation::Granted {
+                sent_at,
+                incarnation,
+            },
+            sent_at,
+        );
+        state.apply(
+            Observation::Renewed {
+                sent_at,
+                incarnation,
+                lease,
+            },
+            sent_at,
+        );
+        state
+    }
+
     #[cfg(test)]
     pub(crate) fn new(ttl: Duration, safety_margin: Duration, lease: Arc<LeaseCell>) -> Self {
         Self::starting_at(ttl, safety_margin, lease, 0)

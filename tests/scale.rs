@@ -513,45 +513,20 @@ async fn renewals_go_out_at_the_starts_of_slots_shared_by_every_lock() {
     // TTL 3 s: renew interval 1 s, slots 10 ms.
     let root = in_memory(&server, 3).build().await.unwrap();
     let slot = ms(10);
-    let shards: Vec<_> = (0..12)
-        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
-        .collect();
+    let shards = shards(&root, "indexer", 12);
     // Elected one after the other, 3 ms apart: without the grid their
     // renewals would be 3 ms apart too, plus their jitter (whole
     // milliseconds under paused time).
-    let mut streams = Vec::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let mut stream = shard.leadership().map(move |ev| (i, ev)).boxed();
-        match tokio::time::timeout(5 * SEC, stream.next()).await {
-            Ok(Some((_, LeadershipEvent::Elected { .. }))) => {}
-            other => panic!("shard {i}: expected Elected, got {other:?}"),
-        }
-        streams.push(stream);
-        tokio::time::advance(ms(3)).await;
-    }
-    let mut all = futures::stream::select_all(streams);
-    let mut renewed = HashSet::new();
-    while renewed.len() < shards.len() {
-        match tokio::time::timeout(5 * SEC, all.next()).await {
-            Ok(Some((i, LeadershipEvent::Renewed { .. }))) => {
-                assert!(
-                    renewed.insert(i),
-                    "shard {i} renewed twice before the others once"
-                );
-            }
-            other => panic!("expected every shard's first renewal, got {other:?}"),
-        }
-    }
+    let mut all = elected_one_by_one(&shards, ms(3)).await;
+    one_renewal_each(&mut all, shards.len(), "first renewals").await;
     // Each lock's expiry is its last KeepAlive's arrival plus the TTL, the
     // same for all: their differences are the renewals' differences.
-    let expiries: Vec<Instant> = server
-        .tenures()
+    let expiries: Vec<Instant> = by_last_keep_alive(&server, "indexer")
         .into_iter()
-        .filter(|t| t.service == "indexer")
-        .map(|t| t.expiry)
+        .map(|(expiry, _)| expiry)
         .collect();
     assert_eq!(expiries.len(), shards.len());
-    let first = *expiries.iter().min().unwrap();
+    let first = expiries[0];
     for expiry in &expiries {
         let apart = expiry.duration_since(first);
         assert_eq!(
@@ -578,43 +553,18 @@ async fn renewals_due_together_go_out_earliest_deadline_first() {
         .build()
         .await
         .unwrap();
-    let shards: Vec<_> = (0..20)
-        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
-        .collect();
+    let shards = shards(&root, "indexer", 20);
     // Elected one after the other, 3 ms apart: their deadlines come in
     // this order, their jittered renewals (up to 90 ms early) in another.
-    let mut streams = Vec::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let mut stream = shard.leadership().map(move |ev| (i, ev)).boxed();
-        match tokio::time::timeout(5 * SEC, stream.next()).await {
-            Ok(Some((_, LeadershipEvent::Elected { .. }))) => {}
-            other => panic!("shard {i}: expected Elected, got {other:?}"),
-        }
-        streams.push(stream);
-        tokio::time::advance(ms(3)).await;
-    }
+    let mut all = elected_one_by_one(&shards, ms(3)).await;
     // Every renewal comes due at once (a renew interval of 1 s passes in
     // one step, as for a driver whose runtime did not run meanwhile).
     tokio::time::advance(ms(1100)).await;
-    let mut all = futures::stream::select_all(streams);
-    let mut renewed = HashSet::new();
-    while renewed.len() < shards.len() {
-        match tokio::time::timeout(5 * SEC, all.next()).await {
-            Ok(Some((i, LeadershipEvent::Renewed { .. }))) => {
-                renewed.insert(i);
-            }
-            other => panic!("expected every shard's renewal, got {other:?}"),
-        }
-    }
-    // The order the renewals reached the server in (each lock's expiry is
-    // its last KeepAlive's arrival plus the TTL): the order of election.
-    let mut arrivals: Vec<(Instant, usize)> = server
-        .tenures()
+    one_renewal_each(&mut all, shards.len(), "after the stall").await;
+    // The order the renewals reached the server in: the order of election.
+    let order: Vec<usize> = by_last_keep_alive(&server, "indexer")
         .into_iter()
-        .filter(|t| t.service == "indexer")
-        .map(|t| (t.expiry, t.domain["shard-".len()..].parse().unwrap()))
+        .map(|(_, shard)| shard)
         .collect();
-    arrivals.sort();
-    let order: Vec<usize> = arrivals.iter().map(|(_, shard)| *shard).collect();
     assert_eq!(order, (0..shards.len()).collect::<Vec<_>>());
 }

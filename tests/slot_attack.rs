@@ -9,32 +9,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use quorum_quest_client::testing::{LeasePolicy, TestServer};
 use quorum_quest_client::{LeadershipEvent, RpcKind};
-
-type Streams = futures::stream::SelectAll<BoxStream<'static, (usize, LeadershipEvent)>>;
-
-/// Follows `all` until each of `n` shards reported `Renewed` once more
-/// (panics on any other event but `Elected`, or a second renewal of one
-/// shard before the others'), then returns.
-async fn one_renewal_each(all: &mut Streams, n: usize, what: &str) {
-    let mut renewed: HashMap<usize, usize> = HashMap::new();
-    while renewed.len() < n {
-        match tokio::time::timeout(10 * SEC, all.next()).await {
-            Ok(Some((i, LeadershipEvent::Renewed { .. }))) => {
-                let count = renewed.entry(i).or_default();
-                *count += 1;
-                assert_eq!(*count, 1, "{what}: shard {i} renewed twice");
-            }
-            other => panic!("{what}: {} of {n} renewed, then {other:?}", renewed.len()),
-        }
-    }
-}
 
 /// More renewals than the driver takes out of its timer queue in one go
 /// (1,024) come due at once, as after a stall of the driver's runtime: each
@@ -47,22 +25,8 @@ async fn renewals_due_at_once_beyond_a_batch_go_out_once_each_and_are_rearmed() 
     let server = server().await;
     // TTL 3 s: renew interval 1 s.
     let root = in_memory(&server, 3).build().await.unwrap();
-    let shards: Vec<_> = (0..N)
-        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
-        .collect();
-    let mut all: Streams = futures::stream::select_all(
-        shards
-            .iter()
-            .enumerate()
-            .map(|(i, s)| s.leadership().map(move |ev| (i, ev)).boxed()),
-    );
-    let mut elected = 0;
-    while elected < N {
-        match tokio::time::timeout(10 * SEC, all.next()).await {
-            Ok(Some((_, LeadershipEvent::Elected { .. }))) => elected += 1,
-            other => panic!("{elected} of {N} elected, then {other:?}"),
-        }
-    }
+    let shards = shards(&root, "indexer", N);
+    let mut all = all_elected(&shards, 10 * SEC).await;
     let confirmed = server.calls(RpcKind::KeepAlive);
     assert_eq!(confirmed, N as u64, "one confirming KeepAlive each");
     // Every renewal comes due in one step.
@@ -137,30 +101,14 @@ async fn hundreds_of_renewals_due_together_go_out_earliest_deadline_first() {
         .build()
         .await
         .unwrap();
-    let shards: Vec<_> = (0..N)
-        .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
-        .collect();
-    let mut streams = Vec::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let mut stream = shard.leadership().map(move |ev| (i, ev)).boxed();
-        match tokio::time::timeout(5 * SEC, stream.next()).await {
-            Ok(Some((_, LeadershipEvent::Elected { .. }))) => {}
-            other => panic!("shard {i}: expected Elected, got {other:?}"),
-        }
-        streams.push(stream);
-        tokio::time::advance(ms(2)).await;
-    }
+    let shards = shards(&root, "indexer", N);
+    let mut all = elected_one_by_one(&shards, ms(2)).await;
     tokio::time::advance(ms(11_000)).await;
-    let mut all: Streams = futures::stream::select_all(streams);
     one_renewal_each(&mut all, N, "after the stall").await;
-    let mut arrivals: Vec<(tokio::time::Instant, usize)> = server
-        .tenures()
+    let order: Vec<usize> = by_last_keep_alive(&server, "indexer")
         .into_iter()
-        .filter(|t| t.service == "indexer")
-        .map(|t| (t.expiry, t.domain["shard-".len()..].parse().unwrap()))
+        .map(|(_, shard)| shard)
         .collect();
-    arrivals.sort();
-    let order: Vec<usize> = arrivals.iter().map(|(_, shard)| *shard).collect();
     let out_of_order = order.windows(2).filter(|w| w[0] > w[1]).count();
     assert_eq!(
         out_of_order, 0,
@@ -183,22 +131,8 @@ fn leaders_keep_renewing_while_elections_on_their_connection_churn() {
         let server = server().await;
         // TTL 3 s: renew interval 1 s, deadline 2.7 s after each send.
         let root = over_tcp(&server.url(), 3).build().await.unwrap();
-        let shards: Vec<_> = (0..N)
-            .map(|i| root.for_scope("indexer", format!("shard-{i}")).unwrap())
-            .collect();
-        let mut all: Streams = futures::stream::select_all(
-            shards
-                .iter()
-                .enumerate()
-                .map(|(i, s)| s.leadership().map(move |ev| (i, ev)).boxed()),
-        );
-        let mut elected = 0;
-        while elected < N {
-            match tokio::time::timeout(30 * SEC, all.next()).await {
-                Ok(Some((_, LeadershipEvent::Elected { .. }))) => elected += 1,
-                other => panic!("{elected} of {N} elected, then {other:?}"),
-            }
-        }
+        let shards = shards(&root, "indexer", N);
+        let mut all = all_elected(&shards, 30 * SEC).await;
         // Churn: elections of another scope on the same connection start
         // and stop (a start and a stop command each, and their attempts).
         let churned = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -295,23 +295,7 @@ mod tests {
     /// `usable` after the margin.
     fn leader(t0: Instant, usable: Duration) -> ElectionState {
         let margin = MS * 500;
-        let mut state = ElectionState::new(usable + margin, margin, Default::default());
-        state.apply(
-            Observation::Granted {
-                sent_at: t0,
-                incarnation: 0,
-            },
-            t0,
-        );
-        state.apply(
-            Observation::Renewed {
-                sent_at: t0,
-                incarnation: 0,
-                lease: usable + margin,
-            },
-            t0,
-        );
-        state
+        ElectionState::leading_since(usable + margin, margin, t0, usable + margin)
     }
 
     /// Attack: the shortest lease a client leads on (100 ms after the

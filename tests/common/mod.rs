@@ -116,3 +116,83 @@ pub fn current_thread() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Leadership events of many locks, each tagged with its lock's index.
+pub type Indexed =
+    futures::stream::SelectAll<futures::stream::BoxStream<'static, (usize, LeadershipEvent)>>;
+
+/// `n` locks of `service` on `root`'s connection: `shard-0`, `shard-1`, …
+pub fn shards(root: &QuorumQuestClient, service: &str, n: usize) -> Vec<QuorumQuestClient> {
+    (0..n)
+        .map(|i| root.for_scope(service, format!("shard-{i}")).unwrap())
+        .collect()
+}
+
+/// Every lock's stream, read together until each was elected (each within
+/// `within` of the one before).
+pub async fn all_elected(shards: &[QuorumQuestClient], within: Duration) -> Indexed {
+    let mut all = futures::stream::select_all(
+        shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.leadership().map(move |ev| (i, ev)).boxed()),
+    );
+    let mut elected = 0;
+    while elected < shards.len() {
+        match tokio::time::timeout(within, all.next()).await {
+            Ok(Some((_, LeadershipEvent::Elected { .. }))) => elected += 1,
+            other => panic!("{elected} of {} elected, then {other:?}", shards.len()),
+        }
+    }
+    all
+}
+
+/// Every lock's stream, each read until it is elected, one lock after the
+/// other and `gap` of (paused) time apart: their deadlines come in the
+/// order of the locks.
+pub async fn elected_one_by_one(shards: &[QuorumQuestClient], gap: Duration) -> Indexed {
+    let mut streams = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let mut stream = shard.leadership().map(move |ev| (i, ev)).boxed();
+        match tokio::time::timeout(5 * SEC, stream.next()).await {
+            Ok(Some((_, LeadershipEvent::Elected { .. }))) => {}
+            other => panic!("shard {i}: expected Elected, got {other:?}"),
+        }
+        streams.push(stream);
+        tokio::time::advance(gap).await;
+    }
+    futures::stream::select_all(streams)
+}
+
+/// Reads `all` until each of `n` locks reported `Renewed` once more; panics
+/// on any other event, or on a second renewal of one lock before the
+/// others' first.
+pub async fn one_renewal_each(all: &mut Indexed, n: usize, what: &str) {
+    let mut renewed = std::collections::HashSet::new();
+    while renewed.len() < n {
+        match tokio::time::timeout(10 * SEC, all.next()).await {
+            Ok(Some((i, LeadershipEvent::Renewed { .. }))) => {
+                assert!(renewed.insert(i), "{what}: shard {i} renewed twice");
+            }
+            other => panic!("{what}: {} of {n} renewed, then {other:?}", renewed.len()),
+        }
+    }
+}
+
+/// The locks of `service` held on `server` (named as by [`shards`]), in the
+/// order their last `KeepAlive` arrived, with its arrival plus the TTL
+/// (each lock's expiry; the same TTL for all, so differences of expiries
+/// are differences of arrivals).
+pub fn by_last_keep_alive(
+    server: &TestServer,
+    service: &str,
+) -> Vec<(tokio::time::Instant, usize)> {
+    let mut arrivals: Vec<_> = server
+        .tenures()
+        .into_iter()
+        .filter(|t| t.service == service)
+        .map(|t| (t.expiry, t.domain["shard-".len()..].parse().unwrap()))
+        .collect();
+    arrivals.sort();
+    arrivals
+}
