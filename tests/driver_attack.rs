@@ -683,10 +683,7 @@ fn a_waiting_stream_is_not_left_silent_when_a_driver_dies_with_a_lease_change_un
 fn callbacks_get_the_loss_when_the_keep_alives_runtime_is_left_idle() {
     let (home, server, log, client) = with_callbacks();
     let idle = current_thread();
-    idle.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "elected", || client.is_leader()).await;
-    });
+    keep_alive_elected_on(&idle, &client);
     // `idle` is kept, but nothing runs it any more.
     home.block_on(async {
         loss_reported(&client, &log).await;
@@ -705,11 +702,8 @@ fn callbacks_get_the_loss_when_the_keep_alives_runtime_is_left_idle() {
 fn callbacks_get_the_loss_after_stop_keep_alive_on_a_runtime_left_idle() {
     let (home, server, log, client) = with_callbacks();
     let idle = current_thread();
-    idle.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "elected", || client.is_leader()).await;
-        client.stop_keep_alive().await;
-    });
+    keep_alive_elected_on(&idle, &client);
+    idle.block_on(client.stop_keep_alive());
     home.block_on(async {
         // A lease change made on the healthy runtime, with no campaign.
         assert!(client.try_acquire_lock().await.unwrap());
@@ -732,10 +726,7 @@ fn a_stream_on_a_healthy_runtime_gets_the_loss_while_the_keep_alives_runtime_is_
     let server = home.block_on(server());
     let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
     let idle = current_thread();
-    idle.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "elected", || client.is_leader()).await;
-    });
+    keep_alive_elected_on(&idle, &client);
     // `idle` is kept, but nothing runs it any more.
     home.block_on(async {
         let mut stream = client.leadership();
@@ -780,10 +771,7 @@ fn a_streams_backstop_sleeps_through_renewals_and_reports_the_last_deadline() {
     let server = home.block_on(server());
     let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
     let idle = current_thread();
-    idle.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "elected", || client.is_leader()).await;
-    });
+    keep_alive_elected_on(&idle, &client);
     let mut stream = client.leadership();
     let waiting = home.spawn(async move {
         until_elected(&mut stream, 5 * SEC, "Elected (the running term)").await;
@@ -862,11 +850,8 @@ fn stream_read_elsewhere_gets_its_events(elsewhere: &tokio::runtime::Handle) {
 fn callbacks_get_the_loss_after_stop_keep_alive_left_idle_without_a_later_lease_change() {
     let (home, server, log, client) = with_callbacks();
     let idle = current_thread();
-    idle.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "elected", || client.is_leader()).await;
-        client.stop_keep_alive().await;
-    });
+    keep_alive_elected_on(&idle, &client);
+    idle.block_on(client.stop_keep_alive());
     // `idle` is kept, but nothing runs it any more.
     home.block_on(async {
         loss_reported(&client, &log).await;
@@ -940,10 +925,7 @@ fn a_stream_read_on_a_shut_down_runtimes_handle_does_not_panic() {
 fn callbacks_get_the_loss_of_an_imperative_lease_whose_timer_sits_in_an_idle_driver() {
     let (home, server, log, client) = with_callbacks();
     let idle = idle_runtime();
-    idle.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "elected", || client.is_leader()).await;
-    });
+    keep_alive_elected_on(&idle, &client);
     home.block_on(async {
         // Gives up waiting after its grace period.
         client.stop_keep_alive().await;

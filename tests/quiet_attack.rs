@@ -67,10 +67,7 @@ fn a_quiet_stream_gets_the_loss_at_a_deadline_a_renewal_brought_closer() {
         .block_on(over_tcp(&server.url(), TTL_SECS).build())
         .unwrap();
     let idle = current_thread();
-    idle.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "elected", || client.is_leader()).await;
-    });
+    keep_alive_elected_on(&idle, &client);
     // The stream reads on the healthy runtime, waiting (its backstop armed
     // at the first deadline) before the clamped renewal is made.
     let mut stream = client.leadership().without_renewals();
@@ -240,10 +237,7 @@ fn a_quiet_streams_backstop_sleeps_through_renewals_and_reports_the_last_deadlin
     let server = home.block_on(server());
     let client = home.block_on(over_tcp(&server.url(), 3).build()).unwrap();
     let idle = current_thread();
-    idle.block_on(async {
-        client.start_keep_alive().await.unwrap();
-        eventually(10 * SEC, "elected", || client.is_leader()).await;
-    });
+    keep_alive_elected_on(&idle, &client);
     let mut stream = client.leadership().without_renewals();
     let waiting = home.spawn(async move {
         let elected = next(&mut stream, 5 * SEC, "Elected (the running term)").await;

@@ -27,16 +27,6 @@ struct Tally {
 
 type Streams = futures::stream::SelectAll<BoxStream<'static, (usize, LeadershipEvent)>>;
 
-/// A client over in-memory pipes whose connection carries one call at a
-/// time, so that every other call on it queues.
-async fn on_one_slot(server: &TestServer, ttl_secs: u64) -> QuorumQuestClient {
-    in_memory(server, ttl_secs)
-        .max_concurrent_calls(1)
-        .build()
-        .await
-        .unwrap()
-}
-
 /// Follows the leadership streams of `shards` until every one was elected
 /// (or `within` ran out), counting failed calls and losses. The streams are
 /// returned: dropping them resigns the locks.
@@ -548,11 +538,7 @@ async fn renewals_go_out_at_the_starts_of_slots_shared_by_every_lock() {
 #[tokio::test(start_paused = true)]
 async fn renewals_due_together_go_out_earliest_deadline_first() {
     let server = TestServer::builder().latency(ms(1)).start().await.unwrap();
-    let root = in_memory(&server, 3)
-        .max_concurrent_calls(1)
-        .build()
-        .await
-        .unwrap();
+    let root = on_one_slot(&server, 3).await;
     let shards = shards(&root, "indexer", 20);
     // Elected one after the other, 3 ms apart: their deadlines come in
     // this order, their jittered renewals (up to 90 ms early) in another.

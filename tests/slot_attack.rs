@@ -96,11 +96,7 @@ async fn hundreds_of_renewals_due_together_go_out_earliest_deadline_first() {
     const N: usize = 400;
     let server = TestServer::builder().latency(ms(1)).start().await.unwrap();
     // TTL 30 s: renew interval 10 s, slots 50 ms, jitter up to 950 ms.
-    let root = in_memory(&server, 30)
-        .max_concurrent_calls(1)
-        .build()
-        .await
-        .unwrap();
+    let root = on_one_slot(&server, 30).await;
     let shards = shards(&root, "indexer", N);
     let mut all = elected_one_by_one(&shards, ms(2)).await;
     tokio::time::advance(ms(11_000)).await;

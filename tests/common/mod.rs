@@ -196,3 +196,22 @@ pub fn by_last_keep_alive(
     arrivals.sort();
     arrivals
 }
+
+/// A client over in-memory pipes whose connection carries one call at a
+/// time, so that every other call on it queues.
+pub async fn on_one_slot(server: &TestServer, ttl_secs: u64) -> QuorumQuestClient {
+    in_memory(server, ttl_secs)
+        .max_concurrent_calls(1)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Starts `client`'s keep-alive on `runtime` (one the test then usually
+/// leaves idle) and runs it until the client leads.
+pub fn keep_alive_elected_on(runtime: &tokio::runtime::Runtime, client: &QuorumQuestClient) {
+    runtime.block_on(async {
+        client.start_keep_alive().await.unwrap();
+        eventually(10 * SEC, "elected", || client.is_leader()).await;
+    });
+}
